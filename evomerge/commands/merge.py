@@ -1,0 +1,11 @@
+"""`evomerge merge` (not built yet)."""
+
+from evomerge.errors import EvomergeError
+
+
+def add_arguments(parser):
+    parser.add_argument("args", nargs="*")
+
+
+def run(args) -> int:
+    raise EvomergeError("'evomerge merge' is not implemented yet")

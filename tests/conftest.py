@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny model families built locally (never downloaded), and a clean offline environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    """base, model_1, model_2: tiny Llama checkpoints sharing a base (float32, single safetensors file)."""
+    from evomerge import tiny
+
+    return tiny.make_family(tmp_path_factory.mktemp("llama"), n_variants=2, arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen2_family(tmp_path_factory):
+    """base, model_1, model_2: tiny Qwen2 checkpoints, sharded safetensors with an index."""
+    from evomerge import tiny
+
+    return tiny.make_family(tmp_path_factory.mktemp("qwen2"), n_variants=2, arch="qwen2", seed=1,
+                            max_shard_size="40KB")

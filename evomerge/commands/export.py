@@ -1,11 +1,26 @@
-"""`evomerge export` (not built yet)."""
+"""`evomerge export DIR --out PATH [--trial best|ID]`: a trial as a checkpoint (see evomerge/search/export.py)."""
 
-from evomerge.errors import EvomergeError
+from __future__ import annotations
 
-
-def add_arguments(parser):
-    parser.add_argument("args", nargs="*")
+import argparse
 
 
-def run(args) -> int:
-    raise EvomergeError("'evomerge export' is not implemented yet")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="a run folder")
+    parser.add_argument("--out", required=True, metavar="PATH", help="checkpoint folder to write")
+    parser.add_argument("--trial", default="best", help="'best' (default) or a trial id")
+    parser.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.search.experiment import experiment_from_resolved
+    from evomerge.search.export import export_trial
+    from evomerge.search.report import find_trial
+    from evomerge.search.run_folder import RunFolder
+
+    run_folder = RunFolder.open(args.run_dir)
+    config = run_folder.config()
+    record = find_trial(run_folder.trials(), args.trial, config)
+    out = export_trial(run_folder, experiment_from_resolved(config), record, args.out, overwrite=args.overwrite)
+    print(f"exported trial {record['trial']} (score {record['score']:.6g}) to {out}")
+    return 0

@@ -1,11 +1,19 @@
-"""`evomerge report` (not built yet)."""
+"""`evomerge report DIR`: best trials, the Pareto front as a table, PNG plots (see evomerge/search/report.py)."""
 
-from evomerge.errors import EvomergeError
+from __future__ import annotations
 
-
-def add_arguments(parser):
-    parser.add_argument("args", nargs="*")
+import argparse
 
 
-def run(args) -> int:
-    raise EvomergeError("'evomerge report' is not implemented yet")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="a run folder (running, finished or killed)")
+    parser.add_argument("--top", type=int, default=10, help="how many best trials to list (default 10)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.search.report import format_summary, make_report
+
+    report = make_report(args.run_dir, top=args.top)
+    print(report["text"])
+    print(format_summary(report))
+    return 0

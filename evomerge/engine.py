@@ -1,0 +1,211 @@
+"""The in-memory merge engine the search calls: sources loaded once, one model, candidates written in place.
+
+``MergeEngine(recipe)`` plans the recipe exactly like ``evomerge merge`` (same jobs, same parameter
+resolution), then loads every source tensor once onto the device and keeps what does not change between
+candidates: the base and the task vectors ``theta_i - base`` of the task-arithmetic family, plus their
+sparsification statistics (the sort order of ``|delta|`` that turns TIES' top-k into a threshold lookup,
+DELLA's magnitude ranks). It builds ONE transformers model (``AutoModelForCausalLM.from_config``, no remote
+code) whose parameters are the output buffers.
+
+``materialize(recipe)`` resolves the candidate's parameters per tensor and runs the same kernels as
+``evomerge merge`` straight into the model's parameters, with temporaries from one reused ``Workspace``: no
+model-sized allocation per candidate, no disk. Because the kernels and the per-tensor random seeds are the
+same, materializing a recipe and saving gives the same tensors as ``evomerge merge`` on that recipe (on the
+same device), and the same recipe twice gives bit-identical weights.
+
+A candidate must keep the engine's method, sources, layer ranges and dtypes; only parameters may change
+(scalars, gradients or filter lists, as in mergekit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge import (
+    MergePlan,
+    check_device,
+    job_generator,
+    plan_merge,
+    recipe_structure,
+    resolve_job_parameters,
+)
+from evomerge.methods import PreparedInputs, Workspace, get_method, prepare_inputs, run_method
+from evomerge.recipe import ModelEntry, Recipe
+
+
+class MergeEngine:
+    """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place."""
+
+    def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
+                 allow_pickle: bool = False, seed: int = 0, progress: bool = False):
+        if not isinstance(recipe, Recipe):
+            recipe = Recipe.from_dict(recipe)
+        if recipe.is_data_aware:
+            raise EvomergeError(f"the in-memory engine does not run data-aware method {recipe.merge_method!r}; "
+                                f"use 'evomerge merge'")
+        self.device = check_device(str(device))
+        self.recipe = recipe
+        self.seed = seed
+        self.plan: MergePlan = plan_merge(recipe, allow_pickle=allow_pickle)
+        self.spec = self.plan.spec
+        self._prepared: list[PreparedInputs | None] = []
+        self._raw_first: list[torch.Tensor | None] = []  # non-floating tensors: copied from the first source
+        from tqdm.auto import tqdm
+
+        for job in tqdm(self.plan.jobs, desc="loading sources", unit="tensor", disable=not progress):
+            tensors = [self.plan.checkpoints[m].get(name, device=self.device,
+                                                    dtype=job.compute_dtype if job.floating else None)
+                       for m, name in job.sources]
+            if job.floating:
+                self._prepared.append(prepare_inputs(self.spec, tensors, job.base_pos))
+                self._raw_first.append(None)
+            else:
+                self._prepared.append(None)
+                self._raw_first.append(tensors[0])
+            del tensors
+        self.ws = Workspace(self.device)
+        self.model = self._build_model()
+        self._targets = self._bind_targets()
+        self._tokenizer = None
+        self.materialize(recipe)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_models(cls, base_model: str | Path | None, models: Sequence[str | Path], method: str = "ties",
+                    device: str | torch.device = "cpu", *, parameters: Mapping[str, Any] | None = None,
+                    model_parameters: Sequence[Mapping[str, Any]] | None = None, dtype: str | None = None,
+                    **kwargs: Any) -> MergeEngine:
+        """An engine from paths: per-model parameters default to weight 1.0 (and mergekit's other defaults)."""
+        spec = get_method(method)
+        entries = []
+        for i, path in enumerate(models):
+            params = dict(model_parameters[i]) if model_parameters else {}
+            if spec.param("weight") is not None:
+                params.setdefault("weight", 1.0)
+            entries.append(ModelEntry(model=str(Path(path).resolve()), parameters=params))
+        recipe = Recipe(merge_method=method, models=entries,
+                        base_model=str(Path(base_model).resolve()) if base_model is not None else None,
+                        parameters=dict(parameters or {}), dtype=dtype)
+        recipe.validate()
+        return cls(recipe, device=device, **kwargs)
+
+    def _build_model(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = dict(self.plan.config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise EvomergeError(f"config.json of {self.plan.models[0]} has no model_type")
+        for key in ("_name_or_path", "transformers_version", "architectures_map"):
+            config.pop(key, None)
+        layer_types = config.get("layer_types")
+        if isinstance(layer_types, list) and layer_types and len(layer_types) != self.plan.num_layers:
+            if len(set(layer_types)) == 1:
+                config["layer_types"] = [layer_types[0]] * self.plan.num_layers
+        try:
+            hf_config = AutoConfig.for_model(model_type, **config)
+        except (ValueError, KeyError) as exc:
+            raise EvomergeError(f"cannot build a {model_type!r} model from the config: {exc}".splitlines()[0]) from None
+        dtype = self._model_dtype()
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+        return model.eval()
+
+    def _model_dtype(self) -> torch.dtype:
+        floating = [self.plan.out_dtype_for(j) for j in self.plan.jobs if j.floating]
+        return max(set(floating), key=floating.count) if floating else torch.float32
+
+    def _bind_targets(self) -> list[torch.Tensor]:
+        state = self.model.state_dict(keep_vars=True)
+        targets = []
+        for job in self.plan.jobs:
+            target = state.get(job.name)
+            if target is None:
+                raise EvomergeError(f"the {type(self.model).__name__} built from the config has no tensor "
+                                    f"{job.name!r}")
+            if tuple(target.shape) != tuple(job.shape):
+                raise EvomergeError(f"the model's {job.name} has shape {list(target.shape)}, "
+                                    f"the sources {list(job.shape)}")
+            targets.append(target.data)
+        return targets
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir))
+        return self._tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.plan.num_layers
+
+    @property
+    def source_bytes(self) -> int:
+        """Bytes held for the sources (base, task vectors, precomputed statistics)."""
+        total = sum(p.nbytes for p in self._prepared if p is not None)
+        return total + sum(t.numel() * t.element_size() for t in self._raw_first if t is not None)
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """A candidate may change parameters only: same method, sources, layer ranges and dtypes."""
+        if recipe.merge_method != self.recipe.merge_method:
+            raise EvomergeError(f"this engine merges with {self.recipe.merge_method}; the candidate asks for "
+                                f"{recipe.merge_method}")
+        if recipe_structure(recipe) != self.plan.structure:
+            mine, theirs = self.plan.structure, recipe_structure(recipe)
+            labels = ("merge_method", "base_model", "models", "slices", "dtype", "out_dtype")
+            diff = next(label for label, a, b in zip(labels, mine, theirs) if a != b)
+            raise EvomergeError(f"the candidate recipe's {diff} differs from the engine's sources "
+                                f"(an engine loads its sources once; only parameters may change)")
+
+    def materialize(self, recipe: Recipe | Mapping[str, Any] | None = None, seed: int | None = None) -> torch.nn.Module:
+        """Write the merge of ``recipe`` (default: the engine's own) into ``self.model`` in place; returns it."""
+        if recipe is None:
+            recipe = self.recipe
+        elif not isinstance(recipe, Recipe):
+            recipe = Recipe.from_dict(recipe, root=self.recipe.root)
+        self.check_recipe(recipe)
+        seed = self.seed if seed is None else seed
+        params = [resolve_job_parameters(self.plan, recipe, job) for job in self.plan.jobs]  # fail before writing
+        with torch.no_grad():
+            for job, prepared, raw, target, (shared, per_model) in zip(
+                    self.plan.jobs, self._prepared, self._raw_first, self._targets, params):
+                if prepared is None:
+                    target.copy_(raw)
+                    continue
+                direct = target.dtype == job.compute_dtype and target.is_contiguous()
+                out = target if direct else self.ws.get("engine_out", job.shape, job.compute_dtype)
+                generator = job_generator(self.spec, job, seed, self.device)
+                run_method(self.spec, prepared, shared, per_model, out, generator=generator, ws=self.ws)
+                if not direct:
+                    target.copy_(out)
+        return self.model
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the current candidate, in checkpoint naming, for ``write_checkpoint``."""
+        for job, target in zip(self.plan.jobs, self._targets):
+            yield job.name, target
+
+    def save(self, out_dir: str | Path, recipe: Recipe | None = None, *, overwrite: bool = False,
+             max_shard_size: str | int = "2GB") -> Path:
+        """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would."""
+        from evomerge.checkpoint import model_card, write_checkpoint
+
+        if recipe is not None:
+            self.materialize(recipe)
+        recipe = recipe or self.recipe
+        recipe_yaml = recipe.to_yaml()
+        return write_checkpoint(out_dir, self.tensors(), self.plan.config, tokenizer_dir=self.plan.tokenizer_dir,
+                                recipe_yaml=recipe_yaml,
+                                model_card=model_card(recipe_yaml, [str(p) for p in self.plan.models],
+                                                      recipe.merge_method),
+                                max_shard_size=max_shard_size, overwrite=overwrite)

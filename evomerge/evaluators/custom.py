@@ -1,0 +1,92 @@
+"""Custom metrics: a user function ``fn(model, tokenizer, **kwargs) -> dict[str, float]``.
+
+``function`` is ``package.module:function`` (imported normally) or ``path/to/file.py:function`` (loaded from that
+file, relative to the YAML that names it), so an experiment folder that is not a package can hold its own task
+code. Declare the metric names up front with ``metrics: [...]`` (or a ``metric_names`` attribute on the
+function) so an experiment's objectives can be checked before the search starts; every call is checked against
+them. ``kwargs`` (a mapping in the YAML) is passed to the function on every call, as are ``limit``/``seed`` when
+the function accepts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluators.base import Evaluator, check_keys, resolve_path
+
+CONFIG_KEYS = {"type", "name", "description", "function", "kwargs", "metrics"}
+
+
+def load_function(target: str, base_dir: Path) -> Callable:
+    """``pkg.mod:fn`` or ``file.py:fn`` -> the function object."""
+    module_part, sep, func_name = target.rpartition(":")
+    if not sep or not module_part or not func_name:
+        raise EvomergeError(f"custom evaluator {target!r}: expected package.module:function or path/file.py:function")
+    if module_part.endswith(".py"):
+        path = resolve_path(module_part, base_dir).resolve()
+        if not path.is_file():
+            raise EvomergeError(f"custom evaluator file not found: {path}")
+        module_name = f"evomerge_custom_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise EvomergeError(f"custom evaluator {path}: import failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as exc:
+            raise EvomergeError(f"custom evaluator: cannot import {module_part!r} ({exc})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise EvomergeError(f"custom evaluator: {module_part} has no function {func_name!r}")
+    return func
+
+
+class CustomEvaluator(Evaluator):
+    """Calls the user's function on every evaluation and checks what it returns."""
+
+    def __init__(self, config: dict[str, Any], base_dir: Path, limit: int | None = None, seed: int = 0) -> None:
+        check_keys(config, CONFIG_KEYS, "custom evaluator")
+        if "function" not in config:
+            raise EvomergeError("custom evaluator needs a 'function' (package.module:function or file.py:function)")
+        self.target = str(config["function"])
+        self.function = load_function(self.target, base_dir)
+        self.name = str(config.get("name", self.target.rpartition(":")[2]))
+        self.kwargs = dict(config.get("kwargs") or {})
+        accepted = inspect.signature(self.function).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+        for key, value in (("limit", limit), ("seed", seed)):
+            if value is not None and (takes_any or key in accepted):
+                self.kwargs.setdefault(key, value)
+        declared = config.get("metrics") or getattr(self.function, "metric_names", None) or ()
+        self.metric_names = tuple(str(m) for m in declared)
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        result = self.function(model, tokenizer, **self.kwargs)
+        if not isinstance(result, dict):
+            raise EvomergeError(f"custom evaluator {self.target} returned {type(result).__name__}, expected a dict")
+        metrics: dict[str, float] = {}
+        for key, value in result.items():
+            try:
+                metrics[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise EvomergeError(f"custom evaluator {self.target}: metric {key!r} is not a number ({value!r})") \
+                    from None
+        missing = [m for m in self.metric_names if m not in metrics]
+        if missing:
+            raise EvomergeError(f"custom evaluator {self.target} did not return declared metric(s) "
+                                f"{', '.join(missing)}")
+        return metrics

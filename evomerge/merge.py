@@ -1,0 +1,374 @@
+"""`evomerge merge`: plan a recipe into per-tensor jobs, run them one tensor at a time, write a checkpoint.
+
+Planning (``plan_merge``) opens every source checkpoint (headers only), checks that they can be merged (same
+architecture, same vocabulary size, matching tensor shapes, layer ranges that exist) and lays out one
+``TensorJob`` per output tensor, the way mergekit 0.1.5 plans a merge: recipes with ``models:`` become one
+slice spanning every layer (the base is added as a source when it is not listed); non-layer tensors whose
+name contains ``embed`` come from the first slice's sources, the other non-layer tensors (final norm, head)
+from the last slice's; a layer at position ``i`` of a slice of ``L`` layers has gradient position
+``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
+
+Parameters are resolved per job (``resolve_job_parameters``) from, in order of precedence, the source's own
+parameters, the slice's, the global ones, then the method's default; filters match the source's tensor name
+for per-model parameters and the output name for global ones. All jobs are resolved before anything is
+computed, so a bad value anywhere fails before any work. Then each job loads only its source tensors
+(memory-mapped), merges them with the method kernel and streams the result to ``write_checkpoint``.
+
+Random drops (DARE, DELLA) use one ``torch.Generator`` per tensor seeded from ``--seed`` and the tensor's
+name, so a merge is reproducible, independent of tensor order, and equal to the in-memory engine's
+(on the same device: CPU and CUDA random streams differ).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
+from evomerge.errors import EvomergeError
+from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
+from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: which source tensors it merges and where its parameters come from."""
+
+    name: str  # output tensor name
+    slice_index: int
+    sources: list[tuple[int, str]]  # (index into MergePlan.models, tensor name in that model)
+    param_refs: list[int | None]  # per source: index of its recipe entry (models[i] / slice sources[i]); None = added base
+    base_pos: int | None  # position of the base among sources
+    t: float  # gradient position
+    shape: tuple[int, ...]
+    compute_dtype: torch.dtype
+    floating: bool = True
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    spec: MethodSpec
+    models: list[Path]
+    checkpoints: list[Checkpoint]
+    base_index: int | None
+    jobs: list[TensorJob]
+    config: dict[str, Any]
+    out_dtype: torch.dtype | None
+    num_layers: int
+    tokenizer_dir: Path
+    structure: tuple = field(default=())
+
+    def out_dtype_for(self, job: TensorJob) -> torch.dtype:
+        if not job.floating:
+            return job.compute_dtype
+        return self.out_dtype or job.compute_dtype
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The random seed of one tensor's drops: depends on the run seed and the tensor name only."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+def recipe_structure(recipe: Recipe) -> tuple:
+    """What must not change between candidates of one engine: method, sources, layer ranges, dtypes."""
+    base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
+    return (recipe.merge_method, base,
+            tuple(recipe.resolve_path(m.model) for m in recipe.models),
+            tuple(tuple((recipe.resolve_path(s.model), tuple(s.layer_range)) for s in sl.sources)
+                  for sl in recipe.slices),
+            recipe.dtype, recipe.out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[Path], list[Checkpoint]]:
+    paths = recipe.model_paths()
+    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
+    _check_compatible(paths, checkpoints)
+    return paths, checkpoints
+
+
+def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
+    def arch(c: Checkpoint) -> str:
+        archs = c.config.get("architectures") or []
+        return str(archs[0]) if archs else str(c.config.get("model_type"))
+
+    first = checkpoints[0]
+    for path, ckpt in zip(paths[1:], checkpoints[1:]):
+        if arch(ckpt) != arch(first) or ckpt.config.get("model_type") != first.config.get("model_type"):
+            raise EvomergeError(f"models have different architectures: {paths[0]} is {arch(first)}, "
+                                f"{path} is {arch(ckpt)}")
+        if ckpt.config.get("vocab_size") != first.config.get("vocab_size"):
+            raise EvomergeError(f"vocabulary sizes differ: {paths[0]} has {first.config.get('vocab_size')}, "
+                                f"{path} has {ckpt.config.get('vocab_size')} (merging needs one shared vocabulary)")
+
+
+def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
+    """Check the sources and lay out one job per output tensor (see the module docstring)."""
+    spec = recipe.method
+    paths, checkpoints = open_checkpoints(recipe, allow_pickle)
+    index_of = {p: i for i, p in enumerate(paths)}
+    base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
+    compute = parse_dtype(recipe.dtype)
+
+    # Normalize to slices: [(sources: [(model index, (start, end), param ref)], slice index)]
+    slices: list[list[tuple[int, tuple[int, int], int | None]]] = []
+    if recipe.models:
+        sources = [(index_of[recipe.resolve_path(m.model)], (0, checkpoints[index_of[recipe.resolve_path(m.model)]]
+                                                               .num_layers), i) for i, m in enumerate(recipe.models)]
+        if spec.needs_base and base_index not in [s[0] for s in sources]:
+            sources.append((base_index, (0, checkpoints[base_index].num_layers), None))
+        slices.append(sources)
+    else:
+        for s in recipe.slices:
+            slices.append([(index_of[recipe.resolve_path(src.model)], src.layer_range, j)
+                           for j, src in enumerate(s.sources)])
+    for si, sources in enumerate(slices):
+        lengths = {end - start for _, (start, end), _ in sources}
+        if len(lengths) != 1:
+            raise EvomergeError(f"slice {si}: sources have different numbers of layers: "
+                                + ", ".join(f"{paths[m].name} has {checkpoints[m].num_layers}" for m, _, _ in sources))
+        for m, (start, end), _ in sources:
+            if end > checkpoints[m].num_layers:
+                raise EvomergeError(f"slice {si}: layer_range [{start}, {end}) is outside {paths[m]}, "
+                                    f"which has {checkpoints[m].num_layers} layers")
+
+    reference = checkpoints[base_index if base_index is not None else slices[0][0][0]]
+    layer_names: dict[int, list[tuple[str, str]]] = {}
+    outer: list[str] = []
+    for name in reference.tensor_names:
+        match = _LAYER.match(name)
+        if match:
+            layer_names.setdefault(int(match["index"]), []).append((match["prefix"], match["rest"]))
+        else:
+            outer.append(name)
+    pre = [n for n in outer if "embed" in n]
+    post = [n for n in outer if "embed" not in n]
+
+    jobs: list[TensorJob] = []
+
+    def add_job(out_name: str, si: int, names: list[str], t: float) -> None:
+        sources = slices[si]
+        refs = [(m, n) for (m, _, _), n in zip(sources, names)]
+        shapes = []
+        for m, n in refs:
+            if n not in checkpoints[m]:
+                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]} (its architecture differs from "
+                                    f"{reference.path})")
+            shapes.append(tuple(checkpoints[m].shape(n)))
+        if len(set(shapes)) != 1:
+            detail = ", ".join(f"{paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
+            raise EvomergeError(f"tensor shapes differ for {out_name}: {detail}")
+        dtypes = [checkpoints[m].dtype(n) for m, n in refs]
+        floating = all(d.is_floating_point for d in dtypes)
+        job_dtype = dtypes[0]
+        for d in dtypes[1:]:
+            job_dtype = torch.promote_types(job_dtype, d)
+        if compute is not None and floating:
+            job_dtype = compute
+        base_pos = None
+        if spec.needs_base:
+            base_pos = next(i for i, (m, _) in enumerate(refs) if m == base_index)
+        jobs.append(TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[r for _, _, r in sources],
+                              base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating))
+
+    for name in pre:
+        add_job(name, 0, [name] * len(slices[0]), 0.0)
+    out_layer = 0
+    for si, sources in enumerate(slices):
+        start0, end0 = sources[0][1]
+        count = end0 - start0
+        for offset in range(count):
+            t = offset / (count - 1) if count > 1 else 1.0
+            first_model = checkpoints[sources[0][0]]
+            template = [(m["prefix"], m["rest"]) for m in map(_LAYER.match, first_model.tensor_names)
+                        if m and int(m["index"]) == start0 + offset]
+            if not template:
+                raise EvomergeError(f"{paths[sources[0][0]]} has no tensors for layer {start0 + offset}")
+            for prefix, rest in template:
+                names = [f"{prefix}.{rng[0] + offset}.{rest}" for _, rng, _ in sources]
+                add_job(f"{prefix}.{out_layer}.{rest}", si, names, t)
+            out_layer += 1
+    for name in post:
+        add_job(name, len(slices) - 1, [name] * len(slices[-1]), 0.0)
+
+    config = dict(reference.config)
+    if isinstance(config.get("num_hidden_layers"), int):
+        config["num_hidden_layers"] = out_layer
+    out_dtype = parse_dtype(recipe.out_dtype)
+    final_dtype = out_dtype or compute
+    if final_dtype is not None:
+        config["dtype"] = dtype_name(final_dtype)
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name(final_dtype)
+    tokenizer_dir = recipe.tokenizer_path()
+    plan = MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
+                     jobs=jobs, config=config, out_dtype=out_dtype, num_layers=out_layer,
+                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+
+def _entry_parameters(recipe: Recipe, job: TensorJob, ref: int | None) -> dict[str, Any]:
+    if ref is None:
+        return {}
+    if recipe.models:
+        return recipe.models[ref].parameters
+    return recipe.slices[job.slice_index].sources[ref].parameters
+
+
+def _resolve(param: ParamSpec, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str) -> Any:
+    for scope in scopes:
+        if param.name in scope:
+            value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            if value is not None:
+                if param.kind is float:
+                    check_value(param.name, value, where)
+                return value
+    if param.required:
+        raise EvomergeError(f"missing required parameter {param.name!r} for {where}")
+    return param.default
+
+
+def resolve_job_parameters(plan: MergePlan, recipe: Recipe, job: TensorJob) -> tuple[dict[str, Any],
+                                                                                       list[dict[str, Any]]]:
+    """(global parameters, per-model parameters of the inputs the method binds them to) for one job."""
+    spec = plan.spec
+    slice_params = recipe.slices[job.slice_index].parameters if recipe.slices else {}
+    shared_scopes = [slice_params, recipe.parameters]
+    shared = {p.name: _resolve(p, shared_scopes, job.name, job.t, job.name) for p in spec.global_params}
+    per_model = []
+    for pos, ((m, name), ref) in enumerate(zip(job.sources, job.param_refs)):
+        if spec.per_model_scope == "non_base" and pos == job.base_pos:
+            continue
+        scopes = [_entry_parameters(recipe, job, ref), slice_params, recipe.parameters]
+        where = f"{plan.models[m].name}: {name}"
+        per_model.append({p.name: _resolve(p, scopes, name, job.t, where) for p in spec.per_model_params})
+    _check_job(spec, shared, per_model, job)
+    return shared, per_model
+
+
+def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[str, Any]], job: TensorJob) -> None:
+    if spec.family == "linear" or (spec.family == "task_arithmetic" and not spec.consensus):
+        if shared.get("normalize") and abs(sum(p["weight"] for p in per_model)) < 1e-8:
+            raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize cannot divide "
+                                f"by (set normalize: false or change the weights)")
+    if spec.sparsify == "della_magprune":
+        for p in per_model:
+            if p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
+                raise EvomergeError(f"{spec.name}: density +- epsilon must lie in (0, 1) for {job.name} "
+                                    f"(density {p['density']}, epsilon {p['epsilon']})")
+
+
+def resolve_all(plan: MergePlan, recipe: Recipe) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    return [resolve_job_parameters(plan, recipe, job) for job in plan.jobs]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def merge_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], shared: dict[str, Any],
+              per_model: list[dict[str, Any]], out: torch.Tensor, *, seed: int, ws: Workspace) -> torch.Tensor:
+    """Merge one job's (already loaded) source tensors into ``out`` (compute dtype); the CLI's path."""
+    if not job.floating:
+        out.copy_(tensors[0])
+        return out
+    prepared = prepare_inputs(plan.spec, tensors, job.base_pos)
+    generator = job_generator(plan.spec, job, seed, out.device)
+    return run_method(plan.spec, prepared, shared, per_model, out, generator=generator, ws=ws)
+
+
+def job_generator(spec: MethodSpec, job: TensorJob, seed: int, device: torch.device) -> torch.Generator | None:
+    if not spec.random:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(seed, job.name))
+    return generator
+
+
+def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: int,
+                    progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    ws = Workspace(device)
+    for job, (shared, per_model) in zip(tqdm(plan.jobs, desc="merging tensors", unit="tensor",
+                                             disable=not progress), params):
+        tensors = [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
+                   for m, name in job.sources]
+        out = torch.empty(job.shape, dtype=job.compute_dtype, device=device)
+        merge_job(plan, job, tensors, shared, per_model, out, seed=seed, ws=ws)
+        del tensors
+        yield job.name, out.to(plan.out_dtype_for(job)).cpu()
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EvomergeError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError("--device cuda was asked for but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise EvomergeError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
+def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed: int = 0, overwrite: bool = False,
+              allow_pickle: bool = False, shard_size: str | int = "2GB", progress: bool = True) -> Path:
+    """Merge ``recipe`` into a checkpoint folder at ``out_dir`` (written atomically); returns it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise EvomergeError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    dev = check_device(device)
+    if recipe.is_data_aware:
+        return _run_data_aware(recipe, out_dir, dev, seed, overwrite, allow_pickle, shard_size)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    params = resolve_all(plan, recipe)  # every bad value fails here, before any work
+    recipe_yaml = recipe.to_yaml()
+    sources = [str(p) for p in plan.models]
+    return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress), plan.config,
+                            tokenizer_dir=plan.tokenizer_dir, recipe_yaml=recipe_yaml,
+                            model_card=model_card(recipe_yaml, sources, recipe.merge_method),
+                            max_shard_size=shard_size, overwrite=overwrite)
+
+
+def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: int, overwrite: bool,
+                    allow_pickle: bool, shard_size: str | int) -> Path:
+    import importlib
+
+    module = importlib.import_module("evomerge.alignment.recipe_methods")
+    methods, calibration_defaults = data_aware_methods()
+    table = methods[recipe.merge_method]
+    paths, checkpoints = open_checkpoints(recipe, allow_pickle)
+    base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
+    model_paths = [recipe.resolve_path(m.model) for m in recipe.models]
+    per_model = [{**table.get("per_model", {}), **m.parameters} for m in recipe.models]
+    params = {**table.get("global", {}), **recipe.parameters}
+    calibration = {**calibration_defaults, **(recipe.calibration or {})}
+    if isinstance(calibration.get("path"), str):
+        calibration["path"] = str(recipe.resolve_path(calibration["path"]))
+    for pm in per_model:
+        if isinstance(pm.get("calibration"), str):
+            pm["calibration"] = str(recipe.resolve_path(pm["calibration"]))
+    merged = module.merge_data_aware(recipe.merge_method, base, model_paths, per_model, params, calibration,
+                                     str(device), seed)
+    reference = checkpoints[paths.index(base)] if base is not None else checkpoints[paths.index(model_paths[0])]
+    config = dict(reference.config)
+    out_dtype = parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype)
+    recipe_yaml = recipe.to_yaml()
+    tensors = ((name, t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t)
+               for name, t in merged.items())
+    return write_checkpoint(out_dir, tensors, config, tokenizer_dir=recipe.tokenizer_path(), recipe_yaml=recipe_yaml,
+                            model_card=model_card(recipe_yaml, [str(p) for p in paths], recipe.merge_method),
+                            max_shard_size=shard_size, overwrite=overwrite)

@@ -1,0 +1,244 @@
+"""Sparsification of task vectors (deltas), with the precomputation that makes it cheap to repeat.
+
+Semantics follow mergekit 0.1.5 exactly (its ``sparsify.py``), including which element wins a tie:
+
+- ``magnitude`` (TIES): keep the ``k = max(1, int(density * numel))`` largest ``|delta|`` over the whole
+  tensor. mergekit takes the first k entries of ``torch.argsort(|delta|, descending=True)``; that sort is not
+  stable, so among elements tied at the threshold the ones kept are whichever the sort put first. We precompute
+  that same permutation once per tensor (``DeltaStats.order``); a candidate's top-k is then a threshold compare,
+  plus an exact fix-up from the permutation only when the threshold value is tied across the cut.
+- ``magnitude_outliers`` (breadcrumbs): drop the ``int(gamma * numel)`` largest and enough of the smallest to
+  keep ``int(density * numel)``; positions come from ``torch.sort(|delta|)`` (ascending), fixed up the same way.
+- ``random`` (DARE): keep each element with probability ``density``. Drawn as ``torch.rand(...) < density``,
+  which on CPU is the same stream ``torch.bernoulli(full_like(delta, density))`` consumes, so with the same
+  seed our masks equal mergekit's.
+- ``della_magprune`` (DELLA): per row, keep probability ``density - epsilon + 2 * epsilon * rank_norm`` where
+  ``rank_norm`` is the normalized rank of ``|delta|`` in its row (precomputed once).
+
+Rescaling the kept elements: ``rescale_mode="l1"`` (mergekit's default, and ours) multiplies the kept tensor by
+``||delta||_1 / ||kept||_1`` so the L1 norm is preserved (skipped when either norm is below 1e-7);
+``rescale_mode="inverse_density"`` is the DARE paper's ``1 / density`` (per-element ``1 / p`` for DELLA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.methods.workspace import Workspace
+
+SPARSIFY_METHODS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+RESCALE_MODES = ("l1", "inverse_density")
+_RESCALE_EPS = 1e-7
+
+
+def work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype mergekit draws random masks in: the tensor's own on GPU or for bfloat16, else float32."""
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+@dataclass
+class DeltaStats:
+    """What sparsification needs from a delta that does not depend on the candidate's parameters."""
+
+    l1: torch.Tensor  # sum |delta| (0-dim, in the dtype mergekit sums in): the "before" of the L1 rescale
+    order: torch.Tensor | None = None  # magnitude: argsort |delta| descending; outliers: ascending (flat)
+    rank_norm: torch.Tensor | None = None  # della: normalized rank of |delta| within its row, 2-D
+
+
+def prepare_stats(delta: torch.Tensor, method: str | None) -> DeltaStats | None:
+    """Precompute the parts of ``method``'s sparsification of ``delta`` that are parameter-free."""
+    if method is None:
+        return None
+    flat = delta.reshape(-1)
+    if method in ("magnitude", "magnitude_outliers"):
+        mags = flat.abs()
+        if mags.device.type == "cpu":
+            mags = mags.float()
+        if method == "magnitude":
+            order = torch.argsort(mags, descending=True)
+        else:
+            order = torch.sort(mags, descending=False).indices
+        if order.numel() < 2**31 - 1:
+            order = order.to(torch.int32)  # half the memory; same positions
+        return DeltaStats(l1=flat.abs().sum(), order=order)
+    if method == "random":
+        return DeltaStats(l1=flat.to(work_dtype(delta)).abs().sum())
+    if method == "della_magprune":
+        wd = work_dtype(delta)
+        rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+        rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
+        ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(wd) + 1
+        lo = ranks.min(dim=1, keepdim=True).values
+        hi = ranks.max(dim=1, keepdim=True).values
+        rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+        return DeltaStats(l1=flat.to(wd).abs().sum(), rank_norm=rank_norm)
+    raise ValueError(f"unknown sparsification {method!r}")
+
+
+def _value(mags: torch.Tensor, order: torch.Tensor, position: int) -> float:
+    return float(mags[order[position]])
+
+
+def _run_bounds(mags: torch.Tensor, order: torch.Tensor, position: int) -> tuple[int, int]:
+    """[start, end) of the run of sorted positions whose value equals the value at ``position``."""
+    value = _value(mags, order, position)
+    lo, hi = 0, position
+    while lo < hi:  # first position with that value
+        mid = (lo + hi) // 2
+        if _value(mags, order, mid) == value:
+            hi = mid
+        else:
+            lo = mid + 1
+    start = lo
+    lo, hi = position, order.numel() - 1
+    while lo < hi:  # last position with that value
+        mid = (lo + hi + 1) // 2
+        if _value(mags, order, mid) == value:
+            lo = mid
+        else:
+            hi = mid - 1
+    return start, lo + 1
+
+
+def _run_at(mags: torch.Tensor, order: torch.Tensor, position: int) -> tuple[int, int]:
+    """Like ``_run_bounds`` but without a search when the neighbours differ (the usual case)."""
+    n = order.numel()
+    value = _value(mags, order, position)
+    if (position > 0 and _value(mags, order, position - 1) == value) or (
+            position + 1 < n and _value(mags, order, position + 1) == value):
+        return _run_bounds(mags, order, position)
+    return position, position + 1
+
+
+def _keep_sorted_range(mags: torch.Tensor, order: torch.Tensor, begin: int, end: int, descending: bool,
+                       mask: torch.Tensor) -> None:
+    """mask = the elements at sorted positions [begin, end) of ``order``, exactly.
+
+    Elements strictly inside the value range are found by comparison; the runs of equal values at the two
+    ends, where the cut may split a tie, are resolved with the precomputed permutation.
+    """
+    n = order.numel()
+    if end <= begin:
+        mask.zero_()
+        return
+    if begin == 0 and end == n:
+        mask.fill_(True)
+        return
+    a1, b1 = _run_at(mags, order, begin)
+    a2, b2 = _run_at(mags, order, end - 1)
+    v_begin = mags[order[begin]]
+    if a1 == a2:  # one run holds both ends: every kept element has the same value
+        if a1 >= begin and b1 <= end:
+            torch.eq(mags, v_begin, out=mask)
+        else:
+            mask.zero_()
+            mask[order[begin:end].long()] = True
+        return
+    v_end = mags[order[end - 1]]
+    begin_whole = a1 >= begin  # the tie run at `begin` lies entirely inside [begin, end)
+    end_whole = b2 <= end
+    # In value terms the kept range is [v_end, v_begin] (descending) or [v_begin, v_end] (ascending).
+    lower, lower_incl, lower_needed = (v_end, end_whole, end < n) if descending else (v_begin, begin_whole, begin > 0)
+    upper, upper_incl, upper_needed = (v_begin, begin_whole, begin > 0) if descending else (v_end, end_whole, end < n)
+    if lower_needed:
+        (torch.ge if lower_incl else torch.gt)(mags, lower, out=mask)
+        if upper_needed:
+            mask &= (torch.le if upper_incl else torch.lt)(mags, upper)
+    else:
+        (torch.le if upper_incl else torch.lt)(mags, upper, out=mask)
+    if not begin_whole:
+        mask[order[begin:b1].long()] = True
+    if not end_whole:
+        mask[order[a2:end].long()] = True
+
+
+def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torch.Tensor, *, density: float,
+                  rescale: bool, rescale_mode: str = "l1", gamma: float = 0.0, epsilon: float = 0.0,
+                  generator: torch.Generator | None = None, ws: Workspace) -> None:
+    """out (flat, delta's dtype) = sparsified ``delta`` (rescaled if ``rescale``), like mergekit's ``sparsify``."""
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    if density >= 1:
+        out.copy_(flat)
+        return
+    if method in ("magnitude", "magnitude_outliers"):
+        mags = ws.get("sp_mags", (n,), flat.dtype)
+        torch.abs(flat, out=mags)
+        mask = ws.get("sp_mask", (n,), torch.bool)
+        if method == "magnitude":
+            if density <= 0 or n == 0:
+                out.zero_()
+                return
+            k = max(1, int(density * n))
+            _keep_sorted_range(mags, stats.order, 0, k, True, mask)
+            keep_prob = density
+        else:
+            target = int(density * n)
+            n_top = int(gamma * n)
+            n_bot = max(0, n - target - n_top)
+            _keep_sorted_range(mags, stats.order, n_bot, n_bot + target, False, mask)
+            keep_prob = density
+        torch.mul(flat, mask, out=out)
+        if rescale:
+            _rescale(out, stats.l1, rescale_mode, keep_prob, ws)
+        return
+    if method == "random":
+        wd = work_dtype(delta)
+        src = flat if flat.dtype == wd else flat.to(wd)
+        target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
+        if wd in (torch.float32, torch.float64):
+            draw = ws.get("sp_rand", (n,), wd)
+            torch.rand(n, generator=generator, out=draw, dtype=wd, device=flat.device)
+            mask = ws.get("sp_mask", (n,), torch.bool)
+            torch.lt(draw, density, out=mask)
+        else:
+            mask = torch.bernoulli(torch.full_like(src, density), generator=generator)
+        torch.mul(src, mask, out=target)
+        if rescale:
+            _rescale(target, stats.l1, rescale_mode, density, ws)
+        if target is not out:
+            out.copy_(target)
+        return
+    if method == "della_magprune":
+        if density <= 0:
+            out.zero_()
+            return
+        wd = work_dtype(delta)
+        rank_norm = stats.rank_norm
+        probs = ws.get("sp_probs", rank_norm.shape, wd)
+        torch.mul(rank_norm, 2, out=probs)
+        probs.mul_(epsilon).add_(density - epsilon)
+        src = (flat if flat.dtype == wd else flat.to(wd)).view(rank_norm.shape)
+        target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
+        target2 = target.view(rank_norm.shape)
+        if wd in (torch.float32, torch.float64):
+            draw = ws.get("sp_rand", rank_norm.shape, wd)
+            torch.rand(rank_norm.shape, generator=generator, out=draw, dtype=wd, device=flat.device)
+            mask = ws.get("sp_mask", rank_norm.shape, torch.bool)
+            torch.lt(draw, probs, out=mask)
+        else:
+            mask = torch.bernoulli(probs, generator=generator)
+        torch.mul(src, mask, out=target2)
+        if rescale:
+            _rescale(target, stats.l1, rescale_mode, probs.reshape(-1), ws)
+        if target is not out:
+            out.copy_(target)
+        return
+    raise ValueError(f"unknown sparsification {method!r}")
+
+
+def _rescale(kept: torch.Tensor, before: torch.Tensor, mode: str, keep_prob, ws: Workspace) -> None:
+    """Scale the kept elements in place: L1 norm preserving (mergekit) or 1 / keep probability (DARE paper)."""
+    if mode == "inverse_density":
+        kept.div_(keep_prob)
+        return
+    scratch = ws.get("sp_abs", kept.shape, kept.dtype)
+    torch.abs(kept, out=scratch)
+    after = scratch.sum()
+    if float(before) < _RESCALE_EPS or float(after) < _RESCALE_EPS:
+        return
+    kept.mul_(before / after)

@@ -1,0 +1,427 @@
+"""The experiment YAML: what to search, how to score it, which optimizer, how much budget, where it runs.
+
+Validation happens once, up front, in the driver: every problem the user can fix (a missing model folder,
+an unknown search space, inverted bounds, no objectives, a misspelt key) becomes one ``EvomergeError`` line,
+so a search never starts with a config that would fail an hour later.
+
+Shape (every key is checked; unknown keys are errors)::
+
+    name: smoke                       # optional, default: the file's stem
+    seed: 0
+    out: runs/smoke                   # optional; `--out` wins
+    models:                           # PS: base + sources.  DFS: a + b.  Paths are relative to this file.
+      base: path/to/base
+      sources: {math: path, lang: path}          # or a list of paths
+      build: {arch: llama, n_variants: 2, seed: 0}   # optional: build tiny local models into the run folder
+    search_space: ps_ties_dare        # a name from search_spaces/, a path to a YAML, or an inline mapping
+    space: {group_size: model}        # overrides of the space's options
+    evaluators:
+      - {name: acc, spec: "mgsm:ja", limit: 50, seed: 0}
+    objectives:
+      - {metric: acc/accuracy, direction: maximize, weight: 1.0}
+    optimizer: {name: cmaes, sigma0: 0.1667, population: null, multi_objective: weighted_sum}
+    budget: {trials: 100, generations: null, wall_time: null}
+    workers: {count: 1, device: auto, gpus_per_worker: null, cpus_per_worker: 1, threads: 1,
+              sources: path, max_retries: 1}
+    python_path: []                   # extra import folders (relative to this file) for custom evaluators
+    dtype: float32
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import EvomergeError
+
+OPTIMIZERS = ("cmaes", "optuna_cmaes", "tpe", "nsga2", "random")
+MULTI_OBJECTIVE = ("weighted_sum", "pareto")
+DIRECTIONS = ("maximize", "minimize")
+TOP_KEYS = {"name", "seed", "out", "models", "search_space", "space", "evaluators", "objectives", "optimizer",
+            "budget", "workers", "python_path", "dtype", "description"}
+MODEL_KEYS = {"base", "sources", "a", "b", "build"}
+BUILD_KEYS = {"arch", "n_variants", "seed", "scale", "num_layers", "hidden_size", "intermediate_size"}
+EVALUATOR_KEYS = {"name", "spec", "limit", "seed"}
+OBJECTIVE_KEYS = {"metric", "direction", "weight"}
+OPTIMIZER_KEYS = {"name", "sigma0", "population", "multi_objective", "seed"}
+BUDGET_KEYS = {"trials", "generations", "wall_time"}
+WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries"}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str = "maximize"
+    weight: float = 1.0
+
+
+@dataclass
+class EvaluatorSpec:
+    name: str
+    spec: Any
+    limit: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Experiment:
+    """A validated experiment. Paths are absolute; ``raw`` is the resolved mapping written to the run folder."""
+
+    name: str
+    seed: int
+    out: Path | None
+    models: dict[str, Any]
+    space: dict[str, Any]
+    evaluators: list[EvaluatorSpec]
+    objectives: list[Objective]
+    optimizer: dict[str, Any]
+    budget: dict[str, Any]
+    workers: dict[str, Any]
+    python_path: list[str]
+    dtype: str
+    source_file: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.space["kind"]
+
+    @property
+    def pareto(self) -> bool:
+        """Several objectives told to the optimizer as a vector (NSGA-II / MOTPE) instead of a weighted sum."""
+        return len(self.objectives) > 1 and self.optimizer["multi_objective"] == "pareto"
+
+
+def _err(msg: str) -> EvomergeError:
+    return EvomergeError(msg)
+
+
+def _check_keys(where: str, mapping: Any, allowed: set[str]) -> dict:
+    if not isinstance(mapping, dict):
+        raise _err(f"{where} must be a mapping, got {type(mapping).__name__}")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise _err(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+    return mapping
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from 90, '90s', '15m', '2h', '1d' (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(value))
+        if not m:
+            raise _err(f"budget.wall_time {value!r} is not a duration like 90, '15m' or '2h'")
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds <= 0:
+        raise _err(f"budget.wall_time must be positive, got {value!r}")
+    return seconds
+
+
+def _positive_int(where: str, value: Any, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _err(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _model_path(where: str, value: Any, base_dir: Path, must_exist: bool) -> str:
+    if not isinstance(value, str) or not value:
+        raise _err(f"{where} must be a path to a model folder, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (base_dir / path).resolve()
+    if must_exist and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise _err(f"{where}: model folder {path} {what}")
+    return str(path)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise _err(f"experiment file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise _err(f"{path}: not valid YAML ({first})") from None
+    if data is None:
+        raise _err(f"{path} is empty")
+    return validate_experiment(data, base_dir=path.resolve().parent, default_name=path.stem, source_file=path)
+
+
+def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str = "experiment",
+                        source_file: Path | None = None, check_models: bool = True) -> Experiment:
+    """Validate a mapping into an ``Experiment`` (raising one-line ``EvomergeError``s)."""
+    from evomerge.search.search_space import load_space_definition
+
+    base_dir = Path(base_dir).resolve()
+    data = copy.deepcopy(_check_keys("the experiment", data, TOP_KEYS))
+
+    name = str(data.get("name") or default_name)
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _err(f"seed must be an integer, got {seed!r}")
+    out = data.get("out")
+    out_path = None if out is None else (Path(out).expanduser() if Path(out).is_absolute() else Path(out).resolve())
+
+    # search space first: it decides which models are needed
+    if "search_space" not in data:
+        raise _err("no search_space given (e.g. search_space: ps_ties_dare)")
+    space = load_space_definition(data["search_space"], data.get("space") or {}, base_dir)
+
+    models = _validate_models(data.get("models"), space["kind"], base_dir, check_models)
+
+    evaluators = _validate_evaluators(data.get("evaluators"), base_dir)
+    objectives = _validate_objectives(data.get("objectives"), evaluators)
+    optimizer = _validate_optimizer(data.get("optimizer") or {}, len(objectives))
+    budget = _validate_budget(data.get("budget"), optimizer)
+    workers = _validate_workers(data.get("workers") or {})
+
+    python_path = data.get("python_path") or []
+    if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
+        raise _err("python_path must be a list of folders")
+    python_path = [str((base_dir / p).resolve()) for p in python_path]
+    dtype = data.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise _err(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+    exp = Experiment(name=name, seed=seed, out=out_path, models=models, space=space, evaluators=evaluators,
+                     objectives=objectives, optimizer=optimizer, budget=budget, workers=workers,
+                     python_path=python_path, dtype=dtype, source_file=source_file)
+    exp.raw = experiment_to_dict(exp)
+    return exp
+
+
+def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
+    """The resolved config (absolute paths, defaults filled in): what the run folder keeps as config.yaml."""
+    return {
+        "name": exp.name,
+        "seed": exp.seed,
+        "out": str(exp.out) if exp.out else None,
+        "models": copy.deepcopy(exp.models),
+        "search_space": copy.deepcopy(exp.space),
+        "evaluators": [{"name": e.name, "spec": e.spec, "limit": e.limit, "seed": e.seed} for e in exp.evaluators],
+        "objectives": [{"metric": o.metric, "direction": o.direction, "weight": o.weight} for o in exp.objectives],
+        "optimizer": dict(exp.optimizer),
+        "budget": dict(exp.budget),
+        "workers": dict(exp.workers),
+        "python_path": list(exp.python_path),
+        "dtype": exp.dtype,
+    }
+
+
+def experiment_from_resolved(data: dict[str, Any]) -> Experiment:
+    """Rebuild an Experiment from a run folder's config.yaml (already resolved: no re-validation of paths
+    that a resumed run may have built itself)."""
+    data = copy.deepcopy(data)
+    space = data.pop("search_space")
+    data["search_space"] = space  # inline, already resolved
+    exp = validate_experiment({k: v for k, v in data.items() if k != "space"}, check_models=False)
+    return exp
+
+
+def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> dict[str, Any]:
+    """PS needs base + sources, DFS needs a + b, ps_dfs needs base + sources + b.
+
+    ``build`` asks the run to build a tiny local family (base, model_1..n) into its folder; the paths are
+    then filled in at run time (base/sources for PS, a = model_1 and b = model_2 for DFS), so they must
+    not be given as well.
+    """
+    if models is None:
+        raise _err("no models given (models: {base: ..., sources: ...} for PS, {a: ..., b: ...} for DFS)")
+    models = _check_keys("models", models, MODEL_KEYS)
+    out: dict[str, Any] = {"build": None}
+    build = models.get("build")
+    if build is not None and not all(models.get(k) is None for k in ("base", "sources", "a", "b")):
+        # a resolved config (resumed run) carries both the build recipe and the built paths
+        if not all(models.get(k) is not None for k in _needed(kind)):
+            raise _err("models.build builds the models itself: do not also give model paths")
+    elif build is not None:
+        build = dict(_check_keys("models.build", build, BUILD_KEYS))
+        build.setdefault("arch", "llama")
+        build.setdefault("n_variants", 2)
+        build.setdefault("seed", 0)
+        if kind != "ps" and build["n_variants"] < 2:
+            raise _err("models.build needs n_variants >= 2 for a data-flow search (a = model_1, b = model_2)")
+        out["build"] = build
+        return out
+    out["build"] = build
+    needed = _needed(kind)
+    for k in ("base", "sources", "a", "b"):
+        if k in needed and models.get(k) in (None, "", [], {}):
+            what = {"base": "the task vectors' origin", "sources": "the models to merge",
+                    "a": "the model whose embeddings and first/last layers are kept", "b": "the second model"}[k]
+            raise _err(f"models.{k} is required for a {kind} search ({what})")
+        if k not in needed and models.get(k) is not None:
+            raise _err(f"models.{k} is not used by a {kind} search")
+    if "base" in needed:
+        out["base"] = _model_path("models.base", models["base"], base_dir, check)
+        sources = models["sources"]
+        if isinstance(sources, list):
+            names = [Path(str(s)).name for s in sources]
+            if len(set(names)) != len(names):
+                names = [f"model_{i}" for i in range(1, len(sources) + 1)]
+            sources = dict(zip(names, sources))
+        if not isinstance(sources, dict):
+            raise _err("models.sources must be a list of paths or a mapping name -> path")
+        out["sources"] = {}
+        for alias, p in sources.items():
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(alias)):
+                raise _err(f"models.sources name {alias!r} may only use letters, digits, '_' and '-'")
+            out["sources"][str(alias)] = _model_path(f"models.sources.{alias}", p, base_dir, check)
+    for k in ("a", "b"):
+        if k in needed:
+            out[k] = _model_path(f"models.{k}", models[k], base_dir, check)
+    return out
+
+
+def _needed(kind: str) -> tuple[str, ...]:
+    return {"ps": ("base", "sources"), "dfs": ("a", "b"), "ps_dfs": ("base", "sources", "b")}[kind]
+
+
+def _anchor_spec(spec: Any, base_dir: Path) -> Any:
+    """Relative file paths in an evaluator spec are relative to the experiment file; workers run elsewhere,
+    so they are made absolute here."""
+    if isinstance(spec, dict):
+        return {"base_dir": str(base_dir), **spec}
+    if not isinstance(spec, str):
+        return spec
+    if spec.endswith((".yaml", ".yml")) and (base_dir / spec).is_file():
+        return str((base_dir / spec).resolve())
+    kind, sep, rest = spec.partition(":")
+    if kind == "perplexity" and rest and not Path(rest).is_absolute() and (base_dir / rest).exists():
+        return f"perplexity:{(base_dir / rest).resolve()}"
+    if kind == "custom" and ".py:" in rest:
+        file, _, fn = rest.rpartition(":")
+        if not Path(file).is_absolute() and (base_dir / file).is_file():
+            return f"custom:{(base_dir / file).resolve()}:{fn}"
+    return spec
+
+
+def _validate_evaluators(evaluators: Any, base_dir: Path = Path(".")) -> list[EvaluatorSpec]:
+    if not evaluators:
+        raise _err("no evaluators given (evaluators: [{name: acc, spec: 'mgsm:ja'}])")
+    if not isinstance(evaluators, list):
+        evaluators = [evaluators]
+    out: list[EvaluatorSpec] = []
+    for i, ev in enumerate(evaluators):
+        if isinstance(ev, str):
+            ev = {"spec": ev}
+        ev = _check_keys(f"evaluators[{i}]", ev, EVALUATOR_KEYS)
+        if "spec" not in ev:
+            raise _err(f"evaluators[{i}] has no spec")
+        spec = ev["spec"]
+        default = spec.get("name") if isinstance(spec, dict) else str(spec).split(":")[0]
+        name = str(ev.get("name") or re.sub(r"[^A-Za-z0-9_]+", "_", str(default)).strip("_") or f"eval{i}")
+        if "/" in name:
+            raise _err(f"evaluators[{i}].name {name!r} may not contain '/' (metrics are named EVALUATOR/METRIC)")
+        if any(e.name == name for e in out):
+            raise _err(f"two evaluators are named {name!r}; give them distinct names")
+        limit = _positive_int(f"evaluators[{i}].limit", ev.get("limit"))
+        seed = ev.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise _err(f"evaluators[{i}].seed must be an integer")
+        out.append(EvaluatorSpec(name=str(name), spec=_anchor_spec(spec, base_dir), limit=limit, seed=seed))
+    return out
+
+
+def _validate_objectives(objectives: Any, evaluators: list[EvaluatorSpec]) -> list[Objective]:
+    if not objectives:
+        raise _err("no objectives given (objectives: [{metric: EVALUATOR/METRIC, direction: maximize}])")
+    if not isinstance(objectives, list):
+        objectives = [objectives]
+    names = {e.name for e in evaluators}
+    out: list[Objective] = []
+    for i, ob in enumerate(objectives):
+        if isinstance(ob, str):
+            ob = {"metric": ob}
+        ob = _check_keys(f"objectives[{i}]", ob, OBJECTIVE_KEYS)
+        metric = ob.get("metric")
+        if not isinstance(metric, str) or "/" not in metric:
+            raise _err(f"objectives[{i}].metric must look like EVALUATOR/METRIC, got {metric!r}")
+        if metric.split("/", 1)[0] not in names:
+            raise _err(f"objectives[{i}].metric {metric!r} names no evaluator (have: {', '.join(sorted(names))})")
+        direction = ob.get("direction", "maximize")
+        if direction not in DIRECTIONS:
+            raise _err(f"objectives[{i}].direction must be maximize or minimize, got {direction!r}")
+        weight = ob.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise _err(f"objectives[{i}].weight must be a number")
+        if any(o.metric == metric for o in out):
+            raise _err(f"objective {metric!r} is listed twice")
+        out.append(Objective(metric=metric, direction=direction, weight=float(weight)))
+    return out
+
+
+def _validate_optimizer(opt: Any, n_objectives: int) -> dict[str, Any]:
+    if isinstance(opt, str):
+        opt = {"name": opt}
+    opt = dict(_check_keys("optimizer", opt, OPTIMIZER_KEYS))
+    name = opt.get("name", "cmaes")
+    if name not in OPTIMIZERS:
+        raise _err(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    sigma0 = opt.get("sigma0", 1.0 / 6.0)
+    if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not 0 < sigma0 <= 1:
+        raise _err(f"optimizer.sigma0 must be in (0, 1] (genes are searched in [0, 1]), got {sigma0!r}")
+    population = _positive_int("optimizer.population", opt.get("population"))
+    default_mo = "pareto" if name == "nsga2" else "weighted_sum"
+    mo = opt.get("multi_objective", default_mo)
+    if mo not in MULTI_OBJECTIVE:
+        raise _err(f"optimizer.multi_objective must be weighted_sum or pareto, got {mo!r}")
+    if mo == "pareto" and n_objectives > 1 and name not in ("nsga2", "tpe", "random"):
+        raise _err(f"optimizer {name} cannot optimize a Pareto front; use nsga2 (or tpe) or "
+                   "multi_objective: weighted_sum")
+    return {"name": name, "sigma0": float(sigma0), "population": population, "multi_objective": mo}
+
+
+def _validate_budget(budget: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
+    if budget is None:
+        raise _err("no budget given (budget: {trials: N} or {generations: N} or {wall_time: '2h'})")
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        budget = {"trials": budget}
+    budget = _check_keys("budget", budget, BUDGET_KEYS)
+    trials = _positive_int("budget.trials", budget.get("trials"))
+    generations = _positive_int("budget.generations", budget.get("generations"))
+    wall = parse_duration(budget.get("wall_time"))
+    if trials is None and generations is None and wall is None:
+        raise _err("budget needs trials, generations or wall_time")
+    return {"trials": trials, "generations": generations, "wall_time": wall}
+
+
+def _validate_workers(workers: Any) -> dict[str, Any]:
+    if isinstance(workers, int) and not isinstance(workers, bool):
+        workers = {"count": workers}
+    workers = _check_keys("workers", workers, WORKER_KEYS)
+    count = _positive_int("workers.count", workers.get("count", 1), allow_none=False)
+    device = workers.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise _err(f"workers.device must be auto, cpu, cuda or mps, got {device!r}")
+    gpus = workers.get("gpus_per_worker")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
+        raise _err(f"workers.gpus_per_worker must be a non-negative number, got {gpus!r}")
+    cpus = workers.get("cpus_per_worker", 1)
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0:
+        raise _err(f"workers.cpus_per_worker must be a positive number, got {cpus!r}")
+    threads = _positive_int("workers.threads", workers.get("threads", 1), allow_none=False)
+    sources = workers.get("sources", "path")
+    if sources not in ("path", "object_store"):
+        raise _err(f"workers.sources must be path or object_store, got {sources!r}")
+    retries = workers.get("max_retries", 1)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise _err(f"workers.max_retries must be a non-negative integer, got {retries!r}")
+    return {"count": count, "device": device, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
+            "threads": threads, "sources": sources, "max_retries": retries}

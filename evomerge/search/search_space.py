@@ -1,0 +1,378 @@
+"""Search spaces: the genes, their bounds and transforms, and the genome -> candidate mapping.
+
+Every optimizer searches the unit cube [0, 1]^n: gene ``g`` maps a unit coordinate ``u`` to its declared
+range (``low + u (high - low)``, or geometrically for ``transform: log``). That is why the paper's setting
+"all genes start at 0.5, sigma0 = 1/6" means the same thing for every space and every optimizer.
+
+Kinds:
+- ``ps``: density and weight per source model per layer group -> a mergekit-compatible ``Recipe``.
+  ``group_size: model`` is one group per model (the paper's 6 genes for 3 models); an integer k groups k
+  consecutive transformer blocks; ``embeddings: separate`` makes the input embedding (``embed``) and the output
+  head with the final norm (``head``) groups of their own. Per-group values become the recipe's
+  ``[{filter, value}]`` lists (``layers.I.`` filters), so `evomerge merge` reproduces the candidate exactly.
+  Weights are not normalised: their sum may exceed 1 (the paper's evolved weights summed to about 2).
+- ``dfs``: indicator genes over T = M x r slots and scalings (an M x M matrix or a small feed-forward net of
+  (i, j, t)) -> a ``DataflowPath`` (see dataflow.py).
+- ``ps_dfs``: a ``ps`` stage, then a ``dfs`` stage with the PS winner as model A.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evomerge.errors import EvomergeError
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+KINDS = ("ps", "dfs", "ps_dfs")
+TRANSFORMS = ("linear", "log")
+PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "dtype",
+           "name"}
+PS_GENES = ("density", "weight")
+DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
+PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
+GENE_KEYS = {"low", "high", "init", "transform"}
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One searched number: its name, declared bounds, starting value and unit-cube transform."""
+
+    name: str
+    low: float
+    high: float
+    init: float
+    transform: str = "linear"
+
+    def value(self, u: float) -> float:
+        u = min(1.0, max(0.0, float(u)))
+        if self.transform == "log":
+            return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+        return float(self.low + u * (self.high - self.low))
+
+    def unit(self, value: float) -> float:
+        if self.transform == "log":
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (value - self.low) / (self.high - self.low)
+
+
+def _err(msg: str) -> EvomergeError:
+    return EvomergeError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# definitions (YAML) and their validation
+
+def load_space_definition(spec: Any, overrides: dict[str, Any] | None = None,
+                          base_dir: str | Path = ".") -> dict[str, Any]:
+    """A search-space definition from a name in search_spaces/, a YAML path, or an inline mapping, with the
+    experiment's ``space:`` overrides applied; validated and with defaults filled in."""
+    if isinstance(spec, str):
+        candidates = [Path(base_dir) / spec, SPACES_DIR / f"{spec}.yaml", SPACES_DIR / spec]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+            raise _err(f"unknown search space {spec!r} (known: {', '.join(known)}; or give a YAML path)")
+        data = yaml.safe_load(path.read_text()) or {}
+        data.setdefault("name", path.stem)
+    elif isinstance(spec, dict):
+        data = copy.deepcopy(spec)
+        data.setdefault("name", "inline")
+    else:
+        raise _err(f"search_space must be a name, a path or a mapping, got {type(spec).__name__}")
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, dict):
+        raise _err("space (the search-space overrides) must be a mapping")
+    data = _deep_update(data, overrides)
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise _err(f"search space {data.get('name')!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "ps":
+        return _validate_ps(data)
+    if kind == "dfs":
+        return _validate_dfs(data)
+    return _validate_ps_dfs(data, base_dir)
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_keys(where: str, data: Any, allowed: set[str]) -> dict:
+    if not isinstance(data, dict):
+        raise _err(f"{where} must be a mapping")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise _err(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+    return data
+
+
+def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, Any]:
+    spec = dict(default, **_check_keys(where, spec if spec is not None else {}, GENE_KEYS))
+    for k in ("low", "high", "init"):
+        v = spec.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _err(f"{where}.{k} must be a number, got {v!r}")
+        spec[k] = float(v)
+    if not spec["low"] < spec["high"]:
+        raise _err(f"{where}: inverted bounds (low {spec['low']} must be below high {spec['high']})")
+    if not spec["low"] <= spec["init"] <= spec["high"]:
+        raise _err(f"{where}.init {spec['init']} is outside [{spec['low']}, {spec['high']}]")
+    if spec.get("transform", "linear") not in TRANSFORMS:
+        raise _err(f"{where}.transform must be linear or log, got {spec.get('transform')!r}")
+    spec["transform"] = spec.get("transform", "linear")
+    if spec["transform"] == "log" and spec["low"] <= 0:
+        raise _err(f"{where}: a log transform needs low > 0")
+    return spec
+
+
+def _validate_ps(data: dict) -> dict[str, Any]:
+    where = f"search space {data.get('name')!r}"
+    _check_keys(where, data, PS_KEYS)
+    method = data.get("merge_method", "dare_ties")
+    if not isinstance(method, str):
+        raise _err(f"{where}: merge_method must be a name")
+    group = data.get("group_size", "model")
+    if not (group in ("model", "block") or (isinstance(group, int) and not isinstance(group, bool) and group > 0)):
+        raise _err(f"{where}: group_size must be 'model', 'block' or a positive integer, got {group!r}")
+    embeddings = data.get("embeddings", "separate")
+    if embeddings not in ("separate", "with_blocks"):
+        raise _err(f"{where}: embeddings must be separate or with_blocks, got {embeddings!r}")
+    genes_in = data.get("genes") or {}
+    _check_keys(f"{where} genes", genes_in, set(PS_GENES))
+    defaults = {"density": {"low": 0.05, "high": 1.0, "init": 0.5}, "weight": {"low": 0.0, "high": 1.0, "init": 0.5}}
+    genes = {g: _gene_bounds(f"{where} genes.{g}", genes_in.get(g), defaults[g]) for g in PS_GENES}
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _err(f"{where}: parameters must be a mapping")
+    return {"kind": "ps", "name": data.get("name"), "merge_method": method, "parameters": params,
+            "group_size": group, "embeddings": embeddings, "genes": genes,
+            "description": data.get("description", "")}
+
+
+def _validate_dfs(data: dict) -> dict[str, Any]:
+    where = f"search space {data.get('name')!r}"
+    _check_keys(where, data, DFS_KEYS)
+    repeats = data.get("repeats", 2)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise _err(f"{where}: repeats must be a positive integer, got {repeats!r}")
+    scaling = data.get("scaling", "matrix")
+    if scaling not in ("matrix", "ffn", "none"):
+        raise _err(f"{where}: scaling must be matrix, ffn or none, got {scaling!r}")
+    hidden = data.get("ffn_hidden", 4)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise _err(f"{where}: ffn_hidden must be a positive integer")
+    ind = data.get("indicator") or {}
+    _check_keys(f"{where} indicator", ind, {"low", "high", "init_on", "init_off"})
+    ind = dict({"low": -1.0, "high": 1.0, "init_on": 0.5, "init_off": -0.5}, **ind)
+    if not ind["low"] < 0 < ind["high"]:
+        raise _err(f"{where}: indicator bounds must straddle 0 (a slot is on when its gene is > 0)")
+    for k in ("init_on", "init_off"):
+        if not ind["low"] <= ind[k] <= ind["high"]:
+            raise _err(f"{where}: indicator.{k} is outside the indicator bounds")
+    scale = _gene_bounds(f"{where} scale", data.get("scale"), {"low": 0.0, "high": 2.0, "init": 1.0})
+    ffn = _gene_bounds(f"{where} ffn_weight", data.get("ffn_weight"), {"low": -3.0, "high": 3.0, "init": 0.0})
+    return {"kind": "dfs", "name": data.get("name"), "repeats": repeats, "scaling": scaling, "ffn_hidden": hidden,
+            "indicator": {k: float(v) for k, v in ind.items()}, "scale": scale, "ffn_weight": ffn,
+            "description": data.get("description", "")}
+
+
+def _validate_ps_dfs(data: dict, base_dir: str | Path) -> dict[str, Any]:
+    where = f"search space {data.get('name')!r}"
+    _check_keys(where, data, PS_DFS_KEYS)
+    ps = load_space_definition(data.get("ps", "ps_ties_dare"), {}, base_dir)
+    dfs = load_space_definition(data.get("dfs", "dfs"), {}, base_dir)
+    if ps["kind"] != "ps" or dfs["kind"] != "dfs":
+        raise _err(f"{where}: ps must name a ps space and dfs a dfs space")
+    share = data.get("ps_share", 0.5)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise _err(f"{where}: ps_share (the PS stage's share of the budget) must be in (0, 1)")
+    return {"kind": "ps_dfs", "name": data.get("name"), "ps": ps, "dfs": dfs, "ps_share": float(share),
+            "description": data.get("description", "")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# concrete spaces (definition + the actual models)
+
+def read_num_layers(model_dir: str | Path) -> int:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _err(f"cannot read {model_dir}/config.json: {exc}") from None
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
+    if not isinstance(n, int):
+        raise _err(f"{model_dir}/config.json has no num_hidden_layers")
+    return n
+
+
+class SearchSpace:
+    """Genes + the mapping from a unit-cube genome to a candidate description."""
+
+    kind: str
+    genes: list[Gene]
+
+    @property
+    def dim(self) -> int:
+        return len(self.genes)
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.genes]
+
+    def x0(self) -> np.ndarray:
+        return np.array([g.unit(g.init) for g in self.genes], dtype=float)
+
+    def values(self, x: Any) -> dict[str, float]:
+        return {g.name: g.value(u) for g, u in zip(self.genes, x)}
+
+    def candidate(self, values: dict[str, float]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PSSpace(SearchSpace):
+    """Density and weight per source model per layer group -> a mergekit-compatible recipe mapping."""
+
+    kind = "ps"
+
+    def __init__(self, definition: dict[str, Any], base: str, sources: dict[str, str], dtype: str = "float32"):
+        self.definition = definition
+        self.base = base
+        self.sources = dict(sources)
+        self.dtype = dtype
+        self.num_layers = read_num_layers(base)
+        self.groups = self._layer_groups()
+        self.genes = []
+        for alias in self.sources:
+            for group, _ in self.groups:
+                for g in PS_GENES:
+                    b = definition["genes"][g]
+                    self.genes.append(Gene(f"{alias}.{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
+
+    def _layer_groups(self) -> list[tuple[str, list[str] | None]]:
+        """(group name, recipe filters) in the order genes are laid out; filters None = the whole model."""
+        size = self.definition["group_size"]
+        if size == "model":
+            return [("all", None)]
+        size = 1 if size == "block" else int(size)
+        n = self.num_layers
+        blocks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+        groups: list[tuple[str, list[str] | None]] = []
+        separate = self.definition["embeddings"] == "separate"
+        if separate:
+            groups.append(("embed", ["embed_tokens"]))
+        for i, blk in enumerate(blocks):
+            name = f"layers_{blk[0]}" if len(blk) == 1 else f"layers_{blk[0]}-{blk[-1]}"
+            filters = [f"layers.{j}." for j in blk]
+            if not separate and i == 0:
+                filters.append("embed_tokens")
+            groups.append((name, filters))
+        if separate:
+            groups.append(("head", []))  # the fallback: lm_head, the final norm, anything else
+        # without a separate head group the last block group is the fallback
+        return groups
+
+    def _parameter_value(self, alias: str, gene: str, values: dict[str, float]) -> Any:
+        if self.groups[0][1] is None:
+            return values[f"{alias}.all.{gene}"]
+        entries: list[dict[str, Any]] = []
+        for group, filters in self.groups:
+            v = values[f"{alias}.{group}.{gene}"]
+            entries.extend({"filter": f, "value": v} for f in filters)
+        fallback_group = self.groups[-1][0]
+        entries.append({"value": values[f"{alias}.{fallback_group}.{gene}"]})
+        return entries
+
+    def candidate(self, values: dict[str, float]) -> dict[str, Any]:
+        """The recipe (mergekit YAML as a mapping) of this genome."""
+        recipe: dict[str, Any] = {"merge_method": self.definition["merge_method"], "base_model": self.base,
+                                  "dtype": self.dtype}
+        if self.definition["parameters"]:
+            recipe["parameters"] = copy.deepcopy(self.definition["parameters"])
+        recipe["models"] = [
+            {"model": path, "parameters": {g: self._parameter_value(alias, g, values) for g in PS_GENES}}
+            for alias, path in self.sources.items()
+        ]
+        recipe["tokenizer_source"] = "base"
+        return recipe
+
+
+class DFSSpace(SearchSpace):
+    """Indicator over T = M x r slots + scalings -> the layer path through models A and B."""
+
+    kind = "dfs"
+
+    def __init__(self, definition: dict[str, Any], a: str, b: str):
+        self.definition = definition
+        self.a, self.b = a, b
+        self.n_a, self.n_b = read_num_layers(a), read_num_layers(b)
+        if self.n_a < 2:
+            raise _err("model A needs at least 2 layers (its first and last are the fixed ends of the path)")
+        self.m = self.n_a + self.n_b
+        self.r = definition["repeats"]
+        self.t = self.m * self.r
+        # slot 0 (A's first layer) and slot n_a - 1 (A's last layer) of the first repetition are fixed ends
+        self.free_slots = [s for s in range(self.t) if s not in (0, self.n_a - 1)]
+        ind = definition["indicator"]
+        self.genes = []
+        for s in self.free_slots:
+            init = ind["init_on"] if s < self.n_a else ind["init_off"]
+            self.genes.append(Gene(f"I.{s}", ind["low"], ind["high"], init))
+        sc = definition["scaling"]
+        if sc == "matrix":
+            b = definition["scale"]
+            self.genes += [Gene(f"W.{i}.{j}", b["low"], b["high"], b["init"], b["transform"])
+                           for i in range(self.m) for j in range(self.m)]
+        elif sc == "ffn":
+            b = definition["ffn_weight"]
+            h = definition["ffn_hidden"]
+            names = [f"ffn.w1.{k}.{c}" for k in range(h) for c in range(3)] + [f"ffn.b1.{k}" for k in range(h)]
+            names += [f"ffn.w2.{k}" for k in range(h)] + ["ffn.b2"]
+            self.genes += [Gene(n, b["low"], b["high"], b["init"], b["transform"]) for n in names]
+
+    def path(self, values: dict[str, float]) -> tuple[list[int], list[int]]:
+        """(layers, slots): combined layer indices (A's 0..n_a-1, then B's) along the path, and their slots."""
+        slots = [0] + [s for s in self.free_slots if values[f"I.{s}"] > 0] + [self.n_a - 1]
+        return [s % self.m for s in slots], slots
+
+    def scale(self, i: int, j: int, t: int, values: dict[str, float]) -> float:
+        sc = self.definition["scaling"]
+        if sc == "none":
+            return 1.0
+        if sc == "matrix":
+            return float(values[f"W.{i}.{j}"])
+        h = self.definition["ffn_hidden"]
+        x = (i / max(1, self.m - 1), j / max(1, self.m - 1), t / max(1, self.t - 1))
+        out = values["ffn.b2"]
+        for k in range(h):
+            pre = values[f"ffn.b1.{k}"] + sum(values[f"ffn.w1.{k}.{c}"] * x[c] for c in range(3))
+            out += values[f"ffn.w2.{k}"] * math.tanh(pre)
+        return float(2.0 / (1.0 + math.exp(-out)))
+
+    def candidate(self, values: dict[str, float]) -> dict[str, Any]:
+        """{a, b, layers, scales}: scales[p] multiplies the input of path position p (1 for the first)."""
+        layers, slots = self.path(values)
+        scales = [1.0] + [self.scale(layers[p - 1], layers[p], slots[p], values) for p in range(1, len(layers))]
+        return {"a": self.a, "b": self.b, "n_a": self.n_a, "layers": layers, "scales": scales}
+
+
+def build_space(definition: dict[str, Any], models: dict[str, Any], dtype: str = "float32") -> SearchSpace:
+    """The concrete space of one stage: ``definition`` is a validated ps or dfs definition."""
+    if definition["kind"] == "ps":
+        return PSSpace(definition, models["base"], models["sources"], dtype)
+    if definition["kind"] == "dfs":
+        return DFSSpace(definition, models["a"], models["b"])
+    raise _err(f"a {definition['kind']} space has stages; build each stage's space separately")

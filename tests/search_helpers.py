@@ -1,0 +1,97 @@
+"""Evaluators and experiment builders for the search tests (loaded through the custom evaluator spec).
+
+Every evaluator here is a real function of the candidate model: scores come from the model's logits or
+weights, never from a table. Side effects that the tests need (a worker that dies, a slow evaluation) are
+real too: a SIGKILL of the worker's own process, a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+
+
+def _logit_score(model) -> float:
+    gen = torch.Generator().manual_seed(7)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(4, vocab, (2, 8), generator=gen)
+    with torch.inference_mode():
+        logits = model(ids.to(next(model.parameters()).device)).logits.float()
+    return float(logits.std())
+
+
+def logit_std(model, tokenizer, sleep: float = 0.0) -> dict[str, float]:
+    """A cheap deterministic score of the candidate (the spread of its logits); optional fixed extra cost."""
+    if sleep:
+        time.sleep(sleep)
+    return {"std": _logit_score(model)}
+
+
+logit_std.metric_names = ("std",)
+
+
+def zero_cost(model, tokenizer) -> dict[str, float]:
+    """As close to free as an evaluator gets: one weight read (for the loop-overhead benchmark)."""
+    return {"w": float(model.get_input_embeddings().weight[5, 0])}
+
+
+zero_cost.metric_names = ("w",)
+
+
+def fixed_cost(model, tokenizer, seconds: float = 0.2) -> dict[str, float]:
+    """A fixed cost per evaluation, in wall time (worker-utilisation benchmark)."""
+    time.sleep(seconds)
+    return {"w": float(model.get_input_embeddings().weight[5, 0])}
+
+
+fixed_cost.metric_names = ("w",)
+
+
+def _entry(model, row: int) -> float:
+    return float(model.get_input_embeddings().weight[row, 0])
+
+
+def _base_entry(base: str, row: int) -> float:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(base) / "model.safetensors"), framework="pt") as f:
+        return float(f.get_tensor("model.embed_tokens.weight")[row, 0])
+
+
+def nan_or_raise(model, tokenizer, base: str) -> dict[str, float]:
+    """A real property of the candidate decides: NaN when one embedding entry moved up from the base's,
+    an exception when another did, a score otherwise (about a quarter of random PS candidates)."""
+    if _entry(model, 5) > _base_entry(base, 5):
+        return {"std": float("nan")}
+    if _entry(model, 6) > _base_entry(base, 6):
+        raise RuntimeError("candidate rejected by the evaluator")
+    return {"std": _logit_score(model)}
+
+
+nan_or_raise.metric_names = ("std",)
+
+
+def die_on_token(model, tokenizer, tokens: str) -> dict[str, float]:
+    """SIGKILL this worker mid-evaluation while the folder ``tokens`` holds token files: each death consumes
+    one token (claimed by an atomic rename, so two workers never consume the same one)."""
+    for token in sorted(Path(tokens).glob("token*")):
+        try:
+            os.rename(token, token.with_name("used-" + token.name))
+        except FileNotFoundError:
+            continue
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"std": _logit_score(model)}
+
+
+die_on_token.metric_names = ("std",)
+
+
+def evaluator(function: str, **kwargs) -> dict:
+    """An experiment's evaluator spec for one of the functions above."""
+    return {"type": "custom", "function": f"{HERE}:{function}", "kwargs": kwargs}

@@ -1,0 +1,87 @@
+"""Shared by the evaluator tests: a tiny Llama trained (in seconds) on synthetic arithmetic word problems.
+
+``arith_model()`` trains it once per test session (cached in-process and saved under a temporary folder) so
+that it answers some problems right and some wrong: a real model for per-item comparisons, not a mock.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+NAMES = ["Tom", "Ann", "Bob", "Eva", "Sam", "Mia", "Leo", "Zoe"]
+THINGS = ["apples", "books", "coins", "cards", "pens", "shells"]
+PROMPT = "Question: {question}\nStep-by-Step Answer:"  # the mgsm_native_cot template in English, zero-shot
+
+
+def make_problem(rng: random.Random) -> tuple[str, int, str]:
+    """(question, answer, worked answer) of a one-step addition or subtraction word problem."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        question = f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have?"
+        answer, work = a + b, f"{a} + {b} = {a + b}."
+    else:
+        a, b = max(a, b) + 2, min(a, b)
+        question = f"{name} has {a} {thing}. {name} gives away {b}. How many {thing} does {name} have?"
+        answer, work = a - b, f"{a} - {b} = {a - b}."
+    return question, answer, f" {work} The answer is {answer}."
+
+
+def problems(n: int, seed: int) -> list[tuple[str, int, str]]:
+    rng = random.Random(seed)
+    return [make_problem(rng) for _ in range(n)]
+
+
+def write_tsv(path: Path, items: list[tuple[str, int, str]]) -> Path:
+    path.write_text("".join(f"{q}\t{a}\n" for q, a, _ in items), encoding="utf-8")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def arith_model(steps: int = 250) -> Path:
+    """Train (once per session) and save the tiny arithmetic model; returns its checkpoint folder."""
+    from evomerge import tiny
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tok = tiny.make_tokenizer()
+        model = tiny.make_model("llama", seed=0, vocab_size=len(tok), hidden_size=64, num_layers=2,
+                                num_heads=4, num_kv_heads=2, intermediate_size=128).train()
+        texts = [PROMPT.format(question=q) + work + "\n\n" for q, _, work in problems(2000, seed=1)]
+        encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        gen = random.Random(2)
+        for _ in range(steps):
+            batch = gen.sample(encoded, 32)
+            width = max(len(x) for x in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            for row, seq in enumerate(batch):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                labels[row, :len(seq)] = torch.tensor(seq)
+            loss = model(input_ids=ids, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    out = Path(tempfile.mkdtemp(prefix="evomerge-arith-")) / "model"
+    model.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def load_arith_model():
+    """A fresh in-memory copy of the trained model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = arith_model()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)

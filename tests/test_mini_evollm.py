@@ -1,0 +1,123 @@
+"""The mini EvoLLM zoo: languages, language gate, splits, tokenizer, a miniature build and its scoring."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+EXP = Path(__file__).resolve().parents[1] / "experiments" / "mini_evollm"
+sys.path.insert(0, str(EXP))
+
+import languages as L  # noqa: E402
+import zoo  # noqa: E402
+
+
+def test_languages_are_disjoint_except_shared_words():
+    assert not (L.L1_SPECIFIC & L.L2_SPECIFIC)
+    assert not (L.L2_SPECIFIC & set(L.SHARED_WORDS))
+    assert not (L.L1_SPECIFIC & set(L.SHARED_WORDS))
+    # every switchable L1 word has exactly one L2 word and back
+    assert all(L.L2_TO_L1[v] == k for k, v in L.L1_TO_L2.items())
+
+
+def test_language_gate():
+    splits = zoo.make_splits(0)
+    l2_item, l1_item = splits["target_test"][0], splits["math_l1_test"][0]
+    assert L.language_of(l2_item.answer) == 2
+    assert L.language_of(l1_item.answer) == 1
+    assert L.language_of("7 . 14 .") is None          # numbers only: no language
+    # an L2 solution whose answer phrase is in L1 is mostly L2 still; an L1 one with an L2 phrase is not L2
+    l1_words = l1_item.answer.split()
+    mixed = " ".join(l1_words[:-4] + L.l2([l1_item.gold, "answer", "is", "."]))
+    assert L.language_of(mixed) != 2
+    assert L.last_number(l1_item.answer) == l1_item.gold
+
+
+def test_splits_are_disjoint_by_meaning_and_fixed():
+    a = zoo.make_splits(0)
+    keys = {name: {it.key for it in items} for name, items in a.items()}
+    assert len(a["target_search"]) == 500 and len(a["target_test"]) == 500
+    for x in ("target_search", "target_test", "math_l1_test", "a_train"):
+        assert len(keys[x]) == len(a[x])
+        for y in ("target_search", "target_test", "math_l1_test", "a_train"):
+            if x < y:
+                assert not (keys[x] & keys[y]), (x, y)
+    assert not (keys["qa_l2_test"] & keys["b_train"])
+    assert all(it.lang == 2 for it in a["target_test"]) and all(it.lang == 1 for it in a["a_train"])
+    zoo.make_splits.cache_clear()
+    again = zoo.make_splits(0)
+    assert [it.question for it in again["target_test"]] == [it.question for it in a["target_test"]]
+
+
+def test_math_items_solve_correctly():
+    for it in zoo.make_splits(0)["target_search"][:200]:
+        steps = it.answer.split(" . ")
+        for step in steps:
+            w = step.split()
+            if len(w) == 5 and w[3] == L.L2_WORD["is"]:
+                x, op, y, z = int(w[0]), L.L2_TO_L1[w[1]], int(w[2]), int(w[4])
+                assert z == {"plus": x + y, "minus": x - y, "times": x * y}[op]
+        assert L.last_number(it.answer) == it.gold and int(it.gold) >= 0
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = zoo.make_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    it = zoo.make_splits(0)["target_test"][3]
+    text = f"{L.prompt(it.question)} {it.answer}"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    assert len(ids) == len(text.split()) + 1          # one word, one token
+    assert tok.decode(ids, skip_special_tokens=False) == "<s> " + text
+
+
+def test_miniature_build_loads_and_scores(tmp_path):
+    """A zoo with tiny step counts: cached, loadable checkpoints, and the evaluator's metrics on them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mini_task
+
+    recipe = replace(zoo.ZooRecipe(), hidden=32, layers=2, heads=2, ffn=64, seq_len=32,
+                     base=zoo.TrainSpec(steps=6, lr=3e-3, batch=4, warmup=2),
+                     spec_a=zoo.TrainSpec(steps=3, lr=5e-4, batch=4, warmup=1),
+                     spec_b=zoo.TrainSpec(steps=3, lr=5e-4, batch=4, warmup=1))
+    path = zoo.build_zoo(recipe, cache=tmp_path, threads=1)
+    info = json.loads((path / "zoo.json").read_text())
+    assert info["digest"] == recipe.digest()
+    mtime = (path / "zoo.json").stat().st_mtime
+    assert zoo.build_zoo(recipe, cache=tmp_path, threads=1) == path          # cached: not rebuilt
+    assert (path / "zoo.json").stat().st_mtime == mtime
+    assert sum(1 for _ in open(path / "data" / "target_test.jsonl")) == 500
+    weights = {}
+    for name in ("base", "spec_a", "spec_b"):
+        assert (path / name / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(path / name)
+        weights[name] = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    assert not weights["spec_a"].equal(weights["base"]) and not weights["spec_b"].equal(weights["spec_a"])
+    tok = AutoTokenizer.from_pretrained(path / "spec_a")
+    metrics = mini_task.evaluate(model, tok, split="target_test,qa_l2_test", limit=8, seed=1)
+    for key in ("target_test/accuracy", "target_test/val", "target_test/lang", "qa_l2_test/accuracy", "accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["target_test/n"] == 8
+
+
+def test_scoring_counts_only_gated_right_answers():
+    import mini_task
+
+    items = zoo.make_splits(0)["target_test"][:4]
+    l1_items = [L.math_item(zoo.make_splits(0)["target_test"][0], 1)]
+    outs = [items[0].answer,                                   # right, in L2
+            l1_items[0].answer,                                # right number, in L1: gated out
+            items[2].answer.replace(items[2].gold + " ", "999 "),  # wrong number, L2
+            ""]
+    m = mini_task.score(items, outs, "math", 2)
+    assert m["accuracy"] == pytest.approx(0.25)
+    assert m["val"] == pytest.approx(0.5)
+    assert m["lang"] == pytest.approx(0.5)

@@ -1,0 +1,207 @@
+"""Experiment validation, search spaces, optimizers and the run folder: no Ray, real files and libraries."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.search.experiment import load_experiment
+from evomerge.search.optimizers import build_optimizer, default_population
+from evomerge.search.run_folder import RunFolder, pareto_front
+from evomerge.search.search_space import DFSSpace, PSSpace, load_space_definition
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _experiment(llama_family, **over):
+    exp = {
+        "models": {"base": str(llama_family["base"]),
+                   "sources": {"m1": str(llama_family["model_1"]), "m2": str(llama_family["model_2"])}},
+        "search_space": "ps_ties_dare",
+        "evaluators": [{"name": "e", "spec": "custom:search_helpers:logit_std"}],
+        "objectives": [{"metric": "e/std", "direction": "maximize"}],
+        "optimizer": {"name": "cmaes"},
+        "budget": {"trials": 4},
+    }
+    for k, v in over.items():
+        if v is None:
+            exp.pop(k, None)
+        else:
+            exp[k] = v
+    return exp
+
+
+BAD_CONFIGS = [
+    ("missing model path", {"models": {"base": "nowhere/base", "sources": ["nowhere/m1"]}}, "does not exist"),
+    ("unknown space", {"search_space": "no_such_space"}, "unknown search space 'no_such_space'"),
+    ("inverted bounds", {"space": {"genes": {"weight": {"low": 1.0, "high": 0.0}}}}, "inverted bounds"),
+    ("no objectives", {"objectives": None}, "no objectives given"),
+    ("no evaluators", {"evaluators": []}, "no evaluators given"),
+    ("unknown key", {"optimiser": {"name": "cmaes"}}, "unknown key 'optimiser'"),
+    ("unknown optimizer", {"optimizer": {"name": "sgd"}}, "unknown optimizer 'sgd'"),
+    ("objective of no evaluator", {"objectives": [{"metric": "x/acc"}]}, "names no evaluator"),
+    ("no budget", {"budget": None}, "no budget given"),
+    ("dfs models for ps", {"models": {"a": "x", "b": "y"}}, "models.base is required"),
+    ("bad wall time", {"budget": {"wall_time": "soon"}}, "is not a duration"),
+]
+
+
+@pytest.mark.parametrize("what,over,message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_exit_2(what, over, message, llama_family, tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_experiment(llama_family, **over)))
+    code = main(["run", str(path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("evomerge run: error: ")
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_bad_config_from_a_real_process(llama_family, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_experiment(llama_family, search_space="nope")))
+    proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown search space 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_of_a_non_run_folder_is_exit_2(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_ps_genome_to_recipe_per_model_and_per_block(llama_family):
+    from evomerge.recipe import Recipe
+
+    sources = {"m1": str(llama_family["model_1"]), "m2": str(llama_family["model_2"])}
+    paper = PSSpace(load_space_definition("ps_ties_dare"), str(llama_family["base"]), sources)
+    assert paper.dim == 4  # density and weight per model (3 models would be the paper's 6 genes)
+    assert np.allclose(paper.x0(), [0.5 / 0.95 - 0.05 / 0.95, 0.5] * 2)
+    values = paper.values([1.0, 1.0, 0.0, 0.25])
+    assert values == {"m1.all.density": 1.0, "m1.all.weight": 1.0, "m2.all.density": 0.05, "m2.all.weight": 0.25}
+    recipe = Recipe.from_dict(paper.candidate(values))  # a valid mergekit recipe
+    assert recipe.merge_method == "dare_ties"
+    assert [m.parameters for m in recipe.models] == [{"density": 1.0, "weight": 1.0},
+                                                      {"density": 0.05, "weight": 0.25}]
+
+    blocks = PSSpace(load_space_definition("ps_ties_dare", {"group_size": 2}), str(llama_family["base"]), sources)
+    groups = [g for g, _ in blocks.groups]
+    assert groups == ["embed", "layers_0-1", "layers_2-3", "head"]  # tiny llama: 4 blocks
+    assert blocks.dim == 2 * len(groups) * 2
+    values = blocks.values(np.linspace(0, 1, blocks.dim))
+    cand = blocks.candidate(values)
+    weight = cand["models"][0]["parameters"]["weight"]
+    assert weight[0] == {"filter": "embed_tokens", "value": values["m1.embed.weight"]}
+    assert {"filter": "layers.3.", "value": values["m1.layers_2-3.weight"]} in weight
+    assert weight[-1] == {"value": values["m1.head.weight"]}  # the fallback: lm_head and final norm
+    Recipe.from_dict(cand)
+    # weights may sum above 1: nothing normalises them
+    assert sum(v for k, v in blocks.values(np.ones(blocks.dim)).items() if k.endswith(".weight")) > 1
+
+
+def test_dfs_genome_to_path(llama_family):
+    space = DFSSpace(load_space_definition("dfs"), str(llama_family["model_1"]), str(llama_family["model_2"]))
+    assert (space.m, space.t) == (8, 16)
+    start = space.candidate(space.values(space.x0()))
+    assert start["layers"] == [0, 1, 2, 3] and start["scales"] == [1.0] * 4  # the initial path is model A
+    values = space.values(space.x0())
+    values.update({"I.1": -0.5, "I.5": 0.7, "I.9": 0.2, "W.0.2": 1.5, "W.2.5": 0.5, "W.5.1": 0.25})
+    cand = space.candidate(values)
+    assert cand["layers"] == [0, 2, 5, 1, 3]  # A0, A2, B1, A1 of the 2nd repetition, A's last layer (fixed)
+    assert cand["scales"] == [1.0, 1.5, 0.5, 0.25, values["W.1.3"]]
+    ffn = DFSSpace(load_space_definition("dfs", {"scaling": "ffn", "ffn_hidden": 3}), str(llama_family["model_1"]),
+                   str(llama_family["model_2"]))
+    assert sum(n.startswith("ffn.") for n in ffn.names) == 3 * 3 + 3 + 3 + 1
+    assert ffn.candidate(ffn.values(ffn.x0()))["scales"] == [1.0] * 4  # all-zero net: scale 1
+
+
+def test_dfs_candidate_shares_layers_and_generates_with_cache():
+    import torch
+
+    from evomerge import tiny
+    from evomerge.search.dataflow import DataflowCandidate
+
+    a, b = tiny.make_model("llama", seed=0), tiny.make_model("llama", seed=1)
+    cand = DataflowCandidate(a, b)
+    ids = torch.randint(4, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(cand.set_path([0, 1, 2, 3])(ids).logits, a(ids).logits)
+        model = cand.set_path([0, 5, 1, 5, 1, 3], [1.0, 1.3, 0.7, 1.0, 1.1, 0.9])
+        assert model.model.layers[1].layer is b.model.layers[1]  # shared, not copied
+        assert model.model.layers[1].layer is model.model.layers[3].layer
+        cached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", ["cmaes", "tpe", "optuna_cmaes", "nsga2", "random"])
+def test_optimizer_pickle_resume_is_exact(name, tmp_path):
+    """Pickled mid-run, the optimizer proposes exactly what the uninterrupted one proposes."""
+    dim = 5
+    opts = {"name": name, "sigma0": 1 / 6, "population": None, "multi_objective": "weighted_sum"}
+
+    def make(folder):
+        folder.mkdir()
+        return build_optimizer(opts, dim, [0.5] * dim, [f"g{i}" for i in range(dim)], ["maximize"], [1.0], False,
+                               seed=3, run_dir=str(folder), study_name="s")
+
+    def f(x):
+        return [-float(np.sum((np.asarray(x) - 0.3) ** 2))]
+
+    straight, resumed = make(tmp_path / "a"), make(tmp_path / "b")
+    xs_a, xs_b = [], []
+    for step in range(14):
+        ka, xa = straight.ask()
+        xs_a.append(xa)
+        straight.tell(ka, f(xa) if step != 3 else None)  # one failed trial
+        kb, xb = resumed.ask()
+        xs_b.append(xb)
+        resumed.tell(kb, f(xb) if step != 3 else None)
+        if step in (4, 9):
+            resumed = pickle.loads(pickle.dumps(resumed))
+            resumed.reattach(str(tmp_path / "b"))
+    assert xs_a == xs_b
+    assert all(0.0 <= v <= 1.0 for x in xs_a for v in x)
+    if name == "cmaes":
+        assert straight.population == default_population(dim) == 8
+
+
+def test_run_folder_appends_repairs_and_keeps_pareto(tmp_path):
+    run = RunFolder.create(tmp_path / "run", {"name": "x"})
+    objs = [{"metric": "a", "direction": "maximize"}, {"metric": "b", "direction": "minimize"}]
+    points = [(1.0, 1.0), (2.0, 2.0), (0.5, 0.5), (1.5, 3.0), (2.0, 2.5)]
+    for i, p in enumerate(points):
+        run.append_trial({"trial": i, "status": "ok", "objectives": list(p), "score": p[0] - p[1], "genome": {}})
+    run.append_trial({"trial": 5, "status": "failed", "objectives": None, "score": None, "genome": {},
+                      "metrics": {"a": float("nan")}})
+    run.close()
+    with open(run.path / "trials.jsonl", "a") as f:
+        f.write('{"trial": 6, "status": "o')  # a torn line: killed mid-append
+    assert [t["trial"] for t in run.trials()] == [0, 1, 2, 3, 4, 5]
+    run.repair_trials()
+    assert (run.path / "trials.jsonl").read_bytes().endswith(b"\n")
+    assert json.loads((run.path / "trials.jsonl").read_text().splitlines()[5])["metrics"] == {"a": None}
+    front = run.write_pareto(run.trials(), objs)
+    assert [t["trial"] for t in front] == [0, 1, 2]  # (1.5, 3) and (2, 2.5) are dominated by (2, 2)
+    assert [t["trial"] for t in json.loads((run.path / "pareto.json").read_text())["trials"]] == [0, 1, 2]
+    assert pareto_front(run.trials(), objs[:1])[0]["trial"] in (1, 4)
+
+
+def test_smoke_experiment_is_valid():
+    exp = load_experiment(REPO / "experiments" / "smoke.yaml")
+    assert exp.kind == "ps" and exp.models["build"]["n_variants"] == 2
+    assert exp.evaluators[0].spec["base_dir"] == str(REPO / "experiments")
+    for name in ("ps_ties_dare", "dfs", "ps_dfs"):
+        assert load_space_definition(name)["kind"] == name.replace("_ties_dare", "")

@@ -1,0 +1,310 @@
+"""The search end to end with real processes: Ray, kill -9 and resume, dying workers, NaN candidates,
+export re-scored from disk, report files, NSGA-II over SQLite, and the smoke experiment.
+
+One Ray cluster is started for the module (in this process); `evomerge run` subprocesses and in-process runs
+join it with --address, so only the smoke test pays for an embedded Ray start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import search_helpers as helpers
+from evomerge.cli import main
+from evomerge.search.loop import resume_run, start_run
+from evomerge.search.run_folder import RunFolder
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_EVAL = REPO / "experiments" / "smoke_eval.py"
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = os.path.join(tempfile.gettempdir(), f"evomerge-ray-{os.getuid()}")
+    os.makedirs(tmp, exist_ok=True)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "evomerge.cli", *args]
+
+
+def _write(path: Path, exp: dict) -> Path:
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return path
+
+
+def _ps_experiment(family, evaluator: dict, **over) -> dict:
+    exp = {
+        "models": {"base": str(family["base"]),
+                   "sources": {"m1": str(family["model_1"]), "m2": str(family["model_2"])}},
+        "search_space": "ps_ties_dare",
+        "evaluators": [{"name": "e", "spec": evaluator}],
+        "objectives": [{"metric": "e/std", "direction": "maximize"}],
+        "optimizer": {"name": "cmaes"},
+        "budget": {"trials": 10},
+        "workers": {"count": 1},
+        "seed": 5,
+    }
+    exp.update(over)
+    return exp
+
+
+def _lines(run_dir: Path) -> int:
+    p = run_dir / "trials.jsonl"
+    return p.read_bytes().count(b"\n") if p.exists() else 0
+
+
+def _wait_for_lines(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while _lines(run_dir) < n:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < end, "the run made no progress"
+        time.sleep(0.05)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(ray_address, llama_family, tmp_path_factory):
+    """An uninterrupted run, and the same experiment killed with SIGKILL twice and resumed twice."""
+    tmp = tmp_path_factory.mktemp("resume")
+    exp = _write(tmp / "exp.yaml", _ps_experiment(llama_family, helpers.evaluator("logit_std", sleep=0.25)))
+    straight = tmp / "straight"
+    start_run(exp, out=straight, address=ray_address, progress=False)
+
+    killed = tmp / "killed"
+    seen = []
+    proc = subprocess.Popen(_cli("run", str(exp), "--out", str(killed), "--address", ray_address, "--no-progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(killed, 3, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    seen.append((killed / "trials.jsonl").read_text())
+    proc = subprocess.Popen(_cli("run", "--resume", str(killed), "--address", ray_address, "--no-progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(killed, _lines(killed) + 2, proc)
+    time.sleep(0.12)  # somewhere inside the next trial
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    seen.append((killed / "trials.jsonl").read_text())
+    resume_run(killed, address=ray_address, progress=False)
+    return {"straight": straight, "killed": killed, "seen": seen, "exp": exp}
+
+
+def test_kill9_then_resume_loses_and_repeats_nothing(resumed_runs):
+    killed = RunFolder.open(resumed_runs["killed"]).trials()
+    straight = RunFolder.open(resumed_runs["straight"]).trials()
+    assert sorted(t["trial"] for t in killed) == list(range(10))  # none lost, none twice, budget honoured
+    assert len(straight) == 10
+    # every trial finished before a kill is kept as it was
+    final_text = (resumed_runs["killed"] / "trials.jsonl").read_text()
+    for before in resumed_runs["seen"]:
+        complete = before[: before.rfind("\n") + 1]
+        assert final_text.startswith(complete)
+    assert 3 <= len(resumed_runs["seen"][0].splitlines()) < len(resumed_runs["seen"][1].splitlines()) < 10
+    # fixed seed, one worker: the same trials as the uninterrupted run
+    by_id = {t["trial"]: t for t in straight}
+    for t in killed:
+        assert t["x"] == by_id[t["trial"]]["x"]
+        assert t["genome"] == by_id[t["trial"]]["genome"]
+        assert t["metrics"] == by_id[t["trial"]]["metrics"]
+        assert t["status"] == "ok"
+    state = RunFolder.open(resumed_runs["killed"]).load_state()
+    assert state["pending"] == {} and state["next_trial"] == 10
+
+
+def test_killed_driver_leaves_no_worker_behind(resumed_runs):
+    """The workers of the killed drivers were Ray actors of their job: Ray ends them with the driver."""
+    pids = {t["pid"] for t in RunFolder.open(resumed_runs["killed"]).trials()}
+    assert len(pids) >= 3  # three driver parts, a worker each
+    end = time.time() + 30
+    while any(_pid_alive(p) for p in pids) and time.time() < end:
+        time.sleep(0.2)
+    assert not any(_pid_alive(p) for p in pids)
+
+
+def test_report_writes_pngs_and_tables(resumed_runs, capsys):
+    run = resumed_runs["straight"]
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    records = RunFolder.open(run).trials()
+    best = max(records, key=lambda t: t["score"])
+    assert f"best trial {best['trial']}: score" in out
+    text = (run / "report" / "report.md").read_text()
+    assert "## Pareto front" in text and f"| {best['trial']} | {best['objectives'][0]:.4g} |" in text
+    assert text.count("\n| ") >= 10  # ranked trials + front + genome rows
+    for png in ("objectives.png", "pareto.png"):
+        data = (run / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_ps_export_is_the_recipe_and_rescores_to_the_trial(resumed_runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = resumed_runs["straight"]
+    records = RunFolder.open(run).trials()
+    best = max(records, key=lambda t: t["score"])
+    out = tmp_path / "best"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert f"exported trial {best['trial']}" in capsys.readouterr().out
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["models"][0]["parameters"] == {"density": best["genome"]["m1.all.density"],
+                                                 "weight": best["genome"]["m1.all.weight"]}
+    # `evomerge merge` on the exported recipe reproduces the checkpoint bit for bit
+    assert main(["merge", str(out / "recipe.yaml"), str(tmp_path / "remerged"), "--no-progress"]) == 0
+    exported, remerged = load_file(out / "model.safetensors"), load_file(tmp_path / "remerged" / "model.safetensors")
+    assert exported.keys() == remerged.keys()
+    assert all(torch.equal(exported[k], remerged[k]) for k in exported)
+    # a standard checkpoint: re-scored from disk it gets the trial's score
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert helpers.logit_std(model, AutoTokenizer.from_pretrained(out))["std"] == best["metrics"]["e/std"]
+    # another trial by id
+    other = next(t for t in records if t["trial"] != best["trial"])
+    assert main(["export", str(run), "--out", str(tmp_path / "other"), "--trial", str(other["trial"])]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "other").eval()
+    assert helpers.logit_std(model, None)["std"] == other["metrics"]["e/std"]
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--trial", "99"]) == 2
+
+
+def test_worker_killed_mid_evaluation_is_retried_then_failed(ray_address, llama_family, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for i in range(3):
+        (tokens / f"token{i}").touch()
+    exp = _ps_experiment(llama_family, helpers.evaluator("die_on_token", tokens=str(tokens)),
+                         optimizer={"name": "random"}, budget={"trials": 3},
+                         workers={"count": 1, "max_retries": 1})
+    run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+    trials = {t["trial"]: t for t in run.trials()}
+    assert sorted(trials) == [0, 1, 2]
+    # trial 0 killed its worker twice: retried once on a fresh worker, then recorded as failed
+    assert trials[0]["status"] == "failed" and "worker died 2 times" in trials[0]["error"]
+    # trial 1 killed one worker, then finished on the replacement
+    assert trials[1]["status"] == "ok" and trials[1]["attempts"] == 2
+    assert trials[2]["status"] == "ok" and trials[2]["attempts"] == 1
+    assert not list(tokens.glob("token*"))
+    assert len({t["pid"] for t in trials.values() if t["status"] == "ok"}) == 1
+
+
+def test_nan_and_raising_candidates_are_failed_trials(ray_address, llama_family, tmp_path):
+    exp = _ps_experiment(llama_family, helpers.evaluator("nan_or_raise", base=str(llama_family["base"])),
+                         optimizer={"name": "random"}, budget={"trials": 12}, seed=1)
+    run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+    trials = run.trials()
+    assert sorted(t["trial"] for t in trials) == list(range(12))
+    errors = [t["error"] or "" for t in trials]
+    assert any("metric e/std is nan" in e for e in errors)
+    assert any("RuntimeError: candidate rejected" in e for e in errors)
+    ok = [t for t in trials if t["status"] == "ok"]
+    assert ok and all(t["objectives"] == [t["metrics"]["e/std"]] for t in ok)
+    pareto = json.loads((run.path / "pareto.json").read_text())
+    assert pareto["trials"][0]["trial"] == max(ok, key=lambda t: t["score"])["trial"]
+
+
+def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family, tmp_path):
+    import optuna
+
+    exp = _ps_experiment(llama_family, {"type": "custom", "function": f"{SMOKE_EVAL}:two_targets"},
+                         objectives=[{"metric": "e/mse_a", "direction": "minimize"},
+                                     {"metric": "e/mse_b", "direction": "minimize"}],
+                         optimizer={"name": "nsga2", "population": 4}, budget={"generations": 2},
+                         workers={"count": 2})
+    exp["models"]["base"] = exp["models"]["sources"] = None
+    exp["models"] = {"build": {"arch": "llama", "n_variants": 2, "seed": 0}}
+    run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+    trials = run.trials()
+    assert len(trials) == 8 and {t["worker"] for t in trials} == {0, 1}
+    study = optuna.load_study(study_name="exp-ps", storage=f"sqlite:///{run.path}/optuna.db")
+    assert len(study.directions) == 2
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 8
+    pts = {t["trial"]: t["objectives"] for t in trials}
+
+    def dominated(i):
+        return any(all(b <= a for a, b in zip(pts[i], pts[j])) and pts[i] != pts[j] for j in pts)
+
+    front = [t["trial"] for t in json.loads((run.path / "pareto.json").read_text())["trials"]]
+    assert front == sorted(i for i in pts if not dominated(i)) and front
+
+
+def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.search.dataflow import SCALES_FILE, load_dataflow_model
+
+    evaluator = helpers.evaluator("logit_std")
+    torch.set_num_threads(1)
+    # DFS with a scaling matrix: a checkpoint plus its input scales, loaded by evomerge
+    dfs = _ps_experiment(llama_family, evaluator, models={"a": str(llama_family["model_1"]),
+                                                          "b": str(llama_family["model_2"])},
+                         search_space="dfs", optimizer={"name": "random"}, budget={"trials": 4}, seed=3)
+    run = start_run(_write(tmp_path / "dfs.yaml", dfs), out=tmp_path / "dfs", address=ray_address, progress=False)
+    best = max(run.trials(), key=lambda t: t["score"])
+    assert main(["export", str(run.path), "--out", str(tmp_path / "dfs_best")]) == 0
+    info = json.loads((tmp_path / "dfs_best" / "evomerge_trial.json").read_text())
+    scales = json.loads((tmp_path / "dfs_best" / SCALES_FILE).read_text())["input_scales"]
+    assert scales == info["scales"] and any(s != 1.0 for s in scales)
+    model = load_dataflow_model(tmp_path / "dfs_best")
+    assert len(model.model.layers) == len(info["layers"])
+    assert helpers.logit_std(model, None)["std"] == best["metrics"]["e/std"]
+
+    # PS then DFS without scalings: the winner is a standard checkpoint with the path's layers in order
+    ps_dfs = _ps_experiment(llama_family, evaluator, search_space="ps_dfs",
+                            space={"dfs": {"kind": "dfs", "repeats": 2, "scaling": "none"}},
+                            optimizer={"name": "random"}, budget={"trials": 6}, seed=4)
+    ps_dfs["models"]["b"] = str(llama_family["model_2"])
+    run = start_run(_write(tmp_path / "ps_dfs.yaml", ps_dfs), out=tmp_path / "ps_dfs", address=ray_address,
+                    progress=False)
+    trials = run.trials()
+    assert [t["stage_name"] for t in trials] == ["ps"] * 3 + ["dfs"] * 3
+    assert (run.path / "stages" / "ps_winner" / "recipe.yaml").is_file()
+    best = max((t for t in trials if t["stage_name"] == "dfs"), key=lambda t: t["score"])
+    assert main(["export", str(run.path), "--out", str(tmp_path / "ps_dfs_best")]) == 0
+    assert not (tmp_path / "ps_dfs_best" / SCALES_FILE).exists()
+    info = json.loads((tmp_path / "ps_dfs_best" / "evomerge_trial.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ps_dfs_best").eval()
+    assert model.config.num_hidden_layers == len(info["layers"])
+    assert info["a"] == str(run.path / "stages" / "ps_winner")
+    assert helpers.logit_std(model, None)["std"] == best["metrics"]["e/std"]
+
+
+def test_smoke_experiment_with_embedded_ray(tmp_path):
+    """The README command: a real search on tiny local models, Ray started and stopped by the run."""
+    out = tmp_path / "smoke"
+    proc = subprocess.run(_cli("run", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out)),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trial/s" in proc.stderr or "trial]" in proc.stderr or "trials/h" in proc.stderr  # live progress
+    trials = RunFolder.open(out).trials()
+    assert len(trials) == 48 and all(t["status"] == "ok" for t in trials)
+    first_gen = [t["objectives"][0] for t in trials[:6]]
+    assert min(t["objectives"][0] for t in trials) < sum(first_gen) / len(first_gen)
+    assert "best trial" in proc.stdout

@@ -1,7 +1,9 @@
 """Hugging Face checkpoint folders: read them tensor by tensor, write them atomically.
 
-Reading (``Checkpoint``) never loads a whole model: safetensors files are memory-mapped and each tensor is
-materialised only when asked for. Every problem a user can cause (a missing folder, no config.json, no weights,
+Reading (``Checkpoint``) never loads a whole model: each tensor is read only when asked for, by default with one
+``pread`` from the page cache into a buffer of its own (no shared mapping that in-place edits could corrupt or
+that keeps every source page resident), or as a zero-copy memory-mapped view (``safe_open``) for read-only
+callers. Every problem a user can cause (a missing folder, no config.json, no weights,
 a truncated or corrupted safetensors file, an index naming a missing shard, pickle-only weights without
 ``--allow-pickle``) is found when the folder is opened, cheaply (headers only), and reported as one
 ``EvomergeError`` line naming the file, so a merge never fails half-way through.
@@ -132,7 +134,12 @@ def find_tokenizer_files(folder: str | Path) -> list[Path]:
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Parse and check a safetensors header without reading the data: {name: {dtype, shape, data_offsets}}.
+    """Parse and check a safetensors header without reading the data: {name: {dtype, shape, data_offsets}}."""
+    return _parse_safetensors_header(path)[0]
+
+
+def _parse_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """(header, byte offset where the data section starts), after checking the file is whole and consistent.
 
     Catches truncated and corrupted files when a checkpoint is opened rather than mid-merge: the header must be
     valid JSON, every tensor's byte range must match its shape and dtype, the ranges must tile the data section,
@@ -182,7 +189,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         what = "truncated" if position > data_size else "corrupted"
         raise EvomergeError(f"{what} safetensors file {path}: header describes {position} bytes of tensor data "
                             f"but the file holds {data_size}")
-    return header
+    return header, 8 + header_len
 
 
 class Checkpoint:
@@ -203,7 +210,9 @@ class Checkpoint:
         self.config: dict[str, Any] = self._read_config()
         self._where: dict[str, Path] = {}  # tensor name -> file holding it
         self._info: dict[str, tuple[list[int], torch.dtype]] = {}  # tensor name -> (shape, dtype)
+        self._offsets: dict[str, int] = {}  # tensor name -> absolute byte offset in its safetensors file
         self._handles: dict[Path, Any] = {}  # open safe_open handles, or loaded pickle state dicts
+        self._fds: dict[Path, int] = {}  # plain read-only file descriptors for copying reads
         self.format = self._index_weights()
         self.tensor_names: list[str] = list(self._where)
 
@@ -280,7 +289,7 @@ class Checkpoint:
                                                            if len(missing) > 1 else ""))
 
     def _add_safetensors_file(self, file: Path, only: set[str] | None = None) -> set[str]:
-        header = read_safetensors_header(file)
+        header, data_start = _parse_safetensors_header(file)
         names = sorted(header, key=lambda n: header[n]["data_offsets"][0])  # file order
         for name in names:
             if only is not None and name not in only:
@@ -289,6 +298,7 @@ class Checkpoint:
                 raise EvomergeError(f"tensor {name!r} appears in both {self._where[name]} and {file}")
             self._where[name] = file
             self._info[name] = ([int(d) for d in header[name]["shape"]], _ST_TO_TORCH[header[name]["dtype"]])
+            self._offsets[name] = data_start + int(header[name]["data_offsets"][0])
         return set(header)
 
     def _add_pickle_file(self, file: Path, only: set[str] | None = None) -> set[str]:
@@ -334,17 +344,25 @@ class Checkpoint:
 
     def get(self, name: str, device: str | torch.device = "cpu",
             dtype: str | torch.dtype | None = None, *, copy: bool = True) -> torch.Tensor:
-        """One tensor, read from the memory-mapped file, moved to ``device`` and cast to ``dtype`` if given.
+        """One tensor, read from its file, moved to ``device`` and cast to ``dtype`` if given.
 
-        The safetensors library hands out views of one copy-on-write mapping per file, so an in-place change to
-        such a view would silently alter every later read of that tensor. The result is therefore a tensor of its
-        own (one memcpy when no cast or device move made one anyway); ``copy=False`` skips that copy for callers
-        that only read the result.
+        By default the result is a tensor of its own, read with one ``pread`` from the page cache straight into
+        a fresh buffer: the safetensors library hands out views of one copy-on-write mapping per file, so an
+        in-place change to such a view would silently alter every later read of that tensor, and every page
+        touched through the mapping stays in the process's resident memory while the file is open (a merge
+        would end up "holding" every source model). ``copy=False`` returns the zero-copy memory-mapped view
+        (``safe_open``) for callers that only read it.
         """
-        self._lookup(name)
+        shape, stored_dtype = self._lookup(name)
         file = self._where[name]
         if self.format == "pickle":
             tensor = self._load_pickle(file)[name]
+        elif copy:
+            tensor = self._pread(name, file, shape, stored_dtype)
+            dtype = parse_dtype(dtype)
+            if dtype is not None and tensor.dtype != dtype:
+                return tensor.to(device=device, dtype=dtype)
+            return tensor.to(device=device)
         else:
             handle = self._handles.get(file)
             if handle is None:
@@ -365,6 +383,26 @@ class Checkpoint:
         if copy and result.data_ptr() == tensor.data_ptr() and tensor.numel():
             result = result.clone()
         return result
+
+    def _pread(self, name: str, file: Path, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            except OSError as exc:
+                raise EvomergeError(f"cannot read safetensors file {file}: {exc.strerror or exc}") from None
+        tensor = torch.empty(shape, dtype=dtype)
+        if not tensor.numel():
+            return tensor
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        offset, done = self._offsets[name], 0
+        while done < len(buffer):
+            count = os.preadv(fd, [buffer[done:done + (1 << 30)]], offset + done)
+            if count <= 0:
+                raise EvomergeError(f"safetensors file {file} ended early while reading {name!r} "
+                                    "(was it changed after it was opened?)")
+            done += count
+        return tensor
 
     def tensors(self, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -388,7 +426,18 @@ class Checkpoint:
         return _count_layers(self.tensor_names) or 0
 
     def close(self) -> None:
+        """Release open files and mappings (the Checkpoint reopens them if used again)."""
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            for fd in getattr(self, "_fds", {}).values():
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def _count_layers(names: Iterable[str]) -> int | None:

@@ -19,7 +19,10 @@ A candidate must keep the engine's method, sources, layer ranges and dtypes; onl
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ class MergeEngine:
     """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place."""
 
     def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
-                 allow_pickle: bool = False, seed: int = 0, progress: bool = False):
+                 allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None):
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_dict(recipe)
         if recipe.is_data_aware:
@@ -68,7 +71,14 @@ class MergeEngine:
                 self._prepared.append(None)
                 self._raw_first.append(tensors[0])
             del tensors
-        self.ws = Workspace(self.device)
+        # CPU: tensors are merged by `threads` Python threads running one torch thread each (the chunked
+        # kernels are too fine-grained for torch's intra-op threads). Results never depend on the thread count.
+        self.threads = 1 if self.device.type != "cpu" else max(1, threads or torch.get_num_threads())
+        self._local = threading.local()
+        self._workspaces: list[Workspace] = []
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        # biggest tensors first, so the pool's threads finish together
+        self._schedule = sorted(range(len(self.plan.jobs)), key=lambda i: -math.prod(self.plan.jobs[i].shape))
         self.model = self._build_model()
         self._targets = self._bind_targets()
         self._tokenizer = None
@@ -176,19 +186,57 @@ class MergeEngine:
         self.check_recipe(recipe)
         seed = self.seed if seed is None else seed
         params = [resolve_job_parameters(self.plan, recipe, job) for job in self.plan.jobs]  # fail before writing
+
+        def work(index: int) -> None:
+            job, prepared, target = self.plan.jobs[index], self._prepared[index], self._targets[index]
+            if prepared is None:
+                target.copy_(self._raw_first[index])
+                return
+            ws = self._workspace()
+            shared, per_model = params[index]
+            direct = target.dtype == job.compute_dtype and target.is_contiguous()
+            out = target if direct else ws.get("engine_out", job.shape, job.compute_dtype)
+            generator = job_generator(self.spec, job, seed, self.device)
+            run_method(self.spec, prepared, shared, per_model, out, generator=generator, ws=ws)
+            if not direct:
+                target.copy_(out)
+
         with torch.no_grad():
-            for job, prepared, raw, target, (shared, per_model) in zip(
-                    self.plan.jobs, self._prepared, self._raw_first, self._targets, params):
-                if prepared is None:
-                    target.copy_(raw)
-                    continue
-                direct = target.dtype == job.compute_dtype and target.is_contiguous()
-                out = target if direct else self.ws.get("engine_out", job.shape, job.compute_dtype)
-                generator = job_generator(self.spec, job, seed, self.device)
-                run_method(self.spec, prepared, shared, per_model, out, generator=generator, ws=self.ws)
-                if not direct:
-                    target.copy_(out)
+            if self._pool is None:
+                for index in self._schedule:
+                    work(index)
+            else:
+                previous = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    for _ in self._pool.map(work, self._schedule):
+                        pass
+                finally:
+                    torch.set_num_threads(previous)
         return self.model
+
+    def _workspace(self) -> Workspace:
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = Workspace(self.device)
+            self._workspaces.append(ws)
+        return ws
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Scratch memory held by the kernels (grows only until the largest tensor has been merged once)."""
+        return sum(ws.nbytes for ws in self._workspaces)
+
+    def close(self) -> None:
+        """Stop the worker threads (also done when the engine is garbage-collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of the current candidate, in checkpoint naming, for ``write_checkpoint``."""

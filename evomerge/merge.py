@@ -22,7 +22,10 @@ name, so a merge is reproducible, independent of tensor order, and equal to the 
 from __future__ import annotations
 
 import re
+import threading
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -284,7 +287,7 @@ def merge_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], shar
     if not job.floating:
         out.copy_(tensors[0])
         return out
-    prepared = prepare_inputs(plan.spec, tensors, job.base_pos)
+    prepared = prepare_inputs(plan.spec, tensors, job.base_pos, lazy=True)
     generator = job_generator(plan.spec, job, seed, out.device)
     return run_method(plan.spec, prepared, shared, per_model, out, generator=generator, ws=ws)
 
@@ -297,19 +300,52 @@ def job_generator(spec: MethodSpec, job: TensorJob, seed: int, device: torch.dev
     return generator
 
 
-def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: int,
-                    progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: int, progress: bool,
+                    threads: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) in plan order. Tensors are read here; with ``threads`` > 1 on CPU, merged by a
+    small pool (one torch thread each, at most ``threads + 1`` tensors in flight, so memory stays bounded)."""
     from tqdm.auto import tqdm
 
-    ws = Workspace(device)
-    for job, (shared, per_model) in zip(tqdm(plan.jobs, desc="merging tensors", unit="tensor",
-                                             disable=not progress), params):
-        tensors = [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
-                   for m, name in job.sources]
+    local = threading.local()
+
+    def work(index: int, tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
+        job = plan.jobs[index]
+        ws = getattr(local, "ws", None)
+        if ws is None:
+            ws = local.ws = Workspace(device)
+        shared, per_model = params[index]
         out = torch.empty(job.shape, dtype=job.compute_dtype, device=device)
         merge_job(plan, job, tensors, shared, per_model, out, seed=seed, ws=ws)
-        del tensors
-        yield job.name, out.to(plan.out_dtype_for(job)).cpu()
+        return job.name, out.to(plan.out_dtype_for(job)).cpu()
+
+    def load(index: int) -> list[torch.Tensor]:
+        job = plan.jobs[index]
+        return [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
+                for m, name in job.sources]
+
+    bar = tqdm(total=len(plan.jobs), desc="merging tensors", unit="tensor", disable=not progress)
+    if threads <= 1 or device.type != "cpu":
+        for index in range(len(plan.jobs)):
+            yield work(index, load(index))
+            bar.update()
+        bar.close()
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            pending: deque = deque()
+            for index in range(len(plan.jobs)):
+                pending.append(pool.submit(work, index, load(index)))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+                    bar.update()
+            while pending:
+                yield pending.popleft().result()
+                bar.update()
+    finally:
+        torch.set_num_threads(previous)
+        bar.close()
 
 
 def check_device(device: str) -> torch.device:
@@ -325,8 +361,12 @@ def check_device(device: str) -> torch.device:
 
 
 def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed: int = 0, overwrite: bool = False,
-              allow_pickle: bool = False, shard_size: str | int = "2GB", progress: bool = True) -> Path:
-    """Merge ``recipe`` into a checkpoint folder at ``out_dir`` (written atomically); returns it."""
+              allow_pickle: bool = False, shard_size: str | int = "2GB", progress: bool = True,
+              threads: int | None = None) -> Path:
+    """Merge ``recipe`` into a checkpoint folder at ``out_dir`` (written atomically); returns it.
+
+    ``threads``: tensors merged in parallel on CPU (default: torch's thread count). Results do not depend on it.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise EvomergeError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
@@ -337,7 +377,8 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
     params = resolve_all(plan, recipe)  # every bad value fails here, before any work
     recipe_yaml = recipe.to_yaml()
     sources = [str(p) for p in plan.models]
-    return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress), plan.config,
+    threads = torch.get_num_threads() if threads is None else max(1, int(threads))
+    return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
                             tokenizer_dir=plan.tokenizer_dir, recipe_yaml=recipe_yaml,
                             model_card=model_card(recipe_yaml, sources, recipe.merge_method),
                             max_shard_size=shard_size, overwrite=overwrite)

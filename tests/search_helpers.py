@@ -53,24 +53,23 @@ def fixed_cost(model, tokenizer, seconds: float = 0.2) -> dict[str, float]:
 fixed_cost.metric_names = ("w",)
 
 
-def _entry(model, row: int) -> float:
-    return float(model.get_input_embeddings().weight[row, 0])
-
-
-def _base_entry(base: str, row: int) -> float:
+def _embedding(path: str) -> torch.Tensor:
     from safetensors import safe_open
 
-    with safe_open(str(Path(base) / "model.safetensors"), framework="pt") as f:
-        return float(f.get_tensor("model.embed_tokens.weight")[row, 0])
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor("model.embed_tokens.weight").float()
 
 
-def nan_or_raise(model, tokenizer, base: str) -> dict[str, float]:
-    """A real property of the candidate decides: NaN when one embedding entry moved up from the base's,
-    an exception when another did, a score otherwise (about a quarter of random PS candidates)."""
-    if _entry(model, 5) > _base_entry(base, 5):
+def nan_or_raise(model, tokenizer, base: str, source: str, nan_above: float = 1.3,
+                 raise_below: float = 0.7) -> dict[str, float]:
+    """A real property of the candidate decides: how far its embedding moved from the base's, relative to
+    one source's task vector. Far: the score is NaN; near: the evaluator raises; in between: a score."""
+    base_e = _embedding(base)
+    moved = float((model.get_input_embeddings().weight.detach().float() - base_e).norm() / (_embedding(source) - base_e).norm())
+    if moved > nan_above:
         return {"std": float("nan")}
-    if _entry(model, 6) > _base_entry(base, 6):
-        raise RuntimeError("candidate rejected by the evaluator")
+    if moved < raise_below:
+        raise RuntimeError(f"candidate rejected by the evaluator (moved {moved:.3f})")
     return {"std": _logit_score(model)}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,10 +83,7 @@ def test_miniature_build_loads_and_scores(tmp_path):
 
     import mini_task
 
-    recipe = replace(zoo.ZooRecipe(), hidden=32, layers=2, heads=2, ffn=64, seq_len=32,
-                     base=zoo.TrainSpec(steps=6, lr=3e-3, batch=4, warmup=2),
-                     spec_a=zoo.TrainSpec(steps=3, lr=5e-4, batch=4, warmup=1),
-                     spec_b=zoo.TrainSpec(steps=3, lr=5e-4, batch=4, warmup=1))
+    recipe = zoo.TINY_RECIPE
     path = zoo.build_zoo(recipe, cache=tmp_path, threads=1)
     info = json.loads((path / "zoo.json").read_text())
     assert info["digest"] == recipe.digest()
@@ -112,9 +108,9 @@ def test_scoring_counts_only_gated_right_answers():
     import mini_task
 
     items = zoo.make_splits(0)["target_test"][:4]
-    l1_items = [L.math_item(zoo.make_splits(0)["target_test"][0], 1)]
+    in_l1 = " ".join(L.L2_TO_L1.get(w, w) for w in items[1].answer.split())   # word by word into L1
     outs = [items[0].answer,                                   # right, in L2
-            l1_items[0].answer,                                # right number, in L1: gated out
+            in_l1,                                             # right number, in L1: gated out
             items[2].answer.replace(items[2].gold + " ", "999 "),  # wrong number, L2
             ""]
     m = mini_task.score(items, outs, "math", 2)

@@ -140,6 +140,28 @@ def test_kill9_then_resume_loses_and_repeats_nothing(resumed_runs):
     assert state["pending"] == {} and state["next_trial"] == 10
 
 
+def test_resume_tells_a_finished_but_untold_trial_from_its_line(resumed_runs, ray_address, tmp_path):
+    """The narrowest crash window: a trial's line was appended, then the driver died before its tell was
+    checkpointed. Resume must not run it again, and must tell its recorded result (CMA-ES: the trial closes a
+    generation, so the next generation only matches the uninterrupted run if the tell was right)."""
+    straight = RunFolder.open(resumed_runs["straight"]).trials()
+    exp = yaml.safe_load(resumed_runs["exp"].read_text())
+    exp["budget"] = {"trials": 7}
+    part = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+    assert [t["x"] for t in part.trials()] == [t["x"] for t in straight[:7]]
+    with open(part.path / "trials.jsonl", "a") as f:  # trial 7 finished; its tell never reached the state
+        f.write(json.dumps(straight[7]) + "\n")
+    config = part.config()
+    config["budget"]["trials"] = 10
+    part.update_config(config)
+    resume_run(part.path, address=ray_address, progress=False)
+    trials = RunFolder.open(part.path).trials()
+    assert [t["trial"] for t in trials] == list(range(10))
+    assert trials[7] == straight[7]  # not run again (same pid, same finish time)
+    assert [t["x"] for t in trials] == [t["x"] for t in straight]
+    assert [t["metrics"] for t in trials[8:]] == [t["metrics"] for t in straight[8:]]
+
+
 def test_killed_driver_leaves_no_worker_behind(resumed_runs):
     """The workers of the killed drivers were Ray actors of their job: Ray ends them with the driver."""
     pids = {t["pid"] for t in RunFolder.open(resumed_runs["killed"]).trials()}
@@ -216,8 +238,10 @@ def test_worker_killed_mid_evaluation_is_retried_then_failed(ray_address, llama_
 
 
 def test_nan_and_raising_candidates_are_failed_trials(ray_address, llama_family, tmp_path):
-    exp = _ps_experiment(llama_family, helpers.evaluator("nan_or_raise", base=str(llama_family["base"])),
-                         optimizer={"name": "random"}, budget={"trials": 12}, seed=1)
+    exp = _ps_experiment(llama_family, helpers.evaluator("nan_or_raise", base=str(llama_family["base"]),
+                                                          source=str(llama_family["model_1"])),
+                         optimizer={"name": "random"}, budget={"trials": 12}, seed=1,
+                         workers={"count": 1, "sources": "object_store"})
     run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
     trials = run.trials()
     assert sorted(t["trial"] for t in trials) == list(range(12))
@@ -228,6 +252,17 @@ def test_nan_and_raising_candidates_are_failed_trials(ray_address, llama_family,
     assert ok and all(t["objectives"] == [t["metrics"]["e/std"]] for t in ok)
     pareto = json.loads((run.path / "pareto.json").read_text())
     assert pareto["trials"][0]["trial"] == max(ok, key=lambda t: t["score"])["trial"]
+    # sources shipped through Ray's object store (nodes without a shared disk): same scores as from the path
+    from transformers import AutoTokenizer
+
+    from evomerge.engine import MergeEngine
+    from evomerge.search.export import trial_candidate
+    from evomerge.search.experiment import experiment_from_resolved
+
+    torch.set_num_threads(1)
+    _, cand = trial_candidate(run, experiment_from_resolved(run.config()), ok[0])
+    model = MergeEngine(cand).materialize(cand).eval()
+    assert helpers._logit_score(model) == ok[0]["metrics"]["e/std"]
 
 
 def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family, tmp_path):

@@ -2,7 +2,8 @@
 
 Models are local folders only: ``transformers`` loads them with ``local_files_only=True``, safetensors only
 unless ``allow_pickle``, and never with remote code. Permutation alignment supports the Llama-style families
-whose every tensor ``llama_permutation_spec`` knows (RMSNorm, RoPE, gated MLP, optional GQA and q/k/v biases).
+whose every tensor ``llama_permutation_spec`` knows (RMSNorm, RoPE, gated MLP, optional GQA, q/k/v biases,
+Qwen3's per-head q/k norms).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from evomerge.alignment.weight_matching import weight_matching
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import EvomergeError
 
-#: model_type values whose tensors llama_permutation_spec covers completely.
-LLAMA_STYLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: model_type values whose tensors llama_permutation_spec covers (Qwen3's per-head q/k norms are shared by all
+#: heads and keep their order, so whole-head permutations leave them as they are).
+LLAMA_STYLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                "intermediate_size", "vocab_size", "tie_word_embeddings")

@@ -56,7 +56,8 @@ def classifier_fisher(model: nn.Module, batches: Iterable[Any], mode: str = "exa
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     fisher = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
-    gen = torch.Generator().manual_seed(seed)
+    device = next(iter(params.values())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     count = 0
 
     def log_probs(p, x):
@@ -64,7 +65,7 @@ def classifier_fisher(model: nn.Module, batches: Iterable[Any], mode: str = "exa
         return torch.log_softmax(out.float(), dim=-1).squeeze(0)
 
     def log_prob_of(p, x, y):
-        return log_probs(p, x)[y]
+        return log_probs(p, x).gather(0, y.reshape(1)).squeeze(0)
 
     per_example_jac = vmap(jacrev(log_probs), in_dims=(None, 0))
     per_example_grad = vmap(torch.func.grad(log_prob_of), in_dims=(None, 0, 0))
@@ -108,7 +109,7 @@ def causal_lm_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
                          f"over the vocabulary at every position is not computed)")
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     positions = 0
     was_training = model.training
     model.eval()

@@ -21,7 +21,6 @@ The recipe module validates keys against ``DATA_AWARE_METHODS`` / ``CALIBRATION_
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,6 @@ def merge_data_aware(method: str, base_path: str | Path | None, model_paths: Seq
             stats.append(linear_input_grams(model, batches, skip=("lm_head",) if tied else (), progress=True))
         states.append({k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()})
         del model
-        gc.collect()
 
     weights = [float(p["weight"]) for p in per_model]
     if method == "fisher":

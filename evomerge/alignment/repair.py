@@ -8,7 +8,8 @@ interpolated, not the variance):
 - BatchNorm modules: their running statistics are recomputed on the data (resetting the BN statistics);
 - Linear, Conv2d, or affine LayerNorm/GroupNorm modules: the correction is folded into the module's own
   weight and bias: ``w <- w * s_target / s_now`` and ``b <- (b - mu_now) * s_target / s_now + mu_target``,
-  which turns the channel's output statistics into the target exactly.
+  with ``s_now = sqrt(var_now + eps)`` as in BatchNorm (so a silent channel is not blown up), which turns the
+  channel's output statistics into the target (exactly, up to ``eps``).
 
 Modules are corrected in order, each measured after the ones before it were fixed.
 """
@@ -71,20 +72,34 @@ def channel_stats(model: nn.Module, module_names: Sequence[str], batches: Iterab
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, module_name: str, batches: Iterable[Any],
                     forward: Callable[[nn.Module, Any], Any] = run_model) -> None:
-    """Recompute one BatchNorm's running mean/var as the exact average over ``batches`` (rest in eval mode)."""
+    """Set one BatchNorm's running mean/var to its input's exact per-channel statistics over ``batches``.
+
+    Pooled over all batches (unbiased variance, as BatchNorm keeps it), with the rest of the model in eval mode,
+    rather than the momentum average of per-batch statistics a train-mode pass would give.
+    """
     bn = dict(model.named_modules())[module_name]
+    sums: list = [0, 0.0, 0.0]
+
+    def hook(module, args):
+        x = _channel_view(args[0])
+        sums[0] += x.shape[0]
+        sums[1] = sums[1] + x.sum(0)
+        sums[2] = sums[2] + (x * x).sum(0)
+
+    handle = bn.register_forward_pre_hook(hook)
     was_training = model.training
     model.eval()
-    momentum = bn.momentum
-    bn.reset_running_stats()
-    bn.momentum = None  # cumulative average
-    bn.train()
     try:
         for batch in batches:
             forward(model, batch)
     finally:
-        bn.momentum = momentum
+        handle.remove()
         model.train(was_training)
+    n, s1, s2 = sums
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
+    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_(var.to(bn.running_var.dtype))
 
 
 @torch.no_grad()

@@ -2,9 +2,8 @@
 
 Each document (the whole text file, or each JSONL record's field) is tokenized once at build time. A document
 longer than ``max_length`` tokens is covered by windows of ``max_length`` tokens starting every ``stride``
-tokens; each token is scored once, in the first window that contains it, so it sees up to
-``max_length - stride`` tokens of context (more context, more compute: stride = max_length means disjoint
-windows). The first token of a document has no context and is not scored.
+tokens; each token is scored once and sees at least ``max_length - stride`` tokens of context (all earlier
+tokens when fewer; smaller stride = more context and more compute). The first token of a document has no context and is not scored.
 Perplexity = exp(total negative log-likelihood / number of scored tokens), over all documents together
 (token-weighted, not an average of per-document perplexities).
 """
@@ -48,17 +47,22 @@ def load_documents(path: Path, field: str = "text") -> list[str]:
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) per window: tokens [begin, end) are fed, targets first_scored..end-1 scored."""
-    spans = []
-    scored_until = 1  # token 0 has no context
-    begin = 0
-    while scored_until < n_tokens:
-        end = min(begin + max_length, n_tokens)
-        spans.append((begin, end, scored_until))
-        scored_until = end
-        begin += stride
-        if end == n_tokens:
-            break
+    """(begin, end, first_scored) per window: tokens [begin, end) are fed, targets first_scored..end-1 scored.
+
+    The first window is [0, max_length); each next one scores the next ``stride`` tokens and ends there,
+    starting max_length tokens earlier, so every scored token has at least max_length - stride tokens of
+    context (all of them near the start of the document). Needs 1 <= stride < max_length.
+    """
+    if not 1 <= stride < max_length:
+        raise ValueError(f"stride must be in 1..max_length-1, got stride={stride}, max_length={max_length}")
+    if n_tokens < 2:
+        return []
+    end = min(max_length, n_tokens)
+    spans = [(0, end, 1)]
+    while end < n_tokens:
+        first = end
+        end = min(first + stride, n_tokens)
+        spans.append((end - max_length, end, first))
     return spans
 
 
@@ -94,8 +98,8 @@ class PerplexityEvaluator(Evaluator):
         max_length = self.max_length or getattr(model.config, "max_position_embeddings", None) or 1024
         max_length = int(min(max_length, 4096))
         stride = int(self.stride or max(1, max_length // 2))
-        if not 1 <= stride <= max_length:
-            raise EvomergeError(f"perplexity: stride must be in 1..max_length ({max_length}), got {stride}")
+        if not 1 <= stride < max_length:
+            raise EvomergeError(f"perplexity: stride must be in 1..max_length-1 ({max_length - 1}), got {stride}")
         return max_length, stride
 
     @torch.inference_mode()

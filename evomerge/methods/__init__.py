@@ -186,8 +186,12 @@ class PreparedInputs:
         return total
 
 
-def prepare_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_pos: int | None) -> PreparedInputs:
-    """Deltas and sparsification statistics for the task-arithmetic family; the raw tensors otherwise."""
+def prepare_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_pos: int | None,
+                   lazy: bool = False) -> PreparedInputs:
+    """Deltas and sparsification statistics for the task-arithmetic family; the raw tensors otherwise.
+
+    ``lazy`` (one-shot merges): skip precomputations that only pay off over many candidates (sort orders).
+    """
     if spec.family in ("linear", "passthrough"):
         return PreparedInputs(base=None, others=list(tensors))
     base = tensors[base_pos]
@@ -195,7 +199,7 @@ def prepare_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_pos: 
     if spec.family == "task_arithmetic":
         deltas = [t - base for t in rest]
         return PreparedInputs(base=base, others=[], deltas=deltas,
-                              stats=[prepare_stats(d, spec.sparsify) for d in deltas])
+                              stats=[prepare_stats(d, spec.sparsify, lazy=lazy) for d in deltas])
     return PreparedInputs(base=base, others=rest)
 
 

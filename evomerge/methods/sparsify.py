@@ -49,22 +49,20 @@ class DeltaStats:
     rank_norm: torch.Tensor | None = None  # della: normalized rank of |delta| within its row, 2-D
 
 
-def prepare_stats(delta: torch.Tensor, method: str | None) -> DeltaStats | None:
-    """Precompute the parts of ``method``'s sparsification of ``delta`` that are parameter-free."""
+def prepare_stats(delta: torch.Tensor, method: str | None, lazy: bool = False) -> DeltaStats | None:
+    """Precompute the parts of ``method``'s sparsification of ``delta`` that are parameter-free.
+
+    ``lazy``: leave the sort order to be computed only if a merge needs it (a one-shot merge finds TIES'
+    threshold with a selection instead, and sorts only when the cut splits a tie).
+    """
     if method is None:
         return None
     flat = delta.reshape(-1)
     if method in ("magnitude", "magnitude_outliers"):
-        mags = flat.abs()
-        if mags.device.type == "cpu":
-            mags = mags.float()
-        if method == "magnitude":
-            order = torch.argsort(mags, descending=True)
-        else:
-            order = torch.sort(mags, descending=False).indices
-        if order.numel() < 2**31 - 1:
-            order = order.to(torch.int32)  # half the memory; same positions
-        return DeltaStats(l1=flat.abs().sum(), order=order)
+        stats = DeltaStats(l1=flat.abs().sum())
+        if not lazy:
+            ensure_order(flat, stats, method)
+        return stats
     if method == "random":
         return DeltaStats(l1=flat.to(work_dtype(delta)).abs().sum())
     if method == "della_magprune":
@@ -77,6 +75,22 @@ def prepare_stats(delta: torch.Tensor, method: str | None) -> DeltaStats | None:
         rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
         return DeltaStats(l1=flat.to(wd).abs().sum(), rank_norm=rank_norm)
     raise ValueError(f"unknown sparsification {method!r}")
+
+
+def ensure_order(flat: torch.Tensor, stats: DeltaStats, method: str) -> torch.Tensor:
+    """The permutation mergekit's sparsification sorts by (computed once, then kept in ``stats``)."""
+    if stats.order is None:
+        mags = flat.abs()
+        if mags.device.type == "cpu":
+            mags = mags.float()
+        if method == "magnitude":
+            order = torch.argsort(mags, descending=True)
+        else:
+            order = torch.sort(mags, descending=False).indices
+        if order.numel() < 2**31 - 1:
+            order = order.to(torch.int32)  # half the memory; same positions
+        stats.order = order
+    return stats.order
 
 
 def _value(mags: torch.Tensor, order: torch.Tensor, position: int) -> float:
@@ -126,7 +140,7 @@ def _keep_sorted_range(mags: torch.Tensor, order: torch.Tensor, begin: int, end:
         mask.zero_()
         return
     if begin == 0 and end == n:
-        mask.fill_(True)
+        mask.fill_(1)
         return
     a1, b1 = _run_at(mags, order, begin)
     a2, b2 = _run_at(mags, order, end - 1)
@@ -136,7 +150,7 @@ def _keep_sorted_range(mags: torch.Tensor, order: torch.Tensor, begin: int, end:
             torch.eq(mags, v_begin, out=mask)
         else:
             mask.zero_()
-            mask[order[begin:end].long()] = True
+            mask[order[begin:end].long()] = 1
         return
     v_end = mags[order[end - 1]]
     begin_whole = a1 >= begin  # the tie run at `begin` lies entirely inside [begin, end)
@@ -147,13 +161,43 @@ def _keep_sorted_range(mags: torch.Tensor, order: torch.Tensor, begin: int, end:
     if lower_needed:
         (torch.ge if lower_incl else torch.gt)(mags, lower, out=mask)
         if upper_needed:
-            mask &= (torch.le if upper_incl else torch.lt)(mags, upper)
+            mask.mul_((torch.le if upper_incl else torch.lt)(mags, upper).to(mask.dtype))
     else:
         (torch.le if upper_incl else torch.lt)(mags, upper, out=mask)
     if not begin_whole:
-        mask[order[begin:b1].long()] = True
+        mask[order[begin:b1].long()] = 1
     if not end_whole:
-        mask[order[a2:end].long()] = True
+        mask[order[a2:end].long()] = 1
+
+
+def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) -> float | None:
+    """TIES' top-k as a threshold: keep ``|delta| >= threshold`` (None: keep everything).
+
+    Raises ``TieSplit`` when the k-th largest magnitude is tied across the cut, where only the precomputed
+    permutation can say which of the tied elements mergekit keeps (``sparsify_into`` handles that case).
+    """
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    if density >= 1 or n == 0:
+        return None
+    k = max(1, int(density * n))
+    if k >= n:
+        return None
+    order = stats.order
+    if order is None:  # one-shot: select the k-th largest instead of sorting
+        mags = flat.abs()
+        value = float(torch.kthvalue(mags.float() if mags.device.type == "cpu" else mags, n - k + 1).values)
+        if int((mags >= value).sum()) != k:
+            raise TieSplit()
+        return value
+    value = float(flat[order[k - 1]].abs())
+    if float(flat[order[k]].abs()) == value:
+        raise TieSplit()
+    return value
+
+
+class TieSplit(Exception):
+    """The top-k cut falls inside a run of equal magnitudes."""
 
 
 def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torch.Tensor, *, density: float,
@@ -168,7 +212,8 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
     if method in ("magnitude", "magnitude_outliers"):
         mags = ws.get("sp_mags", (n,), flat.dtype)
         torch.abs(flat, out=mags)
-        mask = ws.get("sp_mask", (n,), torch.bool)
+        mask = ws.get("sp_maskf", (n,), flat.dtype)  # float 0/1: multiplying by a bool mask is 5x slower
+        ensure_order(flat, stats, method)
         if method == "magnitude":
             if density <= 0 or n == 0:
                 out.zero_()
@@ -193,7 +238,7 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
         if wd in (torch.float32, torch.float64):
             draw = ws.get("sp_rand", (n,), wd)
             torch.rand(n, generator=generator, out=draw, dtype=wd, device=flat.device)
-            mask = ws.get("sp_mask", (n,), torch.bool)
+            mask = ws.get("sp_maskf", (n,), wd)
             torch.lt(draw, density, out=mask)
         else:
             mask = torch.bernoulli(torch.full_like(src, density), generator=generator)
@@ -218,7 +263,7 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
         if wd in (torch.float32, torch.float64):
             draw = ws.get("sp_rand", rank_norm.shape, wd)
             torch.rand(rank_norm.shape, generator=generator, out=draw, dtype=wd, device=flat.device)
-            mask = ws.get("sp_mask", rank_norm.shape, torch.bool)
+            mask = ws.get("sp_maskf", rank_norm.shape, wd)
             torch.lt(draw, probs, out=mask)
         else:
             mask = torch.bernoulli(probs, generator=generator)

@@ -12,8 +12,12 @@ Per tensor, with ``delta_i = theta_i - base``:
    (|sum| < 1e-8 -> 1);
 4. multiply by ``lambda`` and add to the base.
 
-The kernel writes into a caller-provided output buffer and takes its temporaries from a ``Workspace``, so the
-in-memory engine can run it thousands of times without allocating tensor-sized memory.
+Speed (this is what every search candidate runs): steps 2-4 are elementwise, so they run over chunks of
+``CHUNK`` elements whose temporaries stay in the CPU cache; the sources are read from memory once and the
+output written once. TIES' top-k needs no sort per candidate: the precomputed order of ``|delta|`` gives the
+k-th largest value, and the mask is a compare against it, done inside the chunk loop. Every product and sum is
+evaluated in the same order and rounding as mergekit (0/1 masks as floats, products before sums, no fused
+multiply-add where it could change a rounding), so the sign election sees bit-identical sums.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.methods.sparsify import DeltaStats, sparsify_into
+from evomerge.methods.sparsify import DeltaStats, TieSplit, magnitude_threshold, sparsify_into
 from evomerge.methods.workspace import Workspace
+
+CHUNK = 1 << 18  # elements per chunk: a few float buffers of this size fit in L2/L3
 
 
 def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], stats: Sequence[DeltaStats | None],
@@ -39,67 +45,120 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
     if count == 0:
         flat_out.copy_(flat_base)
         return out
-    numel = flat_base.numel()
-    dtype = base.dtype
+    flat_deltas = [d.reshape(-1) for d in deltas]
+    divisor = None
+    if normalize and not consensus:
+        divisor = float(torch.tensor(list(weights), dtype=base.dtype).sum())
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
 
-    if sparsify is None and not consensus:
-        # Plain task arithmetic: no per-model temporaries needed.
-        torch.mul(deltas[0].reshape(-1), weights[0], out=flat_out)
-        for delta, weight in zip(deltas[1:], weights[1:]):
-            flat_out.add_(delta.reshape(-1), alpha=weight)
-        _finish(flat_out, flat_base, weights, normalize, lambda_, dtype)
+    # Fast path: no sparsification, or TIES' magnitude top-k without rescale -> thresholds, one chunked pass.
+    thresholds = _thresholds(flat_deltas, stats, densities, sparsify, rescale)
+    if thresholds is not None:
+        _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
+                        lambda i, s, e, dst, tmp: _fill_thresholded(flat_deltas[i][s:e], thresholds[i],
+                                                                    weights[i], dst, tmp))
         return out
 
-    scaled = ws.get("gta_scaled", (count, numel), dtype)
+    # General path: sparsify each whole delta (random draws and L1 rescale need the whole tensor), then combine.
+    numel = flat_base.numel()
+    scaled = ws.get("gta_scaled", (count, numel), base.dtype)
     for i, delta in enumerate(deltas):
         row = scaled[i]
         if sparsify is None:
-            row.copy_(delta.reshape(-1))
-        else:
-            sparsify_into(delta, stats[i], sparsify, row, density=densities[i], rescale=rescale,
-                          rescale_mode=rescale_mode, gamma=gammas[i] if gammas else 0.0,
-                          epsilon=epsilons[i] if epsilons else 0.0, generator=generator, ws=ws)
+            torch.mul(flat_deltas[i], weights[i], out=row)
+            continue
+        sparsify_into(delta, stats[i], sparsify, row, density=densities[i], rescale=rescale,
+                      rescale_mode=rescale_mode, gamma=gammas[i] if gammas else 0.0,
+                      epsilon=epsilons[i] if epsilons else 0.0, generator=generator, ws=ws)
         row.mul_(weights[i])
-
-    if not consensus:
-        torch.sum(scaled, dim=0, out=flat_out)
-        _finish(flat_out, flat_base, weights, normalize, lambda_, dtype)
-        return out
-
-    # Sum-based sign election: majority = +1 where sum_i w_i delta_i >= 0, else -1.
-    majority = ws.get("gta_majority", (numel,), dtype)
-    torch.sum(scaled, dim=0, out=majority)
-    positive = ws.get("gta_positive", (numel,), torch.bool)
-    torch.ge(majority, 0, out=positive)
-    torch.mul(positive, 2, out=majority)
-    majority.sub_(1)
-    # agree_i: sign(w_i delta_i) == majority (zeros agree with neither sign).
-    product = ws.get("gta_product", (count, numel), dtype)
-    torch.mul(scaled, majority, out=product)
-    agree = ws.get("gta_agree", (count, numel), torch.bool)
-    torch.gt(product, 0, out=agree)
-    torch.mul(scaled, agree, out=product)
-    torch.sum(product, dim=0, out=flat_out)
-    if normalize:
-        weight_col = torch.tensor(list(weights), dtype=dtype, device=base.device).unsqueeze(1)
-        torch.mul(agree, weight_col, out=product)
-        divisor = ws.get("gta_divisor", (numel,), dtype)
-        torch.sum(product, dim=0, out=divisor)
-        divisor.masked_fill_(divisor == 0, 1)
-        flat_out.div_(divisor)
-    if lambda_ != 1:
-        flat_out.mul_(lambda_)
-    flat_out.add_(flat_base)
+    _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
+                    lambda i, s, e, dst, tmp: scaled[i][s:e])
     return out
 
 
-def _finish(flat_out: torch.Tensor, flat_base: torch.Tensor, weights: Sequence[float], normalize: bool,
-            lambda_: float, dtype: torch.dtype) -> None:
-    if normalize:
-        divisor = float(torch.tensor(list(weights), dtype=dtype).sum())
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-        flat_out.div_(divisor)
-    if lambda_ != 1:
-        flat_out.mul_(lambda_)
-    flat_out.add_(flat_base)
+def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[float | None] | None:
+    if sparsify is None:
+        return [None] * len(flat_deltas)
+    if sparsify != "magnitude":
+        return None
+    if rescale and any(d < 1 for d in densities):
+        return None  # the L1 rescale needs the kept tensor's norm first
+    try:
+        return [magnitude_threshold(d, s, density) for d, s, density in zip(flat_deltas, stats, densities)]
+    except TieSplit:
+        return None
+
+
+def _fill_thresholded(delta: torch.Tensor, threshold: float | None, weight: float, dst: torch.Tensor,
+                      tmp: torch.Tensor) -> torch.Tensor:
+    """dst = weight * delta where |delta| >= threshold, else 0 (== mergekit's (delta * mask) * weight)."""
+    if threshold is None:
+        return torch.mul(delta, weight, out=dst)
+    torch.abs(delta, out=tmp)
+    torch.ge(tmp, threshold, out=tmp)  # 0/1 in the tensor's dtype
+    tmp.mul_(weight)  # {0, weight} exactly
+    return torch.mul(delta, tmp, out=dst)
+
+
+def _combine_chunks(flat_base: torch.Tensor, flat_out: torch.Tensor, count: int, weights: Sequence[float],
+                    consensus: bool, normalize: bool, divisor: float | None, lambda_: float, ws: Workspace,
+                    weighted) -> None:
+    """flat_out = base + lambda * combination of the weighted deltas, chunk by chunk.
+
+    ``weighted(i, start, end, dst, tmp)`` returns model i's weighted (sparsified) delta for [start, end),
+    written into ``dst`` or a view of an existing buffer.
+    """
+    numel = flat_base.numel()
+    chunk = min(CHUNK, numel) or 1
+    dtype = flat_base.dtype
+    rows = ws.get("gta_rows", (count, chunk), dtype)
+    tmp_buf = ws.get("gta_tmp", (chunk,), dtype)
+    total_buf = ws.get("gta_total", (chunk,), dtype)
+    sign_buf = ws.get("gta_sign", (chunk,), dtype)
+    div_buf = ws.get("gta_div", (chunk,), dtype) if (consensus and normalize) else None
+    for start in range(0, numel, chunk):
+        end = min(numel, start + chunk)
+        size = end - start
+        out = flat_out[start:end]
+        tmp = tmp_buf[:size]
+        parts = [weighted(i, start, end, rows[i, :size], tmp) for i in range(count)]
+        if not consensus:
+            if count == 1:
+                out.copy_(parts[0])
+            else:
+                torch.add(parts[0], parts[1], out=out)
+                for part in parts[2:]:
+                    out.add_(part)
+            if divisor is not None:
+                out.div_(divisor)
+        else:
+            total = total_buf[:size]
+            if count == 1:
+                total.copy_(parts[0])
+            else:
+                torch.add(parts[0], parts[1], out=total)
+                for part in parts[2:]:
+                    total.add_(part)
+            sign = sign_buf[:size]
+            torch.ge(total, 0, out=sign)
+            sign.mul_(2).sub_(1)  # majority sign: +1 where the weighted sum is >= 0, else -1
+            div = div_buf[:size] if div_buf is not None else None
+            for i, part in enumerate(parts):
+                torch.mul(part, sign, out=tmp)
+                torch.gt(tmp, 0, out=tmp)  # agrees with the majority (zeros agree with neither sign)
+                if i == 0:
+                    torch.mul(part, tmp, out=out)
+                    if div is not None:
+                        torch.mul(tmp, weights[0], out=div)
+                else:
+                    out.addcmul_(part, tmp)  # exact product (tmp is 0/1), so one rounding like a plain sum
+                    if div is not None:
+                        div.add_(tmp, alpha=weights[i])
+            if div is not None:
+                torch.eq(div, 0, out=tmp)
+                div.add_(tmp)  # 0 -> 1
+                out.div_(div)
+        if lambda_ != 1:
+            out.mul_(lambda_)
+        out.add_(flat_base[start:end])

@@ -34,7 +34,7 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.search.experiment import Experiment, experiment_from_resolved, load_experiment
 from evomerge.search.optimizers import Optimizer, build_optimizer
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, dominates, pareto_front
 from evomerge.search.search_space import SearchSpace, build_space
 
 STATE_VERSION = 1
@@ -214,15 +214,16 @@ class SearchDriver:
         self.part_start = time.monotonic()
         we_started = start_ray(self.address, self.exp)
         try:
-            while self.state["stage"] < len(self.stages):
+            while True:
                 stage = self.state["stage"]
                 self._run_stage(stage)
+                if stage + 1 == len(self.stages):
+                    # the last stage keeps its optimizer: a resume with a larger budget continues it
+                    break
                 # asks that will never run (a wall-time stop): the optimizer forgets them
                 self.state["pending"] = {}
-                if self.state["optimizer"] is not None:
-                    self.state["optimizer"].resolve_orphans(set())
-                if stage + 1 < len(self.stages):
-                    self._hand_over(stage)
+                self.state["optimizer"].resolve_orphans(set())
+                self._hand_over(stage)
                 self.state["stage"] = stage + 1
                 self.state["optimizer"] = None
                 self._save()
@@ -292,7 +293,13 @@ class SearchDriver:
         self.optimizer.resolve_orphans({p["key"] for p in pending.values()})
         self._save()
         queue = deque(sorted(pending))  # unfinished asks, evaluated again first, in order
+        if not queue and not self._stage_budget_left(stage, len([r for r in self.records
+                                                                 if r.get("stage", 0) == stage]), 0):
+            return  # nothing left to do here (a finished stage, or a finished run resumed)
 
+        self.by_id = {r["trial"]: r for r in self.records}
+        self.objective_dicts = [{"metric": o.metric, "direction": o.direction} for o in self.exp.objectives]
+        self.front = pareto_front(self.records, self.objective_dicts)
         stage_records = [r for r in self.records if r.get("stage", 0) == stage]
         self.n_done = len(stage_records)
         self.n_failed = sum(r["status"] != "ok" for r in stage_records)
@@ -329,17 +336,7 @@ class SearchDriver:
             while True:
                 # hand out work to idle workers
                 while idle:
-                    tid = None
-                    if queue:
-                        tid = queue.popleft()
-                    elif self._stage_budget_left(stage, self.n_done, len(pending)):
-                        asked = self.optimizer.ask()
-                        if asked is not None:
-                            key, x = asked
-                            tid = self.state["next_trial"]
-                            self.state["next_trial"] += 1
-                            pending[tid] = {"key": key, "x": x, "stage": stage}
-                            self._save()
+                    tid = queue.popleft() if queue else self._ask(stage)
                     if tid is None:
                         break
                     w = idle.popleft()
@@ -402,6 +399,39 @@ class SearchDriver:
                 except Exception:
                     pass
 
+    def _ask(self, stage: int) -> int | None:
+        """A new trial id with its genome in ``pending``, or None (budget spent or generation barrier).
+
+        An ask made after the last checkpoint is lost in a crash; asking again from the checkpointed optimizer
+        state reproduces it (same id, same genome: no tell happened in between, since every tell checkpoints).
+        If that trial had already finished (its line is in trials.jsonl), it is told from its line, not run.
+        """
+        pending = self.state["pending"]
+        while self._stage_budget_left(stage, self.n_done, len(pending)):
+            asked = self.optimizer.ask()
+            if asked is None:
+                return None
+            key, x = asked
+            tid = self.state["next_trial"]
+            self.state["next_trial"] += 1
+            done = self.by_id.get(tid)
+            if done is not None and done["x"] != x:
+                # the checkpoint is older than the lines in an unreproducible way (several workers and a lost
+                # disk cache): keep the old lines as they are and give this genome a fresh id
+                tid = max(self.by_id) + 1
+                self.state["next_trial"] = tid + 1
+                done = None
+            pending[tid] = {"key": key, "x": x, "stage": stage}
+            if done is not None:
+                self.optimizer.tell(key, done["objectives"] if done["status"] == "ok" else None)
+                del pending[tid]
+                self._save()
+                continue
+            if self.optimizer.persistent_ask:
+                self._save()  # Optuna's ask has a side effect (a trial row in SQLite): checkpoint it
+            return tid
+        return None
+
     def _finish(self, stage: int, tid: int, result: dict[str, Any]) -> None:
         """Record, then tell, then checkpoint: the order resume relies on."""
         pending = self.state["pending"]
@@ -423,6 +453,7 @@ class SearchDriver:
                   "attempts": result.get("attempts", 1), "finished_at": time.time()}
         self.run.append_trial(record)
         self.records.append(record)
+        self.by_id[tid] = record
         self.optimizer.tell(entry["key"], objectives if status == "ok" else None)
         del pending[tid]
         self._save()
@@ -431,9 +462,24 @@ class SearchDriver:
             self.n_failed += 1
         elif self.best is None or score > self.best:
             self.best = score
-        self.run.write_pareto(self.records, [{"metric": o.metric, "direction": o.direction}
-                                             for o in self.exp.objectives])
+        if status == "ok":
+            self._update_front(record)
         self._update_progress()
+
+    def _update_front(self, record: dict[str, Any]) -> None:
+        """Keep pareto.json current, incrementally: only a new non-dominated trial changes the front."""
+        signs = [1.0 if o.direction == "maximize" else -1.0 for o in self.exp.objectives]
+
+        def oriented(r):
+            return [s * v for s, v in zip(signs, r["objectives"])]
+
+        if self.front and self.front[0].get("stage", 0) != record.get("stage", 0):
+            self.front = []
+        new = oriented(record)
+        if any(dominates(oriented(f), new) for f in self.front):
+            return
+        self.front = [f for f in self.front if not dominates(new, oriented(f))] + [record]
+        self.run.write_pareto(self.front, self.objective_dicts)
 
     # -- progress ---------------------------------------------------------------------------------------------
     def _open_progress(self, st: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ class Optimizer:
 
     name = "base"
     population: int | None = None  # trials per generation, where the optimizer has generations
+    persistent_ask = False  # True when ask() has a side effect outside the pickle (Optuna's storage)
 
     def __init__(self, dim: int, x0: Sequence[float], names: Sequence[str], directions: Sequence[str],
                  weights: Sequence[float], pareto: bool, seed: int, options: dict[str, Any]):
@@ -169,6 +170,8 @@ class RandomOptimizer(Optimizer):
 
 class OptunaOptimizer(Optimizer):
     """TPE, CMA-ES or NSGA-II from Optuna over a SQLite study in the run folder."""
+
+    persistent_ask = True
 
     def __init__(self, *args, run_dir: str, study_name: str, **kwargs):
         super().__init__(*args, **kwargs)

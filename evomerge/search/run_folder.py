@@ -10,7 +10,8 @@
     stages/ps_winner the PS winner that a ps_dfs run hands to its DFS stage
 
 The write order is what makes resume exact: a finished trial is first appended to trials.jsonl, then told,
-then the state is checkpointed. A trial whose line is in trials.jsonl is never evaluated again (if the crash
+then the state is checkpointed (asks are checkpointed too where asking has a side effect, i.e. Optuna's
+SQLite row; other optimizers re-ask deterministically from the last checkpoint, see loop.SearchDriver._ask). A trial whose line is in trials.jsonl is never evaluated again (if the crash
 came before its tell was checkpointed, resume tells it from the line); a trial whose line is missing (or
 torn: a last line without its newline) was not finished and is evaluated again.
 """
@@ -47,14 +48,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, sync: str = "full") -> None:
+    """Write via a temporary file and a rename: readers (and a resume after kill -9) see the old or the new
+    content, never a mix. ``sync``: "full" fsyncs the file and the folder (survives power loss), "file" only the
+    file (the checkpoints rewritten every trial: a power cut may bring back the previous one, which resume
+    handles), "none" neither (derived files such as pareto.json)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync != "none":
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync == "full":
+        _fsync_dir(path.parent)
 
 
 def json_safe(value: Any) -> Any:
@@ -143,7 +150,7 @@ class RunFolder:
 
     # -- driver state -------------------------------------------------------------------------------------
     def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write_bytes(self.path / STATE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write_bytes(self.path / STATE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), sync="file")
 
     def load_state(self) -> dict[str, Any] | None:
         p = self.path / STATE
@@ -157,11 +164,11 @@ class RunFolder:
         front = pareto_front(trials, objectives)
         doc = {"objectives": objectives,
                "trials": [{k: t.get(k) for k in ("trial", "stage", "objectives", "score", "genome")} for t in front]}
-        atomic_write_bytes(self.path / PARETO, json.dumps(json_safe(doc), indent=1).encode())
+        atomic_write_bytes(self.path / PARETO, json.dumps(json_safe(doc), indent=1).encode(), sync="none")
         return front
 
 
-def _dominates(a: list[float], b: list[float]) -> bool:
+def dominates(a: list[float], b: list[float]) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
@@ -177,5 +184,5 @@ def pareto_front(trials: list[dict[str, Any]], objectives: list[dict[str, Any]])
         ok = [t for t in ok if t.get("stage", 0) == last_stage]
     signs = [1.0 if o["direction"] == "maximize" else -1.0 for o in objectives]
     pts = [[s * v for s, v in zip(signs, t["objectives"])] for t in ok]
-    front = [t for i, t in enumerate(ok) if not any(_dominates(pts[j], pts[i]) for j in range(len(ok)) if j != i)]
+    front = [t for i, t in enumerate(ok) if not any(dominates(pts[j], pts[i]) for j in range(len(ok)) if j != i)]
     return sorted(front, key=lambda t: t["trial"])

@@ -13,6 +13,7 @@ a word), which the word-level tokenizer in zoo.py maps one word to one token.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -70,6 +71,30 @@ def l2(glosses: list[str]) -> list[str]:
     return [L2_WORD.get(g, g) for g in glosses]
 
 
+# L2's word order: "sov" (its own: verb last, no articles) or "svo" (L1's order, L1-only words dropped).
+L2_WORD_ORDER = os.environ.get("MINI_EVOLLM_L2_ORDER", "sov")
+_SVO_MERGE = {("how", "many"): "how_many", ("what", "color"): "what_color"}
+_SVO_DROP = {"the", "a", "does", "are", "there"}
+
+
+def pair(l1_words: list[str], sov_glosses: list[str]) -> tuple[list[str], list[str]]:
+    """One meaning in both languages: L1 words, and L2 words in L2's word order."""
+    if L2_WORD_ORDER == "sov":
+        return l1_words, l2(sov_glosses)
+    glosses: list[str] = []
+    i = 0
+    while i < len(l1_words):
+        two = tuple(l1_words[i:i + 2])
+        if two in _SVO_MERGE:
+            glosses.append(_SVO_MERGE[two])
+            i += 2
+            continue
+        if l1_words[i] not in _SVO_DROP:
+            glosses.append(l1_words[i])
+        i += 1
+    return l1_words, l2(glosses)
+
+
 def vocabulary() -> list[str]:
     """Every word either language can produce, in a fixed order."""
     words = list(dict.fromkeys(SHARED_WORDS + sorted(L1_SPECIFIC) + sorted(L2_SPECIFIC)))
@@ -80,28 +105,28 @@ def vocabulary() -> list[str]:
 # Sentences: each returns (L1 words, L2 words) for one meaning.
 
 def s_has(n: str, k: int, o: str):
-    return [n, "has", str(k), o, "."], l2([n, str(k), o, "has", "."])
+    return pair([n, "has", str(k), o, "."], [n, str(k), o, "has", "."])
 
 
 def s_has_color(n: str, c: str, o: str):
-    return [n, "has", c, o, "."], l2([n, c, o, "has", "."])
+    return pair([n, "has", c, o, "."], [n, c, o, "has", "."])
 
 
 def s_in_place(n: str, p: str):
-    return [n, "is", "in", "the", p, "."], l2([n, p, "in", "is", "."])
+    return pair([n, "is", "in", "the", p, "."], [n, p, "in", "is", "."])
 
 
 def s_event(verb: str, n: str, k: int, o: str, other: str | None = None):
     """A change of quantity: buys/finds/gets (+) or loses/eats/sells/gives (-)."""
     if verb == "gives":
-        return [n, "gives", str(k), o, "to", other, "."], l2([n, other, "to", str(k), o, "gives", "."])
+        return pair([n, "gives", str(k), o, "to", other, "."], [n, other, "to", str(k), o, "gives", "."])
     more = ["more"] if verb in ("buys", "finds", "gets") else []
-    return [n, verb, str(k), *more, o, "."], l2([n, str(k), *more, o, verb, "."])
+    return pair([n, verb, str(k), *more, o, "."], [n, str(k), *more, o, verb, "."])
 
 
 def s_containers(n: str, a: int, box: str, b: int, o: str):
     l1 = [n, "has", str(a), box, ".", "each", box, "has", str(b), o, "."]
-    return l1, l2([n, str(a), box, "has", ".", box, "each", str(b), o, "has", "."])
+    return pair(l1, [n, str(a), box, "has", ".", box, "each", str(b), o, "has", "."])
 
 
 def s_story(rng: random.Random):
@@ -115,20 +140,20 @@ def s_story(rng: random.Random):
     if kind == 2:
         a, p = rng.choice(ANIMALS), rng.choice(PLACES)
         v = rng.choice(STORY_VERBS)
-        return ["the", a, v, "in", "the", p, "."], l2([a, p, "in", v, "."])
+        return pair(["the", a, v, "in", "the", p, "."], [a, p, "in", v, "."])
     if kind == 3:
         p = rng.choice(PLACES)
-        return [n, "goes", "to", "the", p, "with", n2, "."], l2([n, n2, "with", p, "to", "goes", "."])
+        return pair([n, "goes", "to", "the", p, "with", n2, "."], [n, n2, "with", p, "to", "goes", "."])
     if kind == 4:
         c, a = rng.choice(COLORS), rng.choice(ANIMALS)
-        return [n, "sees", "a", c, a, "."], l2([n, c, a, "sees", "."])
+        return pair([n, "sees", "a", c, a, "."], [n, c, a, "sees", "."])
     if kind == 5:
         return s_has(n, rng.randint(1, 20), rng.choice(OBJECTS))
     if kind == 6:
         verb = rng.choice(["buys", "finds", "gets", "loses", "eats", "sells", "gives"])
         return s_event(verb, n, rng.randint(1, 9), rng.choice(OBJECTS), other=n2)
     o, c = rng.choice(OBJECTS), rng.choice(COLORS)
-    return ["the", o, "of", n, "are", c, "."], l2([n, "topic", o, c, "is", "."])
+    return pair(["the", o, "of", n, "are", c, "."], [n, "topic", o, c, "is", "."])
 
 
 def story(rng: random.Random, n_sentences: int) -> tuple[list[str], list[str]]:
@@ -165,7 +190,7 @@ def arithmetic_fact(rng: random.Random) -> tuple[list[str], list[str]]:
         a, b = rng.randint(0, 99), rng.randint(0, 9)
         a = max(a, b)
         c = a - b
-    return [str(a), OPS[op], str(b), "is", str(c), "."], l2([str(a), OPS[op], str(b), "is", str(c), "."])
+    return pair([str(a), OPS[op], str(b), "is", str(c), "."], [str(a), OPS[op], str(b), "is", str(c), "."])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,8 +273,9 @@ def math_item(frame: MathFrame, lang: int) -> Item:
         new = value + k if verb in _PLUS else value - k
         steps.append((value, "plus" if verb in _PLUS else "minus", k, new))
         value = new
-    q1 += ["how", "many", f.obj, "does", f.name, "have", "now", "?"]
-    q2 += l2([f.name, "now", f.obj, "how_many", "have", "?"])
+    qa, qb = pair(["how", "many", f.obj, "does", f.name, "have", "now", "?"],
+                  [f.name, "now", f.obj, "how_many", "have", "?"])
+    q1, q2 = q1 + qa, q2 + qb
     a1: list[str] = []
     a2: list[str] = []
     for x, op, y, z in steps:
@@ -276,8 +302,8 @@ def qa_item(rng: random.Random, lang: int) -> Item:
             q = s1 + s2 + ["what", "color", "are", "the", o, "of", n, "?"]
             a = ["the", o, "of", n, "are", c, "."]
         else:
-            q = t1 + t2 + l2([n, "topic", o, "what_color", "is", "?"])
-            a = l2([n, "topic", o, c, "is", "."])
+            q = t1 + t2 + pair(["what", "color", "are", "the", o, "of", n, "?"], [n, "topic", o, "what_color", "is", "?"])[1]
+            a = pair(["the", o, "of", n, "are", c, "."], [n, "topic", o, c, "is", "."])[1]
     else:
         p1, p2 = rng.sample(PLACES, 2)
         pick = rng.randrange(2)
@@ -288,7 +314,7 @@ def qa_item(rng: random.Random, lang: int) -> Item:
         if lang == 1:
             q, a = s1 + s2 + ["where", "is", n, "?"], s_in_place(n, p)[0]
         else:
-            q, a = t1 + t2 + l2([n, "where", "is", "?"]), s_in_place(n, p)[1]
+            q, a = t1 + t2 + pair(["where", "is", n, "?"], [n, "where", "is", "?"])[1], s_in_place(n, p)[1]
     ans = " ".join(a)
     return Item(key, lang, " ".join(q), ans, ans, "qa")
 
@@ -305,7 +331,8 @@ def count_item(rng: random.Random, lang: int) -> Item:
     if lang == 1:
         q, a = s1 + s2 + ["how", "many", o, "does", n, "have", "?"], s_has(n, k, o)[0]
     else:
-        q, a = t1 + t2 + l2([n, o, "how_many", "have", "?"]), s_has(n, k, o)[1]
+        q, a = t1 + t2 + pair(["how", "many", o, "does", n, "have", "?"], [n, o, "how_many", "have", "?"])[1], \
+            s_has(n, k, o)[1]
     return Item(f"k|{n1}|{o1}|{k1}|{n2}|{o2}|{k2}|{pick}", lang, " ".join(q), " ".join(a), str(k), "count")
 
 

@@ -77,6 +77,13 @@ class ZooRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# A miniature zoo for pipeline tests (seconds to build; its models know nothing).
+TINY_RECIPE = ZooRecipe(hidden=32, layers=2, heads=2, ffn=64, seq_len=32,
+                        base=TrainSpec(steps=6, lr=3e-3, batch=4, warmup=2),
+                        spec_a=TrainSpec(steps=3, lr=5e-4, batch=4, warmup=1),
+                        spec_b=TrainSpec(steps=3, lr=5e-4, batch=4, warmup=1))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data splits (deterministic, disjoint by meaning)
 

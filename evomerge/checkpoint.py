@@ -8,9 +8,9 @@ a truncated or corrupted safetensors file, an index naming a missing shard, pick
 ``--allow-pickle``) is found when the folder is opened, cheaply (headers only), and reported as one
 ``EvomergeError`` line naming the file, so a merge never fails half-way through.
 
-Writing (``write_checkpoint``) streams: each tensor goes to disk as it arrives (into a per-shard data file that
-is prefixed with its safetensors header when the shard is full), so at most one tensor is held in memory however
-large the model. Everything is written into a temporary folder next to the destination and renamed into place at
+Writing (``write_checkpoint``) streams: each tensor goes to disk as it arrives (after room reserved for the
+shard's safetensors header, which is filled in when the shard is full), so at most one tensor is held in memory
+however large the model. Everything is written into a temporary folder next to the destination and renamed into place at
 the end: an interrupted write never leaves a folder that looks complete, and ``overwrite`` replaces an old
 folder only once the new one is whole.
 
@@ -197,7 +197,7 @@ class Checkpoint:
 
     Opening checks everything cheaply (config.json, which weight files exist, every safetensors header, that an
     index's shards exist and hold the tensors it lists), so bad input fails at once with one line naming the file.
-    ``get`` then memory-maps one tensor at a time through ``safetensors.safe_open`` (handles are cached).
+    ``get`` then reads one tensor at a time (see its docstring; open files and mappings are cached).
     """
 
     def __init__(self, path: str | Path, allow_pickle: bool = False):
@@ -250,7 +250,7 @@ class Checkpoint:
                 self._add_safetensors_file(file)
             return "safetensors"
         pickles = (self.path / PICKLE_INDEX, self.path / PICKLE_SINGLE)
-        if any(p.is_file() for p in pickles) or any(self.path.glob("*.bin")):
+        if any(p.is_file() for p in pickles) or any(self.path.glob("pytorch_model*.bin")):
             if not self.allow_pickle:
                 raise EvomergeError(f"model folder {self.path} has only pickle (.bin) weights; "
                                     "convert it to safetensors or pass --allow-pickle to load it "
@@ -277,7 +277,10 @@ class Checkpoint:
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
-        for file in sorted(files):
+        for file in sorted(files, key=str):
+            if not isinstance(file, str) or Path(file).name != file:  # no paths out of the folder
+                raise EvomergeError(f"index {index_path} names shard {file!r}, which is not a file name in "
+                                    f"{self.path}")
             shard = self.path / file
             if not shard.is_file():
                 raise EvomergeError(f"index {index_path} names shard {file}, which is missing from {self.path}")
@@ -451,22 +454,26 @@ def _count_layers(names: Iterable[str]) -> int | None:
 class _ShardWriter:
     """Streams tensors into safetensors shards holding only one tensor in memory at a time.
 
-    Tensor bytes go straight to a per-shard data file as they arrive; when the shard is full its header (now
-    known) is written to the final file and the data file is appended to it by the kernel (copy_file_range),
-    which costs page-cache copies but no process memory.
+    A safetensors file starts with its header, which is only known once the shard is full. So each shard file is
+    opened with room reserved for the header (blank-padded JSON is valid safetensors: the format allows trailing
+    spaces in the header) and tensor bytes are written after that room as they arrive; when the shard closes its
+    header is written into the room. In the rare case where the header outgrows the room (a shard of very many
+    small tensors), the shard is rewritten with a header of the right size by an in-kernel copy of its data.
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int, dtype: torch.dtype | None):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self.dtype = dtype
-        self.shards: list[tuple[Path, list[str]]] = []  # finished shard files (temporary names) and their tensors
+        # Room for the header: ~100-200 bytes per tensor; 64 KiB fits hundreds of tensors per (large) shard.
+        self.header_room = max(1024, min(64 * 1024, max_shard_bytes // 64)) // 8 * 8
+        self.shards: list[Path] = []  # finished shard files (temporary names)
         self.weight_map: dict[str, int] = {}  # tensor name -> shard number
         self.bytes_by_dtype: dict[torch.dtype, int] = {}
         self.total_bytes = 0
         self.layer_indices: set[int] = set()
         self._header: dict[str, dict[str, Any]] = {}
-        self._data = None
+        self._file = None
         self._data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -486,10 +493,11 @@ class _ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._header and self._data_bytes + nbytes > self.max_shard_bytes:
             self._close_shard()
-        if self._data is None:
-            self._data = open(self.folder / f".shard-{len(self.shards):05d}.data", "wb")
+        if self._file is None:
+            self._file = open(self.folder / f".shard-{len(self.shards):05d}.safetensors", "wb")
+            self._file.seek(8 + self.header_room)
         if nbytes:
-            self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         self._header[name] = {"dtype": _TORCH_TO_ST[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         self._data_bytes += nbytes
@@ -501,22 +509,28 @@ class _ShardWriter:
             self.layer_indices.add(int(match.group(1)))
 
     def _close_shard(self) -> None:
-        data_path = Path(self._data.name)
-        self._data.close()
-        self._data = None
         header = dict(self._header)
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the safetensors library does
-        shard_path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        with open(shard_path, "wb") as out, open(data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
-            out.flush()
-            _append_file(data, out, self._data_bytes)
-        data_path.unlink()
+        path = Path(self._file.name)
+        if len(raw) <= self.header_room:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self.header_room) + raw.ljust(self.header_room, b" "))
+            self._file.close()
+        else:
+            self._file.close()
+            raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the safetensors library does
+            roomy = path.with_suffix(".roomy")
+            path.rename(roomy)
+            with open(roomy, "rb") as src, open(path, "wb") as dst:
+                dst.write(struct.pack("<Q", len(raw)) + raw)
+                dst.flush()
+                src.seek(8 + self.header_room)
+                _append_file(src, dst, self._data_bytes)
+            roomy.unlink()
+        self._file = None
         number = len(self.shards)
-        self.shards.append((shard_path, list(self._header)))
+        self.shards.append(path)
         for tensor_name in self._header:
             self.weight_map[tensor_name] = number
         self._header = {}
@@ -524,23 +538,23 @@ class _ShardWriter:
 
     def finish(self) -> dict[str, str] | None:
         """Close the last shard and give shards their final names; returns the index weight_map (None if one file)."""
-        if self._header or self._data is not None:
+        if self._file is not None:
             self._close_shard()
         if not self.shards:
             raise ValueError("write_checkpoint got no tensors")
         count = len(self.shards)
         names = ([SAFETENSORS_SINGLE] if count == 1
                  else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        for (path, _), final in zip(self.shards, names):
+        for path, final in zip(self.shards, names):
             path.rename(self.folder / final)
         if count == 1:
             return None
         return {name: names[number] for name, number in self.weight_map.items()}
 
     def abort(self) -> None:
-        if self._data is not None:
-            self._data.close()
-            self._data = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _append_file(src, dst, count: int) -> None:

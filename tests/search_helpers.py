@@ -65,7 +65,8 @@ def nan_or_raise(model, tokenizer, base: str, source: str, nan_above: float = 1.
     """A real property of the candidate decides: how far its embedding moved from the base's, relative to
     one source's task vector. Far: the score is NaN; near: the evaluator raises; in between: a score."""
     base_e = _embedding(base)
-    moved = float((model.get_input_embeddings().weight.detach().float() - base_e).norm() / (_embedding(source) - base_e).norm())
+    delta = model.get_input_embeddings().weight.detach().float() - base_e
+    moved = float(delta.norm() / (_embedding(source) - base_e).norm())
     if moved > nan_above:
         return {"std": float("nan")}
     if moved < raise_below:

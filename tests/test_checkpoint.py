@@ -446,3 +446,28 @@ def test_written_file_is_standard_safetensors_with_metadata(tmp_path):
         assert f.metadata() == {"format": "pt"}
     ckpt = Checkpoint(out)  # and our reader's header checks accept it
     assert ckpt.config["dtype"] == "float32" and ckpt.shape("empty") == [0, 4] and ckpt.shape("scalar") == []
+
+
+def test_header_larger_than_its_reserved_room(tmp_path):
+    """Shards reserve room for their header; a shard of very many small tensors outgrows it and is rewritten."""
+    tensors = {f"model.layers.{i}.some_rather_long_module_name.weight": torch.full((3,), float(i))
+               for i in range(400)}
+    out = write_checkpoint(tmp_path / "many", tensors, {"model_type": "llama", "num_hidden_layers": 400},
+                           max_shard_size="1MB")
+    file = out / "model.safetensors"
+    (header_len,) = struct.unpack("<Q", file.read_bytes()[:8])
+    assert header_len > 1_000_000 // 64  # bigger than the room reserved for a 1MB shard
+    loaded = load_file(file)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_index_may_not_point_outside_its_folder(qwen2_family, tmp_path):
+    folder = _copy(qwen2_family["base"], tmp_path / "escape")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["lm_head.weight"] = "../elsewhere/model.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(EvomergeError, match="not a file name") as exc:
+        Checkpoint(folder)
+    _assert_one_line_naming(exc, index_path)

@@ -6,8 +6,10 @@ that it answers some problems right and some wrong: a real model for per-item co
 
 from __future__ import annotations
 
+import atexit
 import functools
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,7 +74,9 @@ def arith_model(steps: int = 120) -> Path:
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    out = Path(tempfile.mkdtemp(prefix="evomerge-arith-")) / "model"
+    folder = tempfile.mkdtemp(prefix="evomerge-arith-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    out = Path(folder) / "model"
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -211,3 +211,15 @@ def test_from_dict_programmatic_recipe(tmp_path):
     recipe = Recipe.from_dict(data)
     assert recipe.resolve_path(recipe.base_model) == (tmp_path / "b").resolve()
     assert recipe.to_dict() == data
+
+
+def test_methods_doc_lists_every_method_parameter_and_example():
+    from evomerge.methods import METHODS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "METHODS.md").read_text()
+    for name, spec in METHODS.items():
+        assert f"### {name}" in doc or f"and {name}" in doc, name
+        assert (EXAMPLES / f"{name}.yaml").is_file(), name
+        assert f"examples/{name}.yaml" in doc, name
+        for param in spec.params:
+            assert f"| {param.name} |" in doc, (name, param.name)

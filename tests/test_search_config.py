@@ -205,3 +205,56 @@ def test_smoke_experiment_is_valid():
     assert exp.evaluators[0].spec["base_dir"] == str(REPO / "experiments")
     for name in ("ps_ties_dare", "dfs", "ps_dfs"):
         assert load_space_definition(name)["kind"] == name.replace("_ties_dare", "")
+
+
+def test_budget_counts_trials_generations_and_wall_time_of_every_part(llama_family, tmp_path):
+    import time as _time
+
+    from evomerge.search.experiment import validate_experiment
+    from evomerge.search.loop import SearchDriver, stage_definitions
+
+    def driver(**over):
+        exp = validate_experiment(_experiment(llama_family, **over), base_dir=tmp_path)
+        d = SearchDriver(RunFolder.create(tmp_path / f"run{len(list(tmp_path.iterdir()))}", exp.raw), exp, None,
+                         progress=False)
+        d.state, d.part_start, d.optimizer = {"elapsed_s": 0.0}, _time.monotonic(), None
+        return d
+
+    d = driver(budget={"trials": 10, "wall_time": "1m"})
+    assert d._stage_budget_left(0, finished=5, pending=4)
+    assert not d._stage_budget_left(0, finished=6, pending=4)  # running trials count against the budget
+    d.state["elapsed_s"] = 61.0  # time spent by earlier (killed) parts of the run
+    assert not d._stage_budget_left(0, finished=0, pending=0)
+
+    d = driver(budget={"generations": 3})
+    d.optimizer = build_optimizer({"name": "cmaes", "sigma0": 1 / 6, "population": 6}, 4, [0.5] * 4, list("abcd"),
+                                  ["maximize"], [1.0], False, 0, str(tmp_path), "s")
+    assert d._stage_budget_left(0, 17, 0) and not d._stage_budget_left(0, 18, 0)
+
+    d = driver(search_space="ps_dfs", models={"base": str(llama_family["base"]), "b": str(llama_family["model_2"]),
+                                              "sources": [str(llama_family["model_1"])]},
+               budget={"trials": 9, "wall_time": 100})
+    stages = stage_definitions(d.exp)
+    assert [(s["name"], s["trials"], s["wall_time"]) for s in stages] == [("ps", 4, 50.0), ("dfs", 5, 50.0)]
+    d.state["elapsed_s"] = 60.0
+    assert not d._stage_budget_left(0, 0, 0) and d._stage_budget_left(1, 0, 0)
+
+
+def test_per_group_genes_reach_the_right_tensors(llama_family):
+    """A group's weight gene moves exactly that group's tensors (checked on the engine's merged weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.engine import MergeEngine
+
+    space = PSSpace(load_space_definition("ps_ties_dare", {"group_size": 2}), str(llama_family["base"]),
+                    {"m1": str(llama_family["model_1"])})
+    values = {n: (1.0 if n.endswith("density") else 0.0) for n in space.names}
+    values["m1.layers_2-3.weight"] = 1.0  # only blocks 2 and 3 take model_1's task vector
+    model = MergeEngine(space.candidate(values)).materialize(space.candidate(values))
+    base = load_file(llama_family["base"] / "model.safetensors")
+    m1 = load_file(llama_family["model_1"] / "model.safetensors")
+    merged = model.state_dict()
+    for name in base:
+        expect = m1[name] if (".layers.2." in name or ".layers.3." in name) else base[name]
+        assert torch.allclose(merged[name], expect, atol=1e-6), name

@@ -253,8 +253,6 @@ def test_nan_and_raising_candidates_are_failed_trials(ray_address, llama_family,
     pareto = json.loads((run.path / "pareto.json").read_text())
     assert pareto["trials"][0]["trial"] == max(ok, key=lambda t: t["score"])["trial"]
     # sources shipped through Ray's object store (nodes without a shared disk): same scores as from the path
-    from transformers import AutoTokenizer
-
     from evomerge.engine import MergeEngine
     from evomerge.search.export import trial_candidate
     from evomerge.search.experiment import experiment_from_resolved
@@ -331,15 +329,35 @@ def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, 
     assert helpers.logit_std(model, None)["std"] == best["metrics"]["e/std"]
 
 
-def test_smoke_experiment_with_embedded_ray(tmp_path):
-    """The README command: a real search on tiny local models, Ray started and stopped by the run."""
+def _session_processes(session: Path) -> list[int]:
+    from evomerge.search.reaper import session_processes
+
+    return session_processes(str(session))
+
+
+def test_smoke_experiment_with_embedded_ray_killed_and_resumed(tmp_path):
+    """The README command: a real search on tiny local models, Ray started and stopped by the run itself;
+    killed with SIGKILL mid-search (nothing of its Ray may survive it), then resumed to the end."""
     out = tmp_path / "smoke"
-    proc = subprocess.run(_cli("run", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out)),
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trial/s" in proc.stderr or "trial]" in proc.stderr or "trials/h" in proc.stderr  # live progress
+    proc = subprocess.Popen(_cli("run", str(REPO / "experiments" / "smoke.yaml"), "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for_lines(out, 12, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    sessions = list(Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())).glob(
+        f"evomerge-ray-{os.getuid()}/session_*_{proc.pid}")) or list(
+        Path(tempfile.gettempdir()).glob(f"evomerge-ray-{os.getuid()}/session_*_{proc.pid}"))
+    assert len(sessions) == 1
+    end = time.time() + 30
+    while _session_processes(sessions[0]) and time.time() < end:
+        time.sleep(0.5)
+    assert _session_processes(sessions[0]) == []
+
+    done = subprocess.run(_cli("run", "--resume", str(out)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trials/h=" in done.stderr and "best=" in done.stderr  # the live progress bar
     trials = RunFolder.open(out).trials()
-    assert len(trials) == 48 and all(t["status"] == "ok" for t in trials)
+    assert sorted(t["trial"] for t in trials) == list(range(48)) and all(t["status"] == "ok" for t in trials)
     first_gen = [t["objectives"][0] for t in trials[:6]]
     assert min(t["objectives"][0] for t in trials) < sum(first_gen) / len(first_gen)
-    assert "best trial" in proc.stdout
+    assert "best trial" in done.stdout

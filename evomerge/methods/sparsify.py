@@ -93,8 +93,9 @@ def ensure_order(flat: torch.Tensor, stats: DeltaStats, method: str) -> torch.Te
     return stats.order
 
 
-def _value(mags: torch.Tensor, order: torch.Tensor, position: int) -> float:
-    return float(mags[order[position]])
+def _value(values: torch.Tensor, order: torch.Tensor, position: int) -> float:
+    """|values| at sorted position ``position`` (values may be the delta itself or its magnitudes)."""
+    return abs(float(values[order[position]]))
 
 
 def _run_bounds(mags: torch.Tensor, order: torch.Tensor, position: int) -> tuple[int, int]:
@@ -170,11 +171,22 @@ def _keep_sorted_range(mags: torch.Tensor, order: torch.Tensor, begin: int, end:
         mask[order[a2:end].long()] = 1
 
 
-def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) -> float | None:
-    """TIES' top-k as a threshold: keep ``|delta| >= threshold`` (None: keep everything).
+@dataclass
+class Threshold:
+    """TIES' top-k as a compare: keep ``|delta| >= value`` (``inclusive``) or ``> value`` plus ``extra``, the
+    flat indices (sorted) of the elements tied at ``value`` that mergekit's sort puts inside the top k."""
 
-    Raises ``TieSplit`` when the k-th largest magnitude is tied across the cut, where only the precomputed
-    permutation can say which of the tied elements mergekit keeps (``sparsify_into`` handles that case).
+    value: float
+    inclusive: bool = True
+    extra: torch.Tensor | None = None
+
+
+def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) -> Threshold | None:
+    """TIES' magnitude top-k of ``delta`` as a ``Threshold`` (None: keep everything).
+
+    With a precomputed sort order this is a lookup. Without one (a one-shot merge) the k-th largest value is
+    found by selection, and the order is computed only if that value is tied across the cut, where only the
+    permutation can say which of the tied elements mergekit keeps.
     """
     flat = delta.reshape(-1)
     n = flat.numel()
@@ -183,21 +195,19 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
     k = max(1, int(density * n))
     if k >= n:
         return None
-    order = stats.order
-    if order is None:  # one-shot: select the k-th largest instead of sorting
+    if stats.order is None:
         mags = flat.abs()
         value = float(torch.kthvalue(mags.float() if mags.device.type == "cpu" else mags, n - k + 1).values)
-        if int((mags >= value).sum()) != k:
-            raise TieSplit()
-        return value
+        if int((mags >= value).sum()) == k:
+            return Threshold(value)
+        ensure_order(flat, stats, "magnitude")
+    order = stats.order
     value = float(flat[order[k - 1]].abs())
-    if float(flat[order[k]].abs()) == value:
-        raise TieSplit()
-    return value
-
-
-class TieSplit(Exception):
-    """The top-k cut falls inside a run of equal magnitudes."""
+    if float(flat[order[k]].abs()) != value:
+        return Threshold(value)
+    start, _ = _run_bounds(flat, order, k - 1)
+    extra = torch.sort(order[start:k].long()).values
+    return Threshold(value, inclusive=False, extra=extra)
 
 
 def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torch.Tensor, *, density: float,

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.methods.sparsify import DeltaStats, TieSplit, magnitude_threshold, sparsify_into
+from evomerge.methods.sparsify import DeltaStats, Threshold, magnitude_threshold, sparsify_into
 from evomerge.methods.workspace import Workspace
 
 CHUNK = 1 << 18  # elements per chunk: a few float buffers of this size fit in L2/L3
@@ -57,7 +57,7 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
     if thresholds is not None:
         _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
                         lambda i, s, e, dst, tmp: _fill_thresholded(flat_deltas[i][s:e], thresholds[i],
-                                                                    weights[i], dst, tmp))
+                                                                    weights[i], s, dst, tmp))
         return out
 
     # General path: sparsify each whole delta (random draws and L1 rescale need the whole tensor), then combine.
@@ -77,26 +77,28 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
     return out
 
 
-def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[float | None] | None:
+def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[Threshold | None] | None:
     if sparsify is None:
         return [None] * len(flat_deltas)
     if sparsify != "magnitude":
         return None
     if rescale and any(d < 1 for d in densities):
         return None  # the L1 rescale needs the kept tensor's norm first
-    try:
-        return [magnitude_threshold(d, s, density) for d, s, density in zip(flat_deltas, stats, densities)]
-    except TieSplit:
-        return None
+    return [magnitude_threshold(d, s, density) for d, s, density in zip(flat_deltas, stats, densities)]
 
 
-def _fill_thresholded(delta: torch.Tensor, threshold: float | None, weight: float, dst: torch.Tensor,
-                      tmp: torch.Tensor) -> torch.Tensor:
-    """dst = weight * delta where |delta| >= threshold, else 0 (== mergekit's (delta * mask) * weight)."""
+def _fill_thresholded(delta: torch.Tensor, threshold: Threshold | None, weight: float, start: int,
+                      dst: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """dst = weight * delta where kept by the threshold, else 0 (== mergekit's (delta * mask) * weight)."""
     if threshold is None:
         return torch.mul(delta, weight, out=dst)
     torch.abs(delta, out=tmp)
-    torch.ge(tmp, threshold, out=tmp)  # 0/1 in the tensor's dtype
+    (torch.ge if threshold.inclusive else torch.gt)(tmp, threshold.value, out=tmp)  # 0/1 in the tensor's dtype
+    if threshold.extra is not None:  # tied elements mergekit keeps: only when the cut splits a tie
+        lo, hi = torch.searchsorted(threshold.extra, torch.tensor([start, start + delta.numel()],
+                                                                    device=threshold.extra.device)).tolist()
+        if hi > lo:
+            tmp[threshold.extra[lo:hi] - start] = 1
     tmp.mul_(weight)  # {0, weight} exactly
     return torch.mul(delta, tmp, out=dst)
 

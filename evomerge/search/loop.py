@@ -147,7 +147,23 @@ def start_ray(address: str | None, exp: Experiment) -> bool:
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
     ray.init(num_cpus=max(1, math.ceil(w["count"] * w["cpus_per_worker"])), num_gpus=num_gpus,
              _temp_dir=os.environ["RAY_TMPDIR"], **kwargs)
+    _start_reaper()
     return True
+
+
+def _start_reaper() -> None:
+    """Watchdog that ends this run's Ray agents if the driver is SIGKILLed (see reaper.py)."""
+    import subprocess
+
+    import ray
+
+    try:
+        session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
+    except Exception:
+        return
+    subprocess.Popen([sys.executable, "-m", "evomerge.search.reaper", str(os.getpid()), session_dir],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
 
 
 def _gpus_per_worker(exp: Experiment) -> float:
@@ -183,7 +199,6 @@ class SearchDriver:
         self.progress = progress
         self.stages = stage_definitions(exp)
         self.records = run.trials()
-        self.started = time.monotonic()
 
     # -- state --------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -328,8 +343,6 @@ class SearchDriver:
         idle: deque[int] = deque()
         inflight: dict[Any, tuple[int, int]] = {}  # ref -> (trial id, worker id)
         attempts: dict[int, int] = {}
-        self.busy_s = 0.0
-        self.worker_eval_s = 0.0
         checked_metrics = False
 
         try:
@@ -386,7 +399,6 @@ class SearchDriver:
                                                            f"{type(exc).__name__}", "seconds": None})
                     continue
                 result["attempts"] = attempts.get(tid, 0) + 1
-                self.worker_eval_s += result.get("seconds") or 0.0
                 self._finish(stage, tid, result)
                 if w in workers:
                     idle.append(w)
@@ -485,6 +497,7 @@ class SearchDriver:
     def _open_progress(self, st: dict[str, Any]) -> None:
         self.bar = None
         self.part_done0 = self.n_done
+        self.rate_from: tuple[float, int] | None = None
         if not self.progress:
             return
         from tqdm import tqdm
@@ -499,9 +512,19 @@ class SearchDriver:
     def _update_progress(self) -> None:
         if self.bar is None:
             return
-        hours = max(1e-9, time.monotonic() - self.part_start) / 3600
-        rate = (self.n_done - self.part_done0) / hours
-        best = "-" if self.best is None else f"{self.best:.4g}"
+        # the rate counts from the first finished trial of this part (not Ray's and the workers' start-up)
+        if self.rate_from is None and self.n_done > self.part_done0:
+            self.rate_from = (time.monotonic(), self.n_done)
+        rate = 0.0
+        if self.rate_from is not None and self.n_done > self.rate_from[1]:
+            rate = (self.n_done - self.rate_from[1]) / max(1e-9, time.monotonic() - self.rate_from[0]) * 3600
+        if self.best is None:
+            best = "-"
+        elif len(self.exp.objectives) == 1:  # the objective itself, in its own direction
+            o = self.exp.objectives[0]
+            best = f"{self.best * (1 if o.direction == 'maximize' else -1) / (o.weight or 1):.4g}"
+        else:
+            best = f"{self.best:.4g} (weighted)"
         self.bar.set_postfix_str(f"best={best} failed={self.n_failed} trials/h={rate:.0f}", refresh=False)
         self.bar.n = self.n_done
         self.bar.refresh()

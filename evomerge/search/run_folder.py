@@ -11,9 +11,10 @@
 
 The write order is what makes resume exact: a finished trial is first appended to trials.jsonl, then told,
 then the state is checkpointed (asks are checkpointed too where asking has a side effect, i.e. Optuna's
-SQLite row; other optimizers re-ask deterministically from the last checkpoint, see loop.SearchDriver._ask). A trial whose line is in trials.jsonl is never evaluated again (if the crash
-came before its tell was checkpointed, resume tells it from the line); a trial whose line is missing (or
-torn: a last line without its newline) was not finished and is evaluated again.
+SQLite row; other optimizers re-ask deterministically from the last checkpoint, see loop.SearchDriver._ask).
+A trial whose line is in trials.jsonl is never evaluated again (if the crash came before its tell was
+checkpointed, resume tells it from the line); a trial whose line is missing (or torn: a last line without its
+newline) was not finished and is evaluated again.
 """
 
 from __future__ import annotations

@@ -36,13 +36,24 @@ MODEL_SHAPE = dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=3, i
                    max_position_embeddings=1024)
 NAMES = ["Tom", "Ann", "Bob", "Eva", "Sam", "Mia", "Leo", "Zoe", "Kai", "Ivy"]
 THINGS = ["apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles"]
+DISTRACTORS = ["{other} likes the color {color}.", "It is a sunny day in the town.", "{other} is {age} years old.",
+               "The shop opens at {age} in the morning.", "{other} has a dog called Rex."]
+COLORS = ["red", "blue", "green", "yellow"]
 
 
 def word_problem(rng: random.Random) -> tuple[str, str, int]:
-    """A 1- to 6-step add/subtract word problem and its worked answer: answer lengths vary like real ones."""
+    """A 1- to 6-step add/subtract word problem and its worked answer: answer lengths vary like real ones.
+
+    0-4 distractor sentences make the question's length independent of the answer's (as in real data, where
+    a long question does not mean a long solution).
+    """
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     total = rng.randint(5, 30)
     sentences, work = [f"{name} has {total} {thing}."], []
+    for _ in range(rng.randint(0, 4)):
+        other = rng.choice([n for n in NAMES if n != name])
+        sentences.append(rng.choice(DISTRACTORS).format(other=other, color=rng.choice(COLORS),
+                                                        age=rng.randint(5, 12)))
     for _ in range(rng.randint(1, 6)):
         amount = rng.randint(1, 9)
         if rng.random() < 0.5 or total <= amount:
@@ -61,7 +72,7 @@ def build_model(cache_dir: Path, train_steps: int, device: str):
     """The benchmark model, trained once on multi-step word problems and cached (key: shape and steps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = cache_dir / f"eval-speed-llama-{MODEL_SHAPE['hidden_size']}x{MODEL_SHAPE['num_layers']}-s{train_steps}"
+    path = cache_dir / f"eval-speed-v2-llama-{MODEL_SHAPE['hidden_size']}x{MODEL_SHAPE['num_layers']}-s{train_steps}"
     if not (path / "config.json").is_file():
         rng = random.Random(0)
         texts = []
@@ -113,7 +124,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "evomerge-bench"))
@@ -125,7 +136,7 @@ def main() -> int:
 
     model, tok = build_model(cache, args.train_steps, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    data = write_items(cache / "eval_speed_items.tsv", args.items)
+    data = write_items(cache / "eval_speed_items_v2.tsv", args.items)
     # our math evaluator with the mgsm:en prompt template, on held-out problems of the training kind
     ev = build_evaluator({"type": "math_word", "name": "eval_speed", "data": str(data), "language": "en",
                           "template": "mgsm_native_cot", "chat_template": "never",

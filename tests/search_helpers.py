@@ -60,10 +60,11 @@ def _embedding(path: str) -> torch.Tensor:
         return f.get_tensor("model.embed_tokens.weight").float()
 
 
-def nan_or_raise(model, tokenizer, base: str, source: str, nan_above: float = 1.3,
+def nan_or_raise(model, tokenizer, base: str, source: str, nan_above: float = 1.5, oom_below: float = 0.9,
                  raise_below: float = 0.7) -> dict[str, float]:
     """A real property of the candidate decides: how far its embedding moved from the base's, relative to
-    one source's task vector. Far: the score is NaN; near: the evaluator raises; in between: a score."""
+    one source's task vector. Far: the score is NaN; near: the evaluator runs out of memory (a real failed
+    allocation); nearer: it raises; in between: a score."""
     base_e = _embedding(base)
     delta = model.get_input_embeddings().weight.detach().float() - base_e
     moved = float(delta.norm() / (_embedding(source) - base_e).norm())
@@ -71,6 +72,8 @@ def nan_or_raise(model, tokenizer, base: str, source: str, nan_above: float = 1.
         return {"std": float("nan")}
     if moved < raise_below:
         raise RuntimeError(f"candidate rejected by the evaluator (moved {moved:.3f})")
+    if moved < oom_below:
+        torch.empty(2**62, dtype=torch.uint8)  # no machine has 4 EiB: the allocator fails for real
     return {"std": _logit_score(model)}
 
 

@@ -149,6 +149,9 @@ def test_custom_file_path_relative_to_yaml(tmp_path, model_and_tok):
     ev = build_evaluator(str(exp / "custom.yaml"), seed=5)
     first = float(next(model.parameters()).detach().flatten()[0])
     assert ev.evaluate(model, tok) == {"w": pytest.approx(first + 1.0), "seed": 5.0}
+    # a spec string from an experiment YAML: relative to the folder given as base_dir
+    relative = build_evaluator("custom:tasks/score.py:first_weight", base_dir=exp)
+    assert relative.evaluate(model, tok)["w"] == pytest.approx(first)
     with pytest.raises(EvomergeError, match="has no function"):
         build_evaluator(f"custom:{exp}/tasks/score.py:nope")
     with pytest.raises(EvomergeError, match="cannot import"):

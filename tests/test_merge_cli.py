@@ -22,8 +22,9 @@ def workdir(llama_family, tmp_path_factory):
     """The examples copied next to `models/` (base, model_1, model_2), the layout their relative paths expect."""
     root = tmp_path_factory.mktemp("examples")
     (root / "models").symlink_to(Path(llama_family["base"]).parent, target_is_directory=True)
-    for example in EXAMPLES.glob("*.yaml"):
-        shutil.copy(example, root / example.name)
+    for example in EXAMPLES.iterdir():  # recipes and the data files they name (e.g. calibration texts)
+        if example.is_file():
+            shutil.copy(example, root / example.name)
     return root
 
 

@@ -237,7 +237,7 @@ def test_worker_killed_mid_evaluation_is_retried_then_failed(ray_address, llama_
     assert len({t["pid"] for t in trials.values() if t["status"] == "ok"}) == 1
 
 
-def test_nan_and_raising_candidates_are_failed_trials(ray_address, llama_family, tmp_path):
+def test_nan_raising_and_oom_candidates_are_failed_trials(ray_address, llama_family, tmp_path):
     exp = _ps_experiment(llama_family, helpers.evaluator("nan_or_raise", base=str(llama_family["base"]),
                                                           source=str(llama_family["model_1"])),
                          optimizer={"name": "random"}, budget={"trials": 12}, seed=1,
@@ -248,6 +248,7 @@ def test_nan_and_raising_candidates_are_failed_trials(ray_address, llama_family,
     errors = [t["error"] or "" for t in trials]
     assert any("metric e/std is nan" in e for e in errors)
     assert any("RuntimeError: candidate rejected" in e for e in errors)
+    assert any(e.startswith("out of memory: RuntimeError") for e in errors)
     ok = [t for t in trials if t["status"] == "ok"]
     assert ok and all(t["objectives"] == [t["metrics"]["e/std"]] for t in ok)
     pareto = json.loads((run.path / "pareto.json").read_text())

@@ -11,7 +11,7 @@ Specs (strings are what the command line and experiment YAMLs use):
 | ``perplexity:PATH`` | perplexity of a text file or a JSONL field (``field`` option, default ``text``) |
 | ``custom:pkg.mod:fn`` / ``custom:path/file.py:fn`` | ``fn(model, tokenizer) -> dict`` |
 | ``path/to/file.yaml`` | an evaluator YAML (``type: math_word | lm_eval | perplexity | custom``), or an lm-eval task YAML |
-| a dict | the same as an evaluator YAML's content (relative paths from the current folder, or ``base_dir``) |
+| a dict | the same as an evaluator YAML's content (relative paths from ``base_dir``, default the current folder) |
 
 ``limit`` and ``seed`` subsample items (the same items for every candidate); other keyword options override the
 YAML's keys (``split``, ``batch_size``, ``max_new_tokens``, ``stop``, ``fewshot``, ``template``, ...).
@@ -44,9 +44,13 @@ def builtin_names() -> list[str]:
 
 
 def build_evaluator(spec: str | dict | os.PathLike, limit: int | None = None, seed: int = 0,
-                    **options: Any) -> Evaluator:
-    """Build an evaluator once (expensive setup here); then call ``.evaluate(model, tokenizer)`` many times."""
-    config, base_dir = _resolve_spec(spec)
+                    base_dir: str | os.PathLike | None = None, **options: Any) -> Evaluator:
+    """Build an evaluator once (expensive setup here); then call ``.evaluate(model, tokenizer)`` many times.
+
+    ``base_dir``: the folder relative paths in the spec are resolved against (e.g. the experiment YAML's
+    folder); default the current folder. Paths inside an evaluator YAML are relative to that YAML.
+    """
+    config, base_dir = _resolve_spec(spec, Path(base_dir) if base_dir is not None else Path.cwd())
     config = _apply_options(config, options)
     kind = config.pop("type", "math_word")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -85,18 +89,18 @@ def _apply_options(config: dict[str, Any], options: dict[str, Any]) -> dict[str,
     return config
 
 
-def _resolve_spec(spec: str | dict | os.PathLike) -> tuple[dict[str, Any], Path]:
+def _resolve_spec(spec: str | dict | os.PathLike, base_dir: Path) -> tuple[dict[str, Any], Path]:
+    from evomerge.evaluators.base import resolve_path
     from evomerge.evaluators.math_word import load_yaml
 
     if isinstance(spec, dict):
         config = dict(spec)
-        base_dir = Path(config.pop("base_dir", Path.cwd()))
-        return config, base_dir
+        return config, resolve_path(config.pop("base_dir", base_dir), base_dir)
     text = os.fspath(spec).strip()
     if not text:
         raise EvomergeError("empty evaluator spec")
     if text.endswith((".yaml", ".yml")):
-        path = Path(text).expanduser()
+        path = resolve_path(text, base_dir)
         if not path.is_file():
             raise EvomergeError(f"evaluator YAML not found: {text}")
         config = load_yaml(path)
@@ -109,15 +113,15 @@ def _resolve_spec(spec: str | dict | os.PathLike) -> tuple[dict[str, Any], Path]
         task, _, metric = rest.partition(",")
         if not task:
             raise EvomergeError("lm_eval spec needs a task: lm_eval:TASK[,METRIC]")
-        return {"type": "lm_eval", "task": task, **({"metric": metric} if metric else {})}, Path.cwd()
+        return {"type": "lm_eval", "task": task, **({"metric": metric} if metric else {})}, base_dir
     if kind == "perplexity":
         if not rest:
             raise EvomergeError("perplexity spec needs a file: perplexity:PATH")
-        return {"type": "perplexity", "path": rest}, Path.cwd()
+        return {"type": "perplexity", "path": rest}, base_dir
     if kind == "custom":
         if not rest:
             raise EvomergeError("custom spec needs a function: custom:package.module:function")
-        return {"type": "custom", "function": rest}, Path.cwd()
+        return {"type": "custom", "function": rest}, base_dir
     return _builtin(kind, rest, load_yaml)
 
 

@@ -179,6 +179,7 @@ class Threshold:
     value: float
     inclusive: bool = True
     extra: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # on a GPU: the top-k positions themselves (a scatter, no host syncs)
 
 
 def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) -> Threshold | None:
@@ -195,6 +196,8 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
     k = max(1, int(density * n))
     if k >= n:
         return None
+    if flat.device.type != "cpu":
+        return Threshold(float("nan"), keep=ensure_order(flat, stats, "magnitude")[:k])
     if stats.order is None:
         mags = flat.abs()
         value = float(torch.kthvalue(mags.float() if mags.device.type == "cpu" else mags, n - k + 1).values)
@@ -294,6 +297,7 @@ def _rescale(kept: torch.Tensor, before: torch.Tensor, mode: str, keep_prob, ws:
     scratch = ws.get("sp_abs", kept.shape, kept.dtype)
     torch.abs(kept, out=scratch)
     after = scratch.sum()
-    if float(before) < _RESCALE_EPS or float(after) < _RESCALE_EPS:
-        return
-    kept.mul_(before / after)
+    # mergekit skips the rescale when either norm is below eps; multiplying by exactly 1 does the same
+    # without a device-to-host sync.
+    skip = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    kept.mul_(torch.where(skip, torch.ones_like(after), before / after))

@@ -92,6 +92,11 @@ def _fill_thresholded(delta: torch.Tensor, threshold: Threshold | None, weight: 
     """dst = weight * delta where kept by the threshold, else 0 (== mergekit's (delta * mask) * weight)."""
     if threshold is None:
         return torch.mul(delta, weight, out=dst)
+    if threshold.keep is not None:  # GPU: whole tensor in one chunk, scatter the kept positions
+        tmp.zero_()
+        tmp[threshold.keep] = 1
+        tmp.mul_(weight)
+        return torch.mul(delta, tmp, out=dst)
     torch.abs(delta, out=tmp)
     (torch.ge if threshold.inclusive else torch.gt)(tmp, threshold.value, out=tmp)  # 0/1 in the tensor's dtype
     if threshold.extra is not None:  # tied elements mergekit keeps: only when the cut splits a tie
@@ -112,7 +117,8 @@ def _combine_chunks(flat_base: torch.Tensor, flat_out: torch.Tensor, count: int,
     written into ``dst`` or a view of an existing buffer.
     """
     numel = flat_base.numel()
-    chunk = min(CHUNK, numel) or 1
+    # On a GPU the whole tensor is one chunk: kernel launches, not caches, are what costs there.
+    chunk = (numel if flat_base.device.type != "cpu" else min(CHUNK, numel)) or 1
     dtype = flat_base.dtype
     rows = ws.get("gta_rows", (count, chunk), dtype)
     tmp_buf = ws.get("gta_tmp", (chunk,), dtype)

@@ -149,18 +149,26 @@ def path_config(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int]):
     return config
 
 
+def apply_dataflow_scales(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Wrap the layers of a model loaded from ``folder`` with the input scales of ``evomerge_dataflow.json``
+    (a DFS export with scalings); a folder without that file leaves the model as it is."""
+    scales_file = Path(folder) / SCALES_FILE
+    if not scales_file.is_file():
+        return model
+    scales = json.loads(scales_file.read_text())["input_scales"]
+    inner, layers = _decoder_parts(model)
+    if any(isinstance(layer, PathLayer) for layer in layers):
+        return model  # already wrapped
+    if len(scales) != len(layers):
+        raise EvomergeError(f"{scales_file}: {len(scales)} scales for {len(layers)} layers")
+    inner.layers = nn.ModuleList(PathLayer(layer, p, s) for p, (layer, s) in enumerate(zip(layers, scales)))
+    return model
+
+
 def load_dataflow_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Load an exported DFS checkpoint: a standard transformers model, its layers wrapped with their input
     scales when ``evomerge_dataflow.json`` is present (a checkpoint with all scales 1 needs none of this)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True).to(device)
-    scales_file = path / SCALES_FILE
-    if scales_file.is_file():
-        scales = json.loads(scales_file.read_text())["input_scales"]
-        inner, layers = _decoder_parts(model)
-        if len(scales) != len(layers):
-            raise EvomergeError(f"{scales_file}: {len(scales)} scales for {len(layers)} layers")
-        inner.layers = nn.ModuleList(PathLayer(layer, p, s) for p, (layer, s) in enumerate(zip(layers, scales)))
-    return model.eval()
+    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype or "auto", use_safetensors=True)
+    return apply_dataflow_scales(model.to(device), path).eval()

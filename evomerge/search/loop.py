@@ -227,6 +227,8 @@ class SearchDriver:
                                                "pending": {}, "elapsed_s": 0.0, "optimizer": None}
         self.state["elapsed_s"] = self.state.get("elapsed_s_saved", self.state["elapsed_s"])
         self.part_start = time.monotonic()
+        if self._finished():
+            return  # a finished run resumed: nothing to start
         we_started = start_ray(self.address, self.exp)
         try:
             while True:
@@ -248,6 +250,14 @@ class SearchDriver:
                 import ray
 
                 ray.shutdown()
+
+    def _finished(self) -> bool:
+        stage = self.state["stage"]
+        if stage + 1 < len(self.stages) or self.state["optimizer"] is None or self.state["pending"]:
+            return False
+        self.optimizer = self.state["optimizer"]
+        done = sum(r.get("stage", 0) == stage for r in self.records)
+        return not self._stage_budget_left(stage, done, 0)
 
     def _hand_over(self, stage: int) -> None:
         """ps_dfs: the PS winner becomes model A of the DFS stage (exported once, atomically)."""

@@ -171,7 +171,9 @@ class TrialRunner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except Exception as exc:
-            out["status"], out["error"] = "failed", _one_line(exc)
+            text = str(exc)
+            oom = isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+            out["status"], out["error"] = "failed", ("out of memory: " if oom else "") + _one_line(exc)
         t2 = time.perf_counter()
         out["materialize_s"] = t1 - t0
         out["evaluate_s"] = t2 - t1

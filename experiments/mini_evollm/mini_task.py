@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import languages as L  # noqa: E402
@@ -28,7 +27,9 @@ from evomerge.evaluators.answers import answers_equal, extract_answer  # noqa: E
 SPLITS = {
     "target_search": ("math", 2),
     "target_test": ("math", 2),
+    "math_l1_search": ("math", 1),
     "math_l1_test": ("math", 1),
+    "qa_l2_search": ("qa", 2),
     "qa_l2_test": ("qa", 2),
 }
 MAX_NEW_TOKENS = 24
@@ -56,7 +57,8 @@ def score(items: list[L.Item], outputs: list[str], kind: str, lang: int) -> dict
         if kind == "math":
             ok_val = answers_equal(extract_answer(out, phrases=()), it.gold)
         else:
-            # a reading answer is right when its first sentence is the gold sentence, in either language
+            # a reading answer is right when its first sentence is the gold one, or names the gold colour or
+            # place (in either language: the gate below decides the language)
             first = L.first_sentence(out)
             ok_val = first == it.gold or _same_meaning(first, it)
         right += ok_val and ok_lang
@@ -108,9 +110,10 @@ class MultiTaskEvaluator:
         for p in self.parts:
             out.update(p.evaluate(model, tokenizer))
         out["accuracy"] = out[f"{self.parts[0].split}/accuracy"]
-        own = [out[f"{s}/accuracy"] for s in ("math_l1_test", "qa_l2_test") if f"{s}/accuracy" in out]
-        if len(own) == 2:
-            out["own_tasks_mean"] = sum(own) / 2
+        math_l1 = [p.split for p in self.parts if p.split.startswith("math_l1")]
+        qa_l2 = [p.split for p in self.parts if p.split.startswith("qa_l2")]
+        if math_l1 and qa_l2:   # the multi-skill score: mean of the two sources' own tasks
+            out["own_tasks_mean"] = (out[f"{math_l1[0]}/accuracy"] + out[f"{qa_l2[0]}/accuracy"]) / 2
         return out
 
 

@@ -101,10 +101,10 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
     export_trial(run, experiment_from_resolved(config), best, export_dir)
     model, tok = load_exported(export_dir)            # re-scored from disk, not from the search's memory
     metrics, per_item = score_model(model, tok)
-    log(f"{name} seed {seed}: {len(records)} trials in {wall:.0f} s, best search acc "
-        f"{best['metrics'].get('target/accuracy', float('nan')):.3f}, test {metrics['target_test/accuracy']:.3f}")
+    log(f"{name} seed {seed}: {len(records)} trials in {wall:.0f} s, best search score {best['score']:.3f}, "
+        f"test target {metrics['target_test/accuracy']:.3f}, own-task mean {metrics['own_tasks_mean']:.3f}")
     return {"name": name, "seed": seed, "trials": len(records), "wall_s": wall, "metrics": metrics,
-            "per_item": per_item, "search_acc": best["metrics"].get("target/accuracy"), "run_dir": str(run_dir),
+            "per_item": per_item, "search_score": best["score"], "run_dir": str(run_dir),
             "best_trial": best["trial"], "layers": _path_layers(export_dir)}
 
 
@@ -223,6 +223,16 @@ def write_results(path: Path, ctx: dict) -> None:
                 if r["kind"] in ("source", "merge"):
                     d, lo, hi = bootstrap_diff(s["per_item"], r["per_item"])
                     lines.append(f"| {s['seed']} | {r['label']} | {d:+.1f} | [{lo:+.1f}, {hi:+.1f}] |")
+    own = lambda r: (r["metrics"]["math_l1_test/accuracy"] + r["metrics"]["qa_l2_test/accuracy"]) / 2  # noqa: E731
+    src = {r["label"]: own(r) for r in rows if r["kind"] == "source" and not r["label"].startswith("base")}
+    merged = [r for r in rows if r["kind"] not in ("source",)]
+    if src and merged:
+        best = max(merged, key=own)
+        beats = all(own(best) > v for v in src.values())
+        lines += ["", "## Multi-skill case (mean of the two sources' own tasks, test splits)", "",
+                  "Sources: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in src.items()) + ". "
+                  f"Best merged model: {best['label']} {100 * own(best):.1f} "
+                  f"({'beats' if beats else 'does NOT beat'} each source)."]
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
               "", "## Settings", "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ps-trials", type=int, default=96)
     ap.add_argument("--dfs-trials", type=int, default=96)
     ap.add_argument("--psdfs-trials", type=int, default=128)
+    ap.add_argument("--multi-trials", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("MINI_EVOLLM_THREADS", "2")),
                     help="torch threads for building the zoo")
@@ -246,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of the whole pipeline")
     ap.add_argument("--tiny-zoo", action="store_true",
                     help="a miniature zoo (tiny model, a few training steps): tests the pipeline, not the science")
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: dfs,ps_dfs")
+    ap.add_argument("--skip", default="", help="comma-separated searches to skip: dfs,ps_dfs,ps_multi")
+    ap.add_argument("--zoo", default=None, help="use this existing zoo folder as it is (no build)")
     args = ap.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
     if args.quick:
-        args.ps_trials, args.dfs_trials, args.psdfs_trials, args.seeds = 8, 8, 12, "0"
+        args.ps_trials, args.dfs_trials, args.psdfs_trials, args.multi_trials, args.seeds = 8, 8, 12, 8, "0"
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
@@ -258,11 +270,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     recipe = replace(zoo.TINY_RECIPE if args.tiny_zoo else zoo.ZooRecipe(), seed=args.zoo_seed)
-    zoo_path = zoo.zoo_dir(recipe)
-    zoo_built = zoo.cached_digest(zoo_path) != recipe.digest()
+    zoo_path = Path(args.zoo).resolve() if args.zoo else zoo.zoo_dir(recipe)
+    zoo_built = not args.zoo and zoo.cached_digest(zoo_path) != recipe.digest()
     log(f"zoo: {'building' if zoo_built else 'cached'} {zoo_path}")
     t0 = time.perf_counter()
-    zoo.build_zoo(recipe, threads=args.threads)
+    if args.zoo:
+        recipe = json.loads((zoo_path / "zoo.json").read_text())["recipe"]
+    else:
+        zoo.build_zoo(recipe, threads=args.threads)
+        recipe = zoo.asdict(recipe)
     zoo_s = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
 
@@ -292,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     if "ps_dfs" not in skip:
         searches.append(run_search("ps_dfs", HERE / "ps_dfs.yaml", zoo_path, out_root, seeds[0],
                                    {"budget": {"trials": args.psdfs_trials}}, args.workers))
+    if "ps_multi" not in skip:
+        searches.append(run_search("ps_multi", HERE / "ps_multi.yaml", zoo_path, out_root, seeds[0],
+                                   {"budget": {"trials": args.multi_trials}}, args.workers))
     for s in searches:
-        label = {"ps": "PS (evolved)", "dfs": "DFS (evolved)", "ps_dfs": "PS+DFS (evolved)"}[s["name"]]
+        label = {"ps": "PS (evolved)", "dfs": "DFS (evolved)", "ps_dfs": "PS+DFS (evolved)",
+                 "ps_multi": "PS multi-skill (evolved on own-task mean)"}[s["name"]]
         extra = f", {s['layers']} layers" if s["name"] != "ps" and s.get("layers") else ""
         rows.append({"label": f"{label}, seed {s['seed']}{extra}", "kind": s["name"], "metrics": s["metrics"],
                      "per_item": s["per_item"], "trials": s["trials"], "wall_s": s["wall_s"]})
@@ -304,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = {"rows": rows, "searches": searches, "command": command, "total_s": total, "zoo_s": zoo_s,
            "zoo_built": zoo_built, "zoo_seed": args.zoo_seed, "zoo_path": str(zoo_path), "seeds": seeds,
            "workers": args.workers, "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}",
-           "settings": {"zoo": json.loads(json.dumps(zoo.asdict(recipe))), "ps_trials": args.ps_trials,
+           "settings": {"zoo": recipe, "ps_trials": args.ps_trials,
                         "dfs_trials": args.dfs_trials, "psdfs_trials": args.psdfs_trials}}
     write_results(results, ctx)
     summary = {r["label"]: round(100 * r["metrics"]["target_test/accuracy"], 1) for r in rows}

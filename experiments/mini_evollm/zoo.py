@@ -56,10 +56,11 @@ class ZooRecipe:
     layers: int = 4
     heads: int = 4
     ffn: int = 384
-    seq_len: int = 128
-    base: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1000, lr=3e-3))
+    seq_len: int = 64
+    base: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1200, lr=3e-3))
     spec_a: TrainSpec = field(default_factory=lambda: TrainSpec(steps=300, lr=5e-4))
-    spec_b: TrainSpec = field(default_factory=lambda: TrainSpec(steps=300, lr=5e-4))
+    spec_b: TrainSpec = field(default_factory=lambda: TrainSpec(steps=200, lr=5e-4))
+    l2_word_order: str = field(default_factory=lambda: L.L2_WORD_ORDER)
     # base pretraining mixture (fractions of documents)
     mix_story: float = 0.2
     mix_switched: float = 0.35
@@ -93,7 +94,8 @@ def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_ow
     """The evaluation splits and the specialists' training pools, disjoint by meaning (frame key).
 
     target_search / target_test: language-2 math (the target, as in MGSM-JA vs the GSM8K-JA search set);
-    math_l1_test: specialist A's own task; qa_l2_test: specialist B's own task; a_train / b_train: fine-tune pools.
+    math_l1_test / math_l1_search: specialist A's own task; qa_l2_test / qa_l2_search: specialist B's own task;
+    a_train / b_train: the fine-tune pools.
     """
     rng = random.Random(10_000 + seed)
     frames: dict[str, L.MathFrame] = {}
@@ -114,12 +116,28 @@ def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_ow
     ql = list(qa.values())
     out["qa_l2_test"] = ql[:n_eval_own]
     out["b_train"] = ql[n_eval_own:]
+    # search splits for the sources' own tasks (the multi-skill search), drawn after everything above so
+    # the splits above never change, and disjoint from all of it
+    extra: list[L.MathFrame] = []
+    while len(extra) < n_eval_own:
+        f = L.random_math_frame(rng, two_step)
+        if f.key() not in frames:
+            frames[f.key()] = f
+            extra.append(f)
+    out["math_l1_search"] = [L.math_item(f, 1) for f in extra]
+    more: list[L.Item] = []
+    while len(more) < n_eval_own:
+        it = L.qa_item(rng, 2)
+        if it.key not in qa:
+            qa[it.key] = it
+            more.append(it)
+    out["qa_l2_search"] = more
     return out
 
 
 def held_out_keys(splits: dict[str, list[L.Item]]) -> frozenset[str]:
-    return frozenset(it.key for name in ("target_search", "target_test", "math_l1_test", "qa_l2_test")
-                     for it in splits[name])
+    return frozenset(it.key for name in ("target_search", "target_test", "math_l1_test", "qa_l2_test",
+                                         "math_l1_search", "qa_l2_search") for it in splits[name])
 
 
 def base_document(rng: random.Random, r: ZooRecipe, held_out: frozenset[str]) -> str:

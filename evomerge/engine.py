@@ -56,24 +56,12 @@ class MergeEngine:
         self.seed = seed
         self.plan: MergePlan = plan_merge(recipe, allow_pickle=allow_pickle)
         self.spec = self.plan.spec
-        self._prepared: list[PreparedInputs | None] = []
-        self._raw_first: list[torch.Tensor | None] = []  # non-floating tensors: copied from the first source
-        from tqdm.auto import tqdm
-
-        for job in tqdm(self.plan.jobs, desc="loading sources", unit="tensor", disable=not progress):
-            tensors = [self.plan.checkpoints[m].get(name, device=self.device,
-                                                    dtype=job.compute_dtype if job.floating else None)
-                       for m, name in job.sources]
-            if job.floating:
-                self._prepared.append(prepare_inputs(self.spec, tensors, job.base_pos))
-                self._raw_first.append(None)
-            else:
-                self._prepared.append(None)
-                self._raw_first.append(tensors[0])
-            del tensors
         # CPU: tensors are merged by `threads` Python threads running one torch thread each (the chunked
         # kernels are too fine-grained for torch's intra-op threads). Results never depend on the thread count.
         self.threads = 1 if self.device.type != "cpu" else max(1, threads or torch.get_num_threads())
+        self._prepared: list[PreparedInputs | None] = [None] * len(self.plan.jobs)
+        self._raw_first: list[torch.Tensor | None] = [None] * len(self.plan.jobs)  # non-floating: first source's
+        self._load_sources(progress)
         self._local = threading.local()
         self._workspaces: list[Workspace] = []
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -85,6 +73,48 @@ class MergeEngine:
         self.materialize(recipe)
 
     # ------------------------------------------------------------------ construction
+
+    def _load_sources(self, progress: bool) -> None:
+        """Read every job's sources once (sequentially: I/O) and precompute deltas and sort orders (in parallel
+        on CPU: the sorts dominate the engine's start-up)."""
+        from tqdm.auto import tqdm
+
+        def prepare(index: int, tensors: list[torch.Tensor]) -> None:
+            job = self.plan.jobs[index]
+            if job.floating:
+                self._prepared[index] = prepare_inputs(self.spec, tensors, job.base_pos)
+            else:
+                self._raw_first[index] = tensors[0]
+
+        def load(index: int) -> list[torch.Tensor]:
+            job = self.plan.jobs[index]
+            return [self.plan.checkpoints[m].get(name, device=self.device,
+                                                 dtype=job.compute_dtype if job.floating else None)
+                    for m, name in job.sources]
+
+        bar = tqdm(total=len(self.plan.jobs), desc="loading sources", unit="tensor", disable=not progress)
+        if self.threads == 1:
+            for index in range(len(self.plan.jobs)):
+                prepare(index, load(index))
+                bar.update()
+            bar.close()
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                pending: list = []
+                for index in range(len(self.plan.jobs)):
+                    pending.append(pool.submit(prepare, index, load(index)))
+                    while len(pending) > self.threads:  # bounded: at most `threads + 1` jobs' raw sources held
+                        pending.pop(0).result()
+                        bar.update()
+                for future in pending:
+                    future.result()
+                    bar.update()
+        finally:
+            torch.set_num_threads(previous)
+            bar.close()
 
     @classmethod
     def from_models(cls, base_model: str | Path | None, models: Sequence[str | Path], method: str = "ties",

@@ -207,6 +207,14 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     config = dict(reference.config)
     if isinstance(config.get("num_hidden_layers"), int):
         config["num_hidden_layers"] = out_layer
+    # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
+    layer_types = []
+    for sources in slices:
+        model, (start, end), _ = sources[0]
+        types = checkpoints[model].config.get("layer_types")
+        layer_types += list(types[start:end]) if isinstance(types, list) and len(types) >= end else []
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = layer_types if len(layer_types) == out_layer else [config["layer_types"][0]] * out_layer
     out_dtype = parse_dtype(recipe.out_dtype)
     final_dtype = out_dtype or compute
     if final_dtype is not None:

@@ -203,3 +203,20 @@ def test_existing_output_folder(llama_family, tmp_path, capsys):
     code, err = _merge(capsys, str(_write(tmp_path, _ties(llama_family))), str(out))
     assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_qwen2_frankenmerge_changes_depth_and_reloads(qwen2_family, tmp_path, capsys):
+    """Stacking to 6 layers also rewrites per-layer config lists (Qwen2's layer_types)."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(qwen2_family["model_1"]), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(qwen2_family["model_2"]), "layer_range": [1, 4]}]}]}
+    out = tmp_path / "stacked"
+    code, err = _merge(capsys, str(_write(tmp_path, recipe)), str(out))
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(config["layer_types"]) == 6
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -326,3 +326,34 @@ def test_large_tensor_tie_split_across_chunks(mergekit_api):
             lazy = torch.empty_like(base)
             run_method(spec, prepare_inputs(spec, tensors, 0, lazy=True), params, per_model, lazy, ws=Workspace())
             assert torch.equal(lazy, ours)
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    from evomerge import tiny
+
+    return tiny.make_family(tmp_path_factory.mktemp("bf16"), n_variants=2, arch="llama", seed=4, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["ties", "linear_unnormalized", "model_stock", "breadcrumbs_ties"])
+def test_bfloat16_sources_without_dtype_match_mergekit(name, bf16_family, tmp_path, mergekit_api):
+    """No `dtype:` -> computed in the sources' bfloat16, as mergekit does, and the result stays bfloat16."""
+    recipe = {k: v for k, v in RECIPES[name].items() if k != "dtype"}
+    merged = _compare(recipe, bf16_family, tmp_path, mergekit_api, name)
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "task_arithmetic", "dare_linear", "breadcrumbs_ties", "della"])
+def test_bfloat16_four_models_per_tensor(name, mergekit_api):
+    """bfloat16 compute with 4 models: weights rounded like mergekit's weight tensor, sums rounded once."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 200, generator=gen).bfloat16()
+    tensors = [base] + [(base.float() + torch.randn(300, 200, generator=gen) * 0.02).bfloat16() for _ in range(4)]
+    weights, densities = [0.37, 0.71, -0.23, 0.53], [0.5, 0.3, 0.8, 0.6]
+    per = {"epsilon": [0.1] * 4} if name == "della" else None
+    for normalize in (True, False):
+        shared = {"normalize": normalize}
+        ours = _ours(name, tensors, weights, densities, shared, per, seed=9)
+        theirs = _theirs(name, tensors, weights, densities, shared, per, seed=9)
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        assert torch.equal(ours, theirs), (name, normalize)

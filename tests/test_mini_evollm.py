@@ -40,12 +40,17 @@ def test_splits_are_disjoint_by_meaning_and_fixed():
     a = zoo.make_splits(0)
     keys = {name: {it.key for it in items} for name, items in a.items()}
     assert len(a["target_search"]) == 500 and len(a["target_test"]) == 500
-    for x in ("target_search", "target_test", "math_l1_test", "a_train"):
+    math = ("target_search", "target_test", "math_l1_test", "math_l1_search", "a_train")
+    for x in math:
         assert len(keys[x]) == len(a[x])
-        for y in ("target_search", "target_test", "math_l1_test", "a_train"):
+        for y in math:
             if x < y:
                 assert not (keys[x] & keys[y]), (x, y)
-    assert not (keys["qa_l2_test"] & keys["b_train"])
+    qa = ("qa_l2_test", "qa_l2_search", "b_train")
+    for x in qa:
+        for y in qa:
+            if x < y:
+                assert not (keys[x] & keys[y]), (x, y)
     assert all(it.lang == 2 for it in a["target_test"]) and all(it.lang == 1 for it in a["a_train"])
     zoo.make_splits.cache_clear()
     again = zoo.make_splits(0)
@@ -98,10 +103,34 @@ def test_miniature_build_loads_and_scores(tmp_path):
         weights[name] = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     assert not weights["spec_a"].equal(weights["base"]) and not weights["spec_b"].equal(weights["spec_a"])
     tok = AutoTokenizer.from_pretrained(path / "spec_a")
-    metrics = mini_task.evaluate(model, tok, split="target_test,qa_l2_test", limit=8, seed=1)
-    for key in ("target_test/accuracy", "target_test/val", "target_test/lang", "qa_l2_test/accuracy", "accuracy"):
+    metrics = mini_task.evaluate(model, tok, split="target_test,math_l1_test,qa_l2_test", limit=8, seed=1)
+    for key in ("target_test/accuracy", "target_test/val", "target_test/lang", "qa_l2_test/accuracy", "accuracy",
+                "own_tasks_mean"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["target_test/n"] == 8
+
+    # the same function through the product's custom-evaluator spec, as the experiment YAMLs use it
+    from evomerge.evaluators import build_evaluator
+
+    ev = build_evaluator({"type": "custom", "function": f"{EXP / 'mini_task.py'}:evaluate",
+                          "kwargs": {"split": "target_search"}, "metrics": ["accuracy", "val", "lang"]}, limit=8)
+    out = ev.evaluate(model, tok)
+    assert out["n"] == 8 and 0.0 <= out["accuracy"] <= out["val"] + 1e-9
+
+
+def test_experiment_yamls_validate():
+    """ps / dfs / ps_dfs / ps_multi are valid experiments for the real loop (model folders not required here)."""
+    import yaml
+
+    from evomerge.search.experiment import validate_experiment
+
+    kinds = {}
+    for name in ("ps", "dfs", "ps_dfs", "ps_multi"):
+        data = yaml.safe_load((EXP / f"{name}.yaml").read_text())
+        exp = validate_experiment(data, base_dir=EXP, default_name=name, check_models=False)
+        kinds[name] = exp.kind
+        assert exp.objectives[0].direction == "maximize"
+    assert kinds == {"ps": "ps", "dfs": "dfs", "ps_dfs": "ps_dfs", "ps_multi": "ps"}
 
 
 def test_scoring_counts_only_gated_right_answers():

@@ -51,6 +51,8 @@ BAD_CONFIGS = [
     ("no budget", {"budget": None}, "no budget given"),
     ("dfs models for ps", {"models": {"a": "x", "b": "y"}}, "models.base is required"),
     ("bad wall time", {"budget": {"wall_time": "soon"}}, "is not a duration"),
+    ("generations without population", {"optimizer": {"name": "tpe"}, "budget": {"generations": 3}},
+     "needs optimizer.population"),
 ]
 
 

@@ -46,6 +46,8 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
         flat_out.copy_(flat_base)
         return out
     flat_deltas = [d.reshape(-1) for d in deltas]
+    # mergekit multiplies by a weight tensor in the deltas' dtype: use the weights rounded to it.
+    weights = torch.tensor([float(w) for w in weights], dtype=base.dtype).tolist()
     divisor = None
     if normalize and not consensus:
         divisor = float(torch.tensor(list(weights), dtype=base.dtype).sum())
@@ -114,59 +116,78 @@ def _combine_chunks(flat_base: torch.Tensor, flat_out: torch.Tensor, count: int,
     """flat_out = base + lambda * combination of the weighted deltas, chunk by chunk.
 
     ``weighted(i, start, end, dst, tmp)`` returns model i's weighted (sparsified) delta for [start, end),
-    written into ``dst`` or a view of an existing buffer.
+    written into ``dst`` or a view of an existing buffer. Sums over the models accumulate in float32 for
+    bfloat16/float16 and are rounded once, as ``torch.sum`` (mergekit's reduction) does.
     """
     numel = flat_base.numel()
     # On a GPU the whole tensor is one chunk: kernel launches, not caches, are what costs there.
     chunk = (numel if flat_base.device.type != "cpu" else min(CHUNK, numel)) or 1
     dtype = flat_base.dtype
+    acc_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    rounded = acc_dtype != dtype
     rows = ws.get("gta_rows", (count, chunk), dtype)
     tmp_buf = ws.get("gta_tmp", (chunk,), dtype)
-    total_buf = ws.get("gta_total", (chunk,), dtype)
+    total_buf = ws.get("gta_total", (chunk,), acc_dtype)
     sign_buf = ws.get("gta_sign", (chunk,), dtype)
-    div_buf = ws.get("gta_div", (chunk,), dtype) if (consensus and normalize) else None
+    mixed_buf = ws.get("gta_mixed", (chunk,), acc_dtype) if rounded else None
+    div_acc_buf = ws.get("gta_div_acc", (chunk,), acc_dtype) if (consensus and normalize) else None
+    div_buf = ws.get("gta_div", (chunk,), dtype) if (consensus and normalize and rounded) else None
     for start in range(0, numel, chunk):
         end = min(numel, start + chunk)
         size = end - start
         out = flat_out[start:end]
         tmp = tmp_buf[:size]
         parts = [weighted(i, start, end, rows[i, :size], tmp) for i in range(count)]
+        mixed = mixed_buf[:size] if rounded else out  # where the sum over models accumulates
         if not consensus:
-            if count == 1:
-                out.copy_(parts[0])
-            else:
-                torch.add(parts[0], parts[1], out=out)
-                for part in parts[2:]:
-                    out.add_(part)
+            _sum_into(parts, mixed)
+            if rounded:
+                out.copy_(mixed)
             if divisor is not None:
                 out.div_(divisor)
         else:
             total = total_buf[:size]
-            if count == 1:
-                total.copy_(parts[0])
-            else:
-                torch.add(parts[0], parts[1], out=total)
-                for part in parts[2:]:
-                    total.add_(part)
+            _sum_into(parts, total)
             sign = sign_buf[:size]
-            torch.ge(total, 0, out=sign)
+            if rounded:
+                sign.copy_(total)  # the rounded sum decides, like mergekit's reduced-precision sum
+                torch.ge(sign, 0, out=sign)
+            else:
+                torch.ge(total, 0, out=sign)
             sign.mul_(2).sub_(1)  # majority sign: +1 where the weighted sum is >= 0, else -1
-            div = div_buf[:size] if div_buf is not None else None
+            div = div_acc_buf[:size] if div_acc_buf is not None else None
             for i, part in enumerate(parts):
                 torch.mul(part, sign, out=tmp)
                 torch.gt(tmp, 0, out=tmp)  # agrees with the majority (zeros agree with neither sign)
                 if i == 0:
-                    torch.mul(part, tmp, out=out)
+                    torch.mul(part, tmp, out=mixed)
                     if div is not None:
                         torch.mul(tmp, weights[0], out=div)
                 else:
-                    out.addcmul_(part, tmp)  # exact product (tmp is 0/1), so one rounding like a plain sum
+                    mixed.addcmul_(part, tmp)  # exact product (tmp is 0/1), so one rounding like a plain sum
                     if div is not None:
                         div.add_(tmp, alpha=weights[i])
+            if rounded:
+                out.copy_(mixed)
             if div is not None:
+                if rounded:
+                    div_buf[:size].copy_(div)
+                    div = div_buf[:size]
                 torch.eq(div, 0, out=tmp)
                 div.add_(tmp)  # 0 -> 1
                 out.div_(div)
         if lambda_ != 1:
             out.mul_(lambda_)
         out.add_(flat_base[start:end])
+
+
+def _sum_into(parts: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
+    """acc = parts[0] + parts[1] + ... in order (what torch.sum over the model axis computes for few models)."""
+    if len(parts) == 1 or parts[0].dtype != acc.dtype:  # reduced precision: add in acc's (float32) dtype
+        acc.copy_(parts[0])
+        rest = parts[1:]
+    else:
+        torch.add(parts[0], parts[1], out=acc)
+        rest = parts[2:]
+    for part in rest:
+        acc.add_(part)

@@ -399,6 +399,9 @@ def _validate_budget(budget: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
     wall = parse_duration(budget.get("wall_time"))
     if trials is None and generations is None and wall is None:
         raise _err("budget needs trials, generations or wall_time")
+    if generations is not None and optimizer["name"] in ("tpe", "random") and optimizer["population"] is None:
+        raise _err(f"budget.generations needs optimizer.population for {optimizer['name']} "
+                   "(it has no generations of its own)")
     return {"trials": trials, "generations": generations, "wall_time": wall}
 
 

@@ -2,8 +2,9 @@
 
 Flow of one trial: ``optimizer.ask`` -> state checkpoint -> a free worker materializes and evaluates ->
 the record is appended to trials.jsonl (fsynced) -> ``optimizer.tell`` -> state checkpoint. Workers stay
-busy: a free worker gets the next candidate as soon as the optimizer can propose one (Optuna samplers and
-random always can; pycma waits for the rest of its generation). There is no other barrier.
+busy: each worker holds up to two trials (one running, one queued behind it), refilled as soon as the
+optimizer can propose (Optuna samplers and random always can; pycma waits for the rest of its generation).
+There is no other barrier.
 
 Ray: without ``address`` a local Ray is started for the run and stopped after it (RAY_TMPDIR kept local,
 auth off, num_cpus from the workers); with ``address`` the run joins an existing cluster. The run folder
@@ -39,6 +40,9 @@ from evomerge.search.search_space import SearchSpace, build_space
 
 STATE_VERSION = 1
 MAX_REPLACEMENTS_PER_WORKER = 3
+# trials handed to a worker at once: the second waits in the actor's queue, so the worker starts it the moment
+# it finishes the first, without waiting for the driver's bookkeeping (record, tell, checkpoint) in between
+SLOTS_PER_WORKER = 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,6 +84,8 @@ def build_models(run: RunFolder, config: dict[str, Any]) -> dict[str, Any]:
         return config
     kind = config["search_space"]["kind"]
     target = run.path / "models"
+    for stale in run.path.glob(".models-*"):  # a build interrupted by a kill
+        shutil.rmtree(stale, ignore_errors=True)
     if not (target / "base" / "config.json").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".models-", dir=run.path))
         kwargs = {k: v for k, v in build.items() if k not in ("arch", "n_variants", "seed", "scale")}
@@ -352,6 +358,7 @@ class SearchDriver:
         replacements = 0
         idle: deque[int] = deque()
         inflight: dict[Any, tuple[int, int]] = {}  # ref -> (trial id, worker id)
+        assigned: dict[int, list[int]] = {}  # worker id -> its trials in flight, oldest (running) first
         attempts: dict[int, int] = {}
         checked_metrics = False
 
@@ -359,12 +366,16 @@ class SearchDriver:
             while True:
                 # hand out work to idle workers
                 while idle:
+                    if idle[0] not in workers:  # a slot of a worker that died meanwhile
+                        idle.popleft()
+                        continue
                     tid = queue.popleft() if queue else self._ask(stage)
                     if tid is None:
                         break
                     w = idle.popleft()
                     cand = space.candidate(space.values(pending[tid]["x"]))
                     inflight[workers[w].evaluate.remote(tid, cand)] = (tid, w)
+                    assigned.setdefault(w, []).append(tid)
                 if not inflight and not starting:
                     if not idle and (queue or self._stage_budget_left(stage, self.n_done, len(pending))):
                         raise EvomergeError("no live workers left (every worker died and the replacements "
@@ -387,28 +398,36 @@ class SearchDriver:
                         if missing:
                             raise EvomergeError(f"objective {missing[0]} is not a metric of the evaluators "
                                                 f"(they report: {', '.join(info['metric_names'])})")
-                    idle.append(w)
+                    idle.extend([w] * SLOTS_PER_WORKER)
                     continue
                 tid, w = inflight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    # the worker died: the trial it was running (its oldest) counts an attempt; the one
+                    # queued behind it never started. Both go back to the queue, in trial order.
+                    order = assigned.pop(w, [tid])
                     workers.pop(w, None)
-                    attempts[tid] = attempts.get(tid, 0) + 1
+                    for other in [r for r, (_, ww) in inflight.items() if ww == w]:
+                        inflight.pop(other)
                     if replacements < MAX_REPLACEMENTS_PER_WORKER * n_workers:
                         replacements += 1
                         nw = next_worker_id
                         next_worker_id += 1
                         workers[nw] = worker_cls.remote(dict(setup, worker=nw))
                         starting[workers[nw].ready.remote()] = nw
-                    if attempts[tid] <= exp.workers["max_retries"]:
-                        queue.appendleft(tid)
-                    else:
-                        self._finish(stage, tid, {"trial": tid, "worker": w, "status": "failed", "metrics": {},
-                                                  "error": f"worker died {attempts[tid]} times: "
-                                                           f"{type(exc).__name__}", "seconds": None})
+                    running = order[0]
+                    attempts[running] = attempts.get(running, 0) + 1
+                    retry = [t for t in order if t != running or attempts[t] <= exp.workers["max_retries"]]
+                    queue = deque(sorted([*queue, *retry]))
+                    if running not in retry:
+                        self._finish(stage, running, {"trial": running, "worker": w, "status": "failed",
+                                                      "metrics": {}, "seconds": None,
+                                                      "error": f"worker died {attempts[running]} times: "
+                                                               f"{type(exc).__name__}"})
                     continue
                 result["attempts"] = attempts.get(tid, 0) + 1
+                assigned[w].remove(tid)
                 self._finish(stage, tid, result)
                 if w in workers:
                     idle.append(w)

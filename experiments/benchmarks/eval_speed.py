@@ -42,7 +42,8 @@ COLORS = ["red", "blue", "green", "yellow"]
 
 
 def word_problem(rng: random.Random) -> tuple[str, str, int]:
-    """A 1- to 6-step add/subtract word problem and its worked answer: answer lengths vary like real ones.
+    """A 1- to 6-step add/subtract word problem and its worked answer (about 20 to 130 tokens, like GSM8K's
+    worked solutions): answer lengths vary like real ones.
 
     0-4 distractor sentences make the question's length independent of the answer's (as in real data, where
     a long question does not mean a long solution).
@@ -58,11 +59,13 @@ def word_problem(rng: random.Random) -> tuple[str, str, int]:
         amount = rng.randint(1, 9)
         if rng.random() < 0.5 or total <= amount:
             sentences.append(f"Then {name} gets {amount} more.")
-            work.append(f"{total} + {amount} = {total + amount}.")
+            work.append(f"{name} had {total} {thing} and got {amount} more, so {name} has "
+                        f"{total} + {amount} = {total + amount} {thing}.")
             total += amount
         else:
             sentences.append(f"Then {name} gives away {amount}.")
-            work.append(f"{total} - {amount} = {total - amount}.")
+            work.append(f"{name} had {total} {thing} and gave away {amount}, so {name} has "
+                        f"{total} - {amount} = {total - amount} {thing}.")
             total -= amount
     question = " ".join(sentences) + f" How many {thing} does {name} have now?"
     return question, " ".join(work) + f" The answer is {total}.", total
@@ -72,7 +75,7 @@ def build_model(cache_dir: Path, train_steps: int, device: str):
     """The benchmark model, trained once on multi-step word problems and cached (key: shape and steps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = cache_dir / f"eval-speed-v2-llama-{MODEL_SHAPE['hidden_size']}x{MODEL_SHAPE['num_layers']}-s{train_steps}"
+    path = cache_dir / f"eval-speed-v3-llama-{MODEL_SHAPE['hidden_size']}x{MODEL_SHAPE['num_layers']}-s{train_steps}"
     if not (path / "config.json").is_file():
         rng = random.Random(0)
         texts = []
@@ -136,7 +139,7 @@ def main() -> int:
 
     model, tok = build_model(cache, args.train_steps, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    data = write_items(cache / "eval_speed_items_v2.tsv", args.items)
+    data = write_items(cache / "eval_speed_items_v3.tsv", args.items)
     # our math evaluator with the mgsm:en prompt template, on held-out problems of the training kind
     ev = build_evaluator({"type": "math_word", "name": "eval_speed", "data": str(data), "language": "en",
                           "template": "mgsm_native_cot", "chat_template": "never",
@@ -162,7 +165,8 @@ def main() -> int:
     print(f"model: llama {n_params / 1e6:.1f}M params, vocab {len(tok)}; device {args.device}, "
           f"{args.threads} threads; {len(prompts)} prompts (mgsm_native_cot template), batch {args.batch_size}, "
           f"max_new_tokens {settings.max_new_tokens}, stop {list(settings.stop)}")
-    run_ours()  # warm-up (first-call allocations)
+    run_ours()  # warm-up both (first-call allocations)
+    run_lm_eval()
     ours_times, theirs_times = [], []
     ours = theirs = None
     for r in range(args.repeats):

@@ -1,10 +1,11 @@
 """Loop overhead and worker utilisation of the search driver (evomerge/search/loop.py).
 
 1. Overhead per trial, one worker, a zero-cost evaluator: for consecutive trials, the time between two
-   finishes minus the worker's own materialize + evaluate time of the second. That is everything the loop
-   adds per trial: ask, state checkpoint (fsync + rename), Ray round trip, trials.jsonl append (fsync), tell,
-   checkpoint again, pareto.json. Target: median < 20 ms. Baseline, measured in the same run: a bare loop of
-   Ray calls to an actor that does the same materialize + evaluate, with no optimizer and no run folder.
+   finishes minus the worker's own materialize + evaluate time of the second: everything the loop adds to a
+   trial's wall time (Ray round trip, and whatever of the driver's bookkeeping - trials.jsonl append + fsync,
+   tell, state checkpoint + fsync, next ask - is not overlapped by the two-slot worker queue). The driver's
+   bookkeeping time itself is printed too. Target: median < 20 ms. Baseline, measured in the same run: a bare
+   loop of Ray calls to an actor that does the same materialize + evaluate, no optimizer, no run folder.
 2. Worker utilisation, two workers, a fixed-cost evaluator (0.25 s sleep): the workers' busy time over
    2 x the wall time from the first dispatch to the last finish. Target: >= 90 %.
 
@@ -47,6 +48,31 @@ def run(tmp: Path, name: str, exp: dict, address: str) -> list[dict]:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(exp))
     return start_run(path, out=tmp / name, address=address, progress=False).trials()
+
+
+DRIVER_MS: list[float] = []
+
+
+def time_driver_bookkeeping() -> None:
+    """Measure the driver's own work per trial (record + tell + checkpoint + next ask), which the two-slot
+    worker queue overlaps with the worker's next trial."""
+    from evomerge.search.loop import SearchDriver
+
+    finish, ask = SearchDriver._finish, SearchDriver._ask
+
+    def timed_finish(self, *a, **k):
+        t = time.perf_counter()
+        finish(self, *a, **k)
+        DRIVER_MS.append(1000 * (time.perf_counter() - t))
+
+    def timed_ask(self, *a, **k):
+        t = time.perf_counter()
+        out = ask(self, *a, **k)
+        if DRIVER_MS:
+            DRIVER_MS[-1] += 1000 * (time.perf_counter() - t)
+        return out
+
+    SearchDriver._finish, SearchDriver._ask = timed_finish, timed_ask
 
 
 def per_trial_overhead_ms(trials: list[dict]) -> list[float]:
@@ -105,8 +131,10 @@ def main() -> int:
     address = ray.get_runtime_context().gcs_address
     try:
         zero = {"type": "custom", "function": f"{HELPERS}:zero_cost"}
+        time_driver_bookkeeping()
         trials = run(tmp, "zero", experiment(family, zero, args.optimizer, args.trials, 1), address)
         loop_ms = per_trial_overhead_ms(trials)
+        driver_ms = list(DRIVER_MS)
         work_ms = [1000 * t["seconds"] for t in trials]
         bare_ms = bare_ray_overhead_ms(family, args.trials)
 
@@ -126,9 +154,10 @@ def main() -> int:
     print(f"    evomerge loop overhead per trial:      median {med_loop:.2f} ms  (p90 "
           f"{sorted(loop_ms)[int(0.9 * len(loop_ms))]:.2f} ms)  target < 20 ms: "
           f"{'PASS' if med_loop < 20 else 'FAIL'}")
+    print(f"    driver bookkeeping per trial:          median {statistics.median(driver_ms):.2f} ms "
+          "(record+fsync, tell, checkpoint+fsync, next ask; overlapped by the 2-slot worker queue)")
     print(f"    baseline, bare Ray call loop:          median {med_bare:.2f} ms")
-    print(f"    ratio loop / bare Ray:                 {med_loop / med_bare:.2f}x "
-          f"(driver bookkeeping: {med_loop - med_bare:.2f} ms per trial)")
+    print(f"    ratio loop / bare Ray:                 {med_loop / med_bare:.2f}x")
     print(f"[2] {len(util_trials)} trials, 2 workers, fixed {args.cost:.2f} s evaluator")
     print(f"    worker utilisation: {100 * utilisation:.1f} %  target >= 90 %: "
           f"{'PASS' if utilisation >= 0.9 else 'FAIL'}")

@@ -67,6 +67,7 @@ class ZooRecipe:
     mix_parallel: float = 0.1
     mix_facts: float = 0.15
     mix_qa: float = 0.2
+    mix_math_qa: float = 0.0   # share of math word problems with solutions, both languages, in the base
     switch_p: float = 0.4
     two_step: float = 0.3
     n_search: int = 500
@@ -160,6 +161,11 @@ def base_document(rng: random.Random, r: ZooRecipe, held_out: frozenset[str]) ->
         for _ in range(rng.randint(3, 8)):
             a, b = L.arithmetic_fact(rng)
             words += a if lang == 1 else b
+    elif u < r.mix_story + r.mix_switched + r.mix_parallel + r.mix_facts + r.mix_math_qa:
+        while True:
+            it = L.math_item(L.random_math_frame(rng, r.two_step), lang)
+            if it.key not in held_out:
+                return L.qa_text(it)
     else:
         while True:
             it = L.qa_item(rng, lang) if rng.random() < 0.5 else L.count_item(rng, lang)

@@ -122,6 +122,9 @@ def weighted_score(exp: Experiment, values: list[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # Ray
 
+_REAPER: Any = None  # the watchdog of the embedded Ray started by this process (see reaper.py)
+
+
 def start_ray(address: str | None, exp: Experiment) -> bool:
     """Connect to ``address`` or start an embedded local Ray; returns True when we started it."""
     import ray
@@ -157,8 +160,21 @@ def start_ray(address: str | None, exp: Experiment) -> bool:
     return True
 
 
+def stop_ray() -> None:
+    """Stop the embedded Ray and its watchdog (a normal end: Ray stops its own processes)."""
+    global _REAPER
+    import ray
+
+    ray.shutdown()
+    if _REAPER is not None:
+        _REAPER.kill()
+        _REAPER.wait()
+        _REAPER = None
+
+
 def _start_reaper() -> None:
     """Watchdog that ends this run's Ray agents if the driver is SIGKILLed (see reaper.py)."""
+    global _REAPER
     import subprocess
 
     import ray
@@ -167,9 +183,9 @@ def _start_reaper() -> None:
         session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
     except Exception:
         return
-    subprocess.Popen([sys.executable, "-m", "evomerge.search.reaper", str(os.getpid()), session_dir],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
+    _REAPER = subprocess.Popen([sys.executable, "-m", "evomerge.search.reaper", str(os.getpid()), session_dir],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
 
 
 def _gpus_per_worker(exp: Experiment) -> float:
@@ -253,9 +269,7 @@ class SearchDriver:
         finally:
             self.run.close()
             if we_started:
-                import ray
-
-                ray.shutdown()
+                stop_ray()
 
     def _finished(self) -> bool:
         stage = self.state["stage"]

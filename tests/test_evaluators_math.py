@@ -70,6 +70,24 @@ def test_generation_matches_transformers_generate():
         assert len(gen.token_ids) == 24 or gen.token_ids[-1] == tok.eos_token_id
 
 
+def test_refilled_batches_give_each_prompt_its_own_answer():
+    """Rows that finish are replaced by waiting prompts mid-batch: every answer must still equal the one
+    decoded alone (batch of 1) and generate()'s."""
+    model, tok = load_arith_model()
+    questions = [f"Question: {q}\nStep-by-Step Answer:" for q, _, _ in problems(5, seed=8)]
+    prompts = [p for pair in zip(questions, ["Question: Tom", "x y", "The answer", "Ann has", "?"]) for p in pair]
+    settings = GenerationSettings(max_new_tokens=20, stop=("\n\n",), batch_size=3)
+    refilled = greedy_generate(model, tok, prompts, settings)
+    lengths = {g.new_tokens for g in refilled}
+    assert len(lengths) > 2, "the test needs answers of different lengths"
+    for prompt, gen in zip(prompts, refilled):
+        alone = greedy_generate(model, tok, [prompt], GenerationSettings(max_new_tokens=20, stop=("\n\n",)))[0]
+        assert gen.token_ids == alone.token_ids and gen.text == alone.text
+        ids = tok(prompt, return_tensors="pt")
+        ref = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert gen.token_ids == ref[0, ids["input_ids"].shape[1]:].tolist()[:len(gen.token_ids)]
+
+
 def test_stop_strings_and_max_new_tokens(arith_data):
     model, tok = load_arith_model()
     prompts = ["Question: Tom has 3 apples. Tom gets 4 more. How many apples does Tom have?\nStep-by-Step Answer:"]

@@ -198,55 +198,61 @@ class _StreamDecoder:
         settings = self.settings
         pending = list(reversed(order))  # pop() from the end = next in order
         rows: list[int] = []
+        fresh: list[bool] = []  # fresh[k]: rows[k]'s next token is not recorded yet
         generated: dict[int, list[int]] = {}
         cache = attention = positions = next_tokens = None
         while pending or rows:
             free = settings.batch_size - len(rows)
-            if free > 0 and pending and (cache is None or self._mergeable(cache)):
+            if free > 0 and pending and (cache is None or not rows or self._mergeable(cache)):
                 new = [pending.pop() for _ in range(min(free, len(pending)))]
                 c2, a2, p2, n2 = self._prefill([token_ids[i] for i in new])
                 for i in new:
                     generated[i] = []
-                if cache is None or not rows:
-                    cache, attention, positions, next_tokens, rows = c2, a2, p2, n2, new
+                if not rows:
+                    cache, attention, positions, next_tokens, rows, fresh = c2, a2, p2, n2, new, [True] * len(new)
                 else:
                     cache, attention = self._merge(cache, attention, c2, a2)
                     positions = torch.cat([positions, p2])
                     next_tokens = torch.cat([next_tokens, n2])
-                    rows = rows + new
+                    rows, fresh = rows + new, fresh + [True] * len(new)
             if settings.max_new_tokens == 0:
                 for i in rows:
                     yield i, generated.pop(i)
-                rows, cache = [], None
+                rows, fresh, cache = [], [], None
                 continue
-            done = self._record(rows, next_tokens.tolist(), generated)
+            done = self._record(rows, next_tokens.tolist(), generated, fresh)
+            fresh = [False] * len(rows)
             if any(done):
                 for k, finished in enumerate(done):
                     if finished:
                         yield rows[k], generated.pop(rows[k])
                 keep = [k for k, finished in enumerate(done) if not finished]
                 if not keep:
-                    rows, cache = [], None
+                    rows, fresh, cache = [], [], None
                     continue
                 keep_index = torch.tensor(keep, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(keep_index)
                 attention = attention.index_select(0, keep_index)
                 next_tokens = next_tokens.index_select(0, keep_index)
                 positions = positions.index_select(0, keep_index)
-                rows = [rows[k] for k in keep]
+                rows, fresh = [rows[k] for k in keep], [False] * len(keep)
                 cache, attention = self._trim(cache, attention)
                 if pending and self._mergeable(cache):
-                    continue  # refill the free rows before the next step
+                    continue  # refill the free rows (their first tokens get recorded) before the next step
             attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype,
                                                          device=self.device)], dim=1)
             positions = positions + 1
             next_tokens = self._call(next_tokens[:, None], attention, positions[:, None], cache)
+            fresh = [True] * len(rows)
 
-    def _record(self, rows: list[int], tokens: list[int], generated: dict[int, list[int]]) -> list[bool]:
-        """Append each row's new token; which rows are finished (EOS, max_new_tokens, stop string)."""
+    def _record(self, rows: list[int], tokens: list[int], generated: dict[int, list[int]],
+                fresh: list[bool]) -> list[bool]:
+        """Append each fresh row's new token; which rows are finished (EOS, max_new_tokens, stop string)."""
         settings = self.settings
         done = [False] * len(rows)
         for k, (row, token) in enumerate(zip(rows, tokens)):
+            if not fresh[k]:
+                continue
             generated[row].append(token)
             if token in self.eos_ids or len(generated[row]) >= settings.max_new_tokens:
                 done[k] = True

@@ -142,6 +142,17 @@ def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0) -
     return 100.0 * (sum(a) - sum(b)) / m, diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]
 
 
+def _short(row: dict) -> str:
+    """A plot label: base / A / B / TIES / DARE-TIES / ps s0 / dfs s0 / ..."""
+    label = row["label"]
+    if row["kind"] == "source":
+        return label.split(":")[0].split(" ")[0]
+    if row["kind"] == "merge":
+        return label.split(",")[0]
+    seed = label.split("seed ")[1].split(",")[0] if "seed " in label else ""
+    return f"{ {'ps': 'PS', 'dfs': 'DFS', 'ps_dfs': 'PS+DFS', 'ps_multi': 'PS multi'}[row['kind']]} s{seed}"
+
+
 def pareto_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -154,7 +165,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         for r in rows:
             x, y = 100 * r["metrics"][other], 100 * r["metrics"]["target_test/accuracy"]
             ax.scatter(x, y, s=30)
-            ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_short(r), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"{label}, test accuracy %")
         ax.set_ylabel("target: language-2 math (gated), test accuracy %")
         ax.grid(alpha=0.3)
@@ -246,7 +257,10 @@ def write_results(path: Path, ctx: dict) -> None:
                    "fallback the issue asks for.")]
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
-              "", "## Settings", "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
+              "", "## Settings", "",
+              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 128,",
+              "multi-skill 64). The zoo designs tried and their measurements: [FEASIBILITY.md](FEASIBILITY.md).",
+              "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
     if ctx.get("notes"):
         lines += ["## Notes", "", *ctx["notes"], ""]
     path.write_text("\n".join(lines))
@@ -332,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in searches:
         label = {"ps": "PS (evolved)", "dfs": "DFS (evolved)", "ps_dfs": "PS+DFS (evolved)",
                  "ps_multi": "PS multi-skill (evolved on own-task mean)"}[s["name"]]
-        extra = f", {s['layers']} layers" if s["name"] != "ps" and s.get("layers") else ""
+        extra = f", {s['layers']} layers in the path" if s["name"] in ("dfs", "ps_dfs") and s.get("layers") else ""
         rows.append({"label": f"{label}, seed {s['seed']}{extra}", "kind": s["name"], "metrics": s["metrics"],
                      "per_item": s["per_item"], "trials": s["trials"], "wall_s": s["wall_s"]})
 

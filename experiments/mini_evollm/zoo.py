@@ -66,8 +66,8 @@ class ZooRecipe:
     mix_switched: float = 0.35
     mix_parallel: float = 0.1
     mix_facts: float = 0.15
-    mix_qa: float = 0.2
-    mix_math_qa: float = 0.0   # share of math word problems with solutions, both languages, in the base
+    mix_math_qa: float = 0.03  # math word problems with solutions, both languages: A's fine-tune becomes a refinement
+    mix_qa: float = 0.17       # (the rest of the documents: reading and look-up questions, both languages)
     switch_p: float = 0.4
     two_step: float = 0.3
     n_search: int = 500

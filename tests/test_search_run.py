@@ -309,6 +309,11 @@ def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, 
     model = load_dataflow_model(tmp_path / "dfs_best")
     assert len(model.model.layers) == len(info["layers"])
     assert helpers.logit_std(model, None)["std"] == best["metrics"]["e/std"]
+    # `evomerge eval` loads a scaled DFS export with its scales applied
+    from evomerge.commands.eval import load_model
+
+    loaded, _ = load_model(str(tmp_path / "dfs_best"))
+    assert helpers.logit_std(loaded, None)["std"] == best["metrics"]["e/std"]
 
     # PS then DFS without scalings: the winner is a standard checkpoint with the path's layers in order
     ps_dfs = _ps_experiment(llama_family, evaluator, search_space="ps_dfs",

@@ -52,6 +52,9 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "auto"):
                                                      dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as exc:
         raise EvomergeError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0]}") from None
+    from evomerge.search.dataflow import apply_dataflow_scales
+
+    model = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
     return model.to(torch_device).eval(), tokenizer
 
 

@@ -203,7 +203,9 @@ class _StreamDecoder:
         cache = attention = positions = next_tokens = None
         while pending or rows:
             free = settings.batch_size - len(rows)
-            if free > 0 and pending and (cache is None or not rows or self._mergeable(cache)):
+            # refill in groups (a quarter of the batch) so each prefill call does a useful amount of work
+            if (not rows or free >= max(1, settings.batch_size // 4)) and free > 0 and pending \
+                    and (cache is None or not rows or self._mergeable(cache)):
                 new = [pending.pop() for _ in range(min(free, len(pending)))]
                 c2, a2, p2, n2 = self._prefill([token_ids[i] for i in new])
                 for i in new:
@@ -237,7 +239,8 @@ class _StreamDecoder:
                 positions = positions.index_select(0, keep_index)
                 rows, fresh = [rows[k] for k in keep], [False] * len(keep)
                 cache, attention = self._trim(cache, attention)
-                if pending and self._mergeable(cache):
+                if pending and self._mergeable(cache) and \
+                        settings.batch_size - len(rows) >= max(1, settings.batch_size // 4):
                     continue  # refill the free rows (their first tokens get recorded) before the next step
             attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype,
                                                          device=self.device)], dim=1)

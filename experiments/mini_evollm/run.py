@@ -194,7 +194,7 @@ def write_results(path: Path, ctx: dict) -> None:
         f"Zoo seed {ctx['zoo_seed']} (`{ctx['zoo_path']}`), search seeds {ctx['seeds']}, workers {ctx['workers']}.",
         "",
         "Target = language-2 math word problems, held-out test split (500 items, disjoint from the 500-item",
-        "search split); a answer counts only when its last number is right AND the output is in language 2.",
+        "search split); an answer counts only when its last number is right AND the output is in language 2.",
         "`val` = number right in any language; `lang` = output in language 2. Own tasks: language-1 math",
         "(specialist A's) and language-2 reading QA (specialist B's), 300 items each.",
         "",
@@ -248,13 +248,20 @@ def write_results(path: Path, ctx: dict) -> None:
         others = [r for r in rows if r["kind"] in ("source", "merge")]
         reached = all(min(accs) - 100 * r["metrics"]["target_test/accuracy"] > spread for r in others) \
             and mean > 0
+        wins = []
+        for r in others:
+            k = sum(bootstrap_diff(sp["per_item"], r["per_item"])[1] > 0 for sp in ps)
+            wins.append(f"{r['label']}: {k} of {len(ps)} seeds")
         lines += ["", "## Verdict on the cross-skill target", "",
                   ("PS beats every source and both no-search merges on the held-out target by more than the "
                    "run-to-run range." if reached else
                    "NOT REACHED at this scale: PS does not beat every source and both no-search merges on the "
-                   "held-out target by more than the run-to-run range. What was tried (three zoo designs, with "
-                   "measurements) is in [FEASIBILITY.md](FEASIBILITY.md); the multi-skill case below is the "
-                   "fallback the issue asks for.")]
+                   "held-out target by more than the run-to-run range."),
+                  "",
+                  "PS seeds whose paired 95% interval against each model lies above 0: " + "; ".join(wins) + ".",
+                  "",
+                  "The zoo designs tried, with measurements, are in [FEASIBILITY.md](FEASIBILITY.md); the "
+                  "multi-skill section above is the fallback the issue asks for."]
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
               "", "## Settings", "",

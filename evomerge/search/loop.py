@@ -154,8 +154,9 @@ def start_ray(address: str | None, exp: Experiment) -> bool:
         except Exception:
             num_gpus = 0
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+    # the embedded Ray lives on loopback: nothing of it listens on or talks to other addresses
     ray.init(num_cpus=max(1, math.ceil(w["count"] * w["cpus_per_worker"])), num_gpus=num_gpus,
-             _temp_dir=os.environ["RAY_TMPDIR"], **kwargs)
+             _temp_dir=os.environ["RAY_TMPDIR"], _node_ip_address="127.0.0.1", **kwargs)
     _start_reaper()
     return True
 

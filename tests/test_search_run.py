@@ -378,3 +378,32 @@ def test_an_evaluator_that_cannot_be_built_stops_the_run_with_one_line(ray_addre
     assert code == 2
     assert "mgsm needs a language" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
+
+
+def test_sigterm_stops_the_run_cleanly_and_it_resumes(tmp_path):
+    """A scheduler's SIGTERM ends `evomerge run` like Ctrl-C: exit 130, a one-line hint to resume, its embedded
+    Ray stopped, and every trial finished so far kept (none repeated on resume)."""
+    exp = yaml.safe_load((REPO / "experiments" / "smoke.yaml").read_text())
+    exp["budget"] = {"trials": 400}
+    exp["evaluators"][0]["spec"]["function"] = str(REPO / "experiments" / "smoke_eval.py") + ":logit_match"
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("run", str(_write(tmp_path / "exp.yaml", exp)), "--out", str(out), "--no-progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for_lines(out, 6, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"evomerge run --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    before = RunFolder.open(out).trials()
+    assert 6 <= len(before) < 400
+    sessions = list(Path(tempfile.gettempdir()).glob(f"evomerge-ray-{os.getuid()}/session_*_{proc.pid}"))
+    assert len(sessions) == 1 and _session_processes(sessions[0]) == []
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["budget"]["trials"] = len(before) + 4
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    resume_run(out, progress=False)
+    after = RunFolder.open(out).trials()
+    assert after[:len(before)] == before
+    assert sorted(t["trial"] for t in after) == list(range(len(before) + 4))

@@ -25,8 +25,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -161,6 +163,19 @@ def start_ray(address: str | None, exp: Experiment) -> bool:
     return True
 
 
+def _sigterm_as_interrupt():
+    """Make SIGTERM (e.g. a scheduler's stop) end the run like Ctrl-C: the loop's clean-up runs and the run
+    folder stays resumable. Returns a function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def stop_ray() -> None:
     """Stop the embedded Ray and its watchdog (a normal end: Ray stops its own processes)."""
     global _REAPER
@@ -253,6 +268,7 @@ class SearchDriver:
         if self._finished():
             return  # a finished run resumed: nothing to start
         we_started = start_ray(self.address, self.exp)
+        restore_sigterm = _sigterm_as_interrupt()  # after ray.init, which installs a crash handler for it
         try:
             while True:
                 stage = self.state["stage"]
@@ -267,7 +283,12 @@ class SearchDriver:
                 self.state["stage"] = stage + 1
                 self.state["optimizer"] = None
                 self._save()
+        except KeyboardInterrupt:
+            print(f"evomerge run: stopped; every finished trial is saved. Continue with: "
+                  f"evomerge run --resume {self.run.path}", file=sys.stderr)
+            raise
         finally:
+            restore_sigterm()
             self.run.close()
             if we_started:
                 stop_ray()

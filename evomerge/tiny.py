@@ -116,3 +116,27 @@ def make_family(out_dir: str | Path, n_variants: int = 2, arch: str = "llama", s
         tok.save_pretrained(path)
         paths[name] = path
     return paths
+
+
+def train_causal_lm(model, encoded: list[list[int]], pad_token_id: int, steps: int, batch_size: int,
+                    lr: float, rng, weight_decay: float = 0.01, log=None):
+    """Train ``model`` in place on token sequences with next-token loss (AdamW, right padding ignored by the
+    loss); batches are drawn with ``rng`` (a ``random.Random``) so a seeded run is reproducible.
+    ``log(step, loss)`` is called after each step when given. Returns the model, in train mode."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for step in range(steps):
+        batch = rng.sample(encoded, batch_size)
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, :len(seq)] = torch.tensor(seq)
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if log is not None:
+            log(step, loss.item())
+    return model

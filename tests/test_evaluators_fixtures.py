@@ -58,20 +58,8 @@ def arith_model(steps: int = 120) -> Path:
         model = tiny.make_model("llama", seed=0, vocab_size=len(tok), hidden_size=64, num_layers=2,
                                 num_heads=4, num_kv_heads=2, intermediate_size=128).train()
         encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        gen = random.Random(2)
-        for _ in range(steps):
-            batch = gen.sample(encoded, 32)
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            for row, seq in enumerate(batch):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                labels[row, :len(seq)] = torch.tensor(seq)
-            loss = model(input_ids=ids, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        tiny.train_causal_lm(model, encoded, tok.pad_token_id, steps=steps, batch_size=32, lr=3e-3,
+                             rng=random.Random(2), weight_decay=0.0)
     finally:
         torch.set_num_threads(threads)
     folder = tempfile.mkdtemp(prefix="evomerge-arith-")

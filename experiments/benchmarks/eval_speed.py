@@ -84,24 +84,16 @@ def build_model(cache_dir: Path, train_steps: int, device: str):
             texts.append(f"Question: {question}\nStep-by-Step Answer: {worked}\n\n")
         tok = tiny.make_tokenizer(corpus=texts, vocab_size=1024)
         model = tiny.make_model("llama", seed=0, vocab_size=len(tok), **MODEL_SHAPE).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
         encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
         started = time.perf_counter()
-        for step in range(train_steps):
-            batch = rng.sample(encoded, 16)
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            for row, seq in enumerate(batch):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                labels[row, :len(seq)] = torch.tensor(seq)
-            loss = model(input_ids=ids, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+
+        def log(step: int, loss: float) -> None:
             if step % 10 == 0 or step == train_steps - 1:
-                print(f"  train step {step + 1}/{train_steps} loss {loss.item():.3f} "
+                print(f"  train step {step + 1}/{train_steps} loss {loss:.3f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+        tiny.train_causal_lm(model, encoded, tok.pad_token_id, steps=train_steps, batch_size=16, lr=2e-3,
+                             rng=rng, log=log)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir))
         model.eval().save_pretrained(tmp)
         tok.save_pretrained(tmp)

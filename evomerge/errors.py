@@ -9,3 +9,14 @@ class EvomergeError(Exception):
     """A problem with the user's input, reported as one line and exit code 2."""
 
     exit_code = 2
+
+
+def check_keys(where: str, mapping, allowed: set[str]) -> dict:
+    """``mapping`` itself, after checking that it is a mapping whose keys are all in ``allowed``
+    (config sections are strict: a misspelt key is an error, never silently ignored)."""
+    if not isinstance(mapping, dict):
+        raise EvomergeError(f"{where} must be a mapping, got {type(mapping).__name__}")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise EvomergeError(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+    return mapping

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, check_keys
 
 OPTIMIZERS = ("cmaes", "optuna_cmaes", "tpe", "nsga2", "random")
 MULTI_OBJECTIVE = ("weighted_sum", "pareto")
@@ -103,15 +103,6 @@ def _err(msg: str) -> EvomergeError:
     return EvomergeError(msg)
 
 
-def _check_keys(where: str, mapping: Any, allowed: set[str]) -> dict:
-    if not isinstance(mapping, dict):
-        raise _err(f"{where} must be a mapping, got {type(mapping).__name__}")
-    unknown = sorted(set(mapping) - allowed)
-    if unknown:
-        raise _err(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
-    return mapping
-
-
 def parse_duration(value: Any) -> float | None:
     """Seconds from 90, '90s', '15m', '2h', '1d' (None stays None)."""
     if value is None:
@@ -169,7 +160,7 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     from evomerge.search.search_space import load_space_definition
 
     base_dir = Path(base_dir).resolve()
-    data = copy.deepcopy(_check_keys("the experiment", data, TOP_KEYS))
+    data = copy.deepcopy(check_keys("the experiment", data, TOP_KEYS))
 
     name = str(data.get("name") or default_name)
     seed = data.get("seed", 0)
@@ -243,7 +234,7 @@ def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> dic
     """
     if models is None:
         raise _err("no models given (models: {base: ..., sources: ...} for PS, {a: ..., b: ...} for DFS)")
-    models = _check_keys("models", models, MODEL_KEYS)
+    models = check_keys("models", models, MODEL_KEYS)
     out: dict[str, Any] = {"build": None}
     build = models.get("build")
     if build is not None and not all(models.get(k) is None for k in ("base", "sources", "a", "b")):
@@ -251,7 +242,7 @@ def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> dic
         if not all(models.get(k) is not None for k in _needed(kind)):
             raise _err("models.build builds the models itself: do not also give model paths")
     elif build is not None:
-        build = dict(_check_keys("models.build", build, BUILD_KEYS))
+        build = dict(check_keys("models.build", build, BUILD_KEYS))
         build.setdefault("arch", "llama")
         build.setdefault("n_variants", 2)
         build.setdefault("seed", 0)
@@ -321,7 +312,7 @@ def _validate_evaluators(evaluators: Any, base_dir: Path = Path(".")) -> list[Ev
     for i, ev in enumerate(evaluators):
         if isinstance(ev, str):
             ev = {"spec": ev}
-        ev = _check_keys(f"evaluators[{i}]", ev, EVALUATOR_KEYS)
+        ev = check_keys(f"evaluators[{i}]", ev, EVALUATOR_KEYS)
         if "spec" not in ev:
             raise _err(f"evaluators[{i}] has no spec")
         spec = ev["spec"]
@@ -349,7 +340,7 @@ def _validate_objectives(objectives: Any, evaluators: list[EvaluatorSpec]) -> li
     for i, ob in enumerate(objectives):
         if isinstance(ob, str):
             ob = {"metric": ob}
-        ob = _check_keys(f"objectives[{i}]", ob, OBJECTIVE_KEYS)
+        ob = check_keys(f"objectives[{i}]", ob, OBJECTIVE_KEYS)
         metric = ob.get("metric")
         if not isinstance(metric, str) or "/" not in metric:
             raise _err(f"objectives[{i}].metric must look like EVALUATOR/METRIC, got {metric!r}")
@@ -370,7 +361,7 @@ def _validate_objectives(objectives: Any, evaluators: list[EvaluatorSpec]) -> li
 def _validate_optimizer(opt: Any, n_objectives: int) -> dict[str, Any]:
     if isinstance(opt, str):
         opt = {"name": opt}
-    opt = dict(_check_keys("optimizer", opt, OPTIMIZER_KEYS))
+    opt = dict(check_keys("optimizer", opt, OPTIMIZER_KEYS))
     name = opt.get("name", "cmaes")
     if name not in OPTIMIZERS:
         raise _err(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
@@ -393,7 +384,7 @@ def _validate_budget(budget: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
         raise _err("no budget given (budget: {trials: N} or {generations: N} or {wall_time: '2h'})")
     if isinstance(budget, int) and not isinstance(budget, bool):
         budget = {"trials": budget}
-    budget = _check_keys("budget", budget, BUDGET_KEYS)
+    budget = check_keys("budget", budget, BUDGET_KEYS)
     trials = _positive_int("budget.trials", budget.get("trials"))
     generations = _positive_int("budget.generations", budget.get("generations"))
     wall = parse_duration(budget.get("wall_time"))
@@ -408,7 +399,7 @@ def _validate_budget(budget: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
 def _validate_workers(workers: Any) -> dict[str, Any]:
     if isinstance(workers, int) and not isinstance(workers, bool):
         workers = {"count": workers}
-    workers = _check_keys("workers", workers, WORKER_KEYS)
+    workers = check_keys("workers", workers, WORKER_KEYS)
     count = _positive_int("workers.count", workers.get("count", 1), allow_none=False)
     device = workers.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):

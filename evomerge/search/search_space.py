@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, check_keys
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
@@ -111,17 +111,8 @@ def _deep_update(base: dict, over: dict) -> dict:
     return out
 
 
-def _check_keys(where: str, data: Any, allowed: set[str]) -> dict:
-    if not isinstance(data, dict):
-        raise _err(f"{where} must be a mapping")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise _err(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
-    return data
-
-
 def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, Any]:
-    spec = dict(default, **_check_keys(where, spec if spec is not None else {}, GENE_KEYS))
+    spec = dict(default, **check_keys(where, spec if spec is not None else {}, GENE_KEYS))
     for k in ("low", "high", "init"):
         v = spec.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -141,7 +132,7 @@ def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, An
 
 def _validate_ps(data: dict) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
-    _check_keys(where, data, PS_KEYS)
+    check_keys(where, data, PS_KEYS)
     method = data.get("merge_method", "dare_ties")
     if not isinstance(method, str):
         raise _err(f"{where}: merge_method must be a name")
@@ -152,7 +143,7 @@ def _validate_ps(data: dict) -> dict[str, Any]:
     if embeddings not in ("separate", "with_blocks"):
         raise _err(f"{where}: embeddings must be separate or with_blocks, got {embeddings!r}")
     genes_in = data.get("genes") or {}
-    _check_keys(f"{where} genes", genes_in, set(PS_GENES))
+    check_keys(f"{where} genes", genes_in, set(PS_GENES))
     defaults = {"density": {"low": 0.05, "high": 1.0, "init": 0.5}, "weight": {"low": 0.0, "high": 1.0, "init": 0.5}}
     genes = {g: _gene_bounds(f"{where} genes.{g}", genes_in.get(g), defaults[g]) for g in PS_GENES}
     params = data.get("parameters") or {}
@@ -165,7 +156,7 @@ def _validate_ps(data: dict) -> dict[str, Any]:
 
 def _validate_dfs(data: dict) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
-    _check_keys(where, data, DFS_KEYS)
+    check_keys(where, data, DFS_KEYS)
     repeats = data.get("repeats", 2)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise _err(f"{where}: repeats must be a positive integer, got {repeats!r}")
@@ -176,7 +167,7 @@ def _validate_dfs(data: dict) -> dict[str, Any]:
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise _err(f"{where}: ffn_hidden must be a positive integer")
     ind = data.get("indicator") or {}
-    _check_keys(f"{where} indicator", ind, {"low", "high", "init_on", "init_off"})
+    check_keys(f"{where} indicator", ind, {"low", "high", "init_on", "init_off"})
     ind = dict({"low": -1.0, "high": 1.0, "init_on": 0.5, "init_off": -0.5}, **ind)
     if not ind["low"] < 0 < ind["high"]:
         raise _err(f"{where}: indicator bounds must straddle 0 (a slot is on when its gene is > 0)")
@@ -192,7 +183,7 @@ def _validate_dfs(data: dict) -> dict[str, Any]:
 
 def _validate_ps_dfs(data: dict, base_dir: str | Path) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
-    _check_keys(where, data, PS_DFS_KEYS)
+    check_keys(where, data, PS_DFS_KEYS)
     ps = load_space_definition(data.get("ps", "ps_ties_dare"), {}, base_dir)
     dfs = load_space_definition(data.get("dfs", "dfs"), {}, base_dir)
     if ps["kind"] != "ps" or dfs["kind"] != "dfs":

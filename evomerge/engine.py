@@ -33,6 +33,7 @@ from evomerge.merge import (
     MergePlan,
     check_device,
     job_generator,
+    map_jobs,
     plan_merge,
     recipe_structure,
     resolve_job_parameters,
@@ -77,7 +78,6 @@ class MergeEngine:
     def _load_sources(self, progress: bool) -> None:
         """Read every job's sources once (sequentially: I/O) and precompute deltas and sort orders (in parallel
         on CPU: the sorts dominate the engine's start-up)."""
-        from tqdm.auto import tqdm
 
         def prepare(index: int, tensors: list[torch.Tensor]) -> None:
             job = self.plan.jobs[index]
@@ -86,35 +86,8 @@ class MergeEngine:
             else:
                 self._raw_first[index] = tensors[0]
 
-        def load(index: int) -> list[torch.Tensor]:
-            job = self.plan.jobs[index]
-            return [self.plan.checkpoints[m].get(name, device=self.device,
-                                                 dtype=job.compute_dtype if job.floating else None)
-                    for m, name in job.sources]
-
-        bar = tqdm(total=len(self.plan.jobs), desc="loading sources", unit="tensor", disable=not progress)
-        if self.threads == 1:
-            for index in range(len(self.plan.jobs)):
-                prepare(index, load(index))
-                bar.update()
-            bar.close()
-            return
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(self.threads) as pool:
-                pending: list = []
-                for index in range(len(self.plan.jobs)):
-                    pending.append(pool.submit(prepare, index, load(index)))
-                    while len(pending) > self.threads:  # bounded: at most `threads + 1` jobs' raw sources held
-                        pending.pop(0).result()
-                        bar.update()
-                for future in pending:
-                    future.result()
-                    bar.update()
-        finally:
-            torch.set_num_threads(previous)
-            bar.close()
+        for _ in map_jobs(self.plan, prepare, self.device, self.threads, "loading sources", progress):
+            pass
 
     @classmethod
     def from_models(cls, base_model: str | Path | None, models: Sequence[str | Path], method: str = "ties",

@@ -312,8 +312,6 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
                     threads: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) in plan order. Tensors are read here; with ``threads`` > 1 on CPU, merged by a
     small pool (one torch thread each, at most ``threads + 1`` tensors in flight, so memory stays bounded)."""
-    from tqdm.auto import tqdm
-
     local = threading.local()
 
     def work(index: int, tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
@@ -326,15 +324,28 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
         merge_job(plan, job, tensors, shared, per_model, out, seed=seed, ws=ws)
         return job.name, out.to(plan.out_dtype_for(job)).cpu()
 
-    def load(index: int) -> list[torch.Tensor]:
-        job = plan.jobs[index]
-        return [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
-                for m, name in job.sources]
+    yield from map_jobs(plan, work, device, threads if device.type == "cpu" else 1, "merging tensors", progress)
 
-    bar = tqdm(total=len(plan.jobs), desc="merging tensors", unit="tensor", disable=not progress)
-    if threads <= 1 or device.type != "cpu":
+
+def load_job_sources(plan: MergePlan, index: int, device: torch.device) -> list[torch.Tensor]:
+    """The source tensors of job ``index``, read from the checkpoints onto ``device`` in its compute dtype."""
+    job = plan.jobs[index]
+    return [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
+            for m, name in job.sources]
+
+
+def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str, progress: bool) -> Iterator[Any]:
+    """``fn(index, sources)`` for every job of the plan, results yielded in job order, with a progress bar.
+
+    Sources are read on the calling thread (sequential I/O); with ``threads > 1`` the calls run on a thread pool
+    of one torch thread each (the merge kernels are too fine-grained for torch's intra-op threads), and at most
+    ``threads + 1`` jobs' sources are held at once."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan.jobs), desc=desc, unit="tensor", disable=not progress)
+    if threads <= 1:
         for index in range(len(plan.jobs)):
-            yield work(index, load(index))
+            yield fn(index, load_job_sources(plan, index, device))
             bar.update()
         bar.close()
         return
@@ -344,7 +355,7 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
         with ThreadPoolExecutor(threads) as pool:
             pending: deque = deque()
             for index in range(len(plan.jobs)):
-                pending.append(pool.submit(work, index, load(index)))
+                pending.append(pool.submit(fn, index, load_job_sources(plan, index, device)))
                 if len(pending) > threads:
                     yield pending.popleft().result()
                     bar.update()

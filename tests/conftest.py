@@ -26,3 +26,14 @@ def qwen2_family(tmp_path_factory):
 
     return tiny.make_family(tmp_path_factory.mktemp("qwen2"), n_variants=2, arch="qwen2", seed=1,
                             max_shard_size="40KB")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (tiny models train and run many times faster so on this machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

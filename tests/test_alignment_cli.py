@@ -18,12 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = dict(vocab_size=None, hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4, num_kv_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 
 
 def _save(model, tok, path: Path) -> Path:

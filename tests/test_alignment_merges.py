@@ -15,12 +15,7 @@ from evomerge.alignment.repair import channel_stats, repair
 from evomerge.errors import EvomergeError
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 
 
 def net(seed: int, d_in: int = 6, hidden: int = 8, classes: int = 3) -> nn.Sequential:

@@ -14,12 +14,7 @@ from evomerge.alignment.weight_matching import check_compatible, weight_matching
 from evomerge.errors import EvomergeError
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 
 
 def random_perms(spec, seed: int = 0) -> dict[str, torch.Tensor]:

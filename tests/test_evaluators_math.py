@@ -15,12 +15,7 @@ from evomerge.evaluators import build_evaluator, evaluators_dir
 from evomerge.evaluators.generation import GenerationSettings, greedy_generate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from evomerge.evaluators.perplexity import windows
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6 + "Pack my box with five dozen liquor jugs."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 
 
 @pytest.fixture(scope="module")

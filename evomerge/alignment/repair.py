@@ -35,23 +35,24 @@ def _channel_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-@torch.no_grad()
-def channel_stats(model: nn.Module, module_names: Sequence[str], batches: Iterable[Any],
-                  forward: Callable[[nn.Module, Any], Any] = run_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (mean, std) per output channel over all ``batches`` (model in eval mode)."""
+def _channel_moments(model: nn.Module, module_names: Sequence[str], batches: Iterable[Any],
+                     forward: Callable[[nn.Module, Any], Any], of_inputs: bool) -> dict[str, list]:
+    """Module name -> [rows, per-channel sum, per-channel sum of squares] of each module's output (or input,
+    with ``of_inputs``) over all ``batches``, in float64, with the model in eval mode for the pass."""
     mods = dict(model.named_modules())
     sums: dict[str, list] = {n: [0, 0.0, 0.0] for n in module_names}
 
     def hook(name):
-        def fn(m, args, out):
-            x = _channel_view(out)
+        def fn(module, args, out=None):
+            x = _channel_view(args[0] if of_inputs else out)
             s = sums[name]
             s[0] += x.shape[0]
             s[1] = s[1] + x.sum(0)
             s[2] = s[2] + (x * x).sum(0)
         return fn
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in module_names]
+    handles = [mods[n].register_forward_pre_hook(hook(n)) if of_inputs else mods[n].register_forward_hook(hook(n))
+               for n in module_names]
     was_training = model.training
     model.eval()
     try:
@@ -61,8 +62,15 @@ def channel_stats(model: nn.Module, module_names: Sequence[str], batches: Iterab
         for h in handles:
             h.remove()
         model.train(was_training)
+    return sums
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, module_names: Sequence[str], batches: Iterable[Any],
+                  forward: Callable[[nn.Module, Any], Any] = run_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (mean, std) per output channel over all ``batches`` (model in eval mode)."""
     out = {}
-    for n, (count, s1, s2) in sums.items():
+    for n, (count, s1, s2) in _channel_moments(model, module_names, batches, forward, of_inputs=False).items():
         mean = s1 / count
         std = (s2 / count - mean * mean).clamp_min(0).sqrt()
         out[n] = (mean, std)
@@ -78,24 +86,7 @@ def reset_batchnorm(model: nn.Module, module_name: str, batches: Iterable[Any],
     rather than the momentum average of per-batch statistics a train-mode pass would give.
     """
     bn = dict(model.named_modules())[module_name]
-    sums: list = [0, 0.0, 0.0]
-
-    def hook(module, args):
-        x = _channel_view(args[0])
-        sums[0] += x.shape[0]
-        sums[1] = sums[1] + x.sum(0)
-        sums[2] = sums[2] + (x * x).sum(0)
-
-    handle = bn.register_forward_pre_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            forward(model, batch)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    n, s1, s2 = sums
+    n, s1, s2 = _channel_moments(model, [module_name], batches, forward, of_inputs=True)[module_name]
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0) * (n / max(n - 1, 1))
     bn.running_mean.copy_(mean.to(bn.running_mean.dtype))

@@ -37,3 +37,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray cluster for the test session (in this process); searches join it with ``address=``, so only
+    the tests that check the embedded start pay for one."""
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = os.path.join(tempfile.gettempdir(), f"evomerge-ray-{os.getuid()}")
+    os.makedirs(tmp, exist_ok=True)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
+             _node_ip_address="127.0.0.1")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

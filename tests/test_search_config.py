@@ -112,6 +112,11 @@ def test_ps_genome_to_recipe_per_model_and_per_block(llama_family):
     # weights may sum above 1: nothing normalises them
     assert sum(v for k, v in blocks.values(np.ones(blocks.dim)).items() if k.endswith(".weight")) > 1
 
+    # the built-in per-block space (one group per transformer block, embeddings and head separate)
+    per_block = PSSpace(load_space_definition("ps_ties_dare_blocks"), str(llama_family["base"]), sources)
+    assert [g for g, _ in per_block.groups] == ["embed", "layers_0", "layers_1", "layers_2", "layers_3", "head"]
+    assert per_block.dim == 2 * 6 * 2
+
 
 def test_dfs_genome_to_path(llama_family):
     space = DFSSpace(load_space_definition("dfs"), str(llama_family["model_1"]), str(llama_family["model_2"]))

@@ -1,7 +1,7 @@
 """The search end to end with real processes: Ray, kill -9 and resume, dying workers, NaN candidates,
 export re-scored from disk, report files, NSGA-II over SQLite, and the smoke experiment.
 
-One Ray cluster is started for the module (in this process); `evomerge run` subprocesses and in-process runs
+One Ray cluster is started for the test session (conftest's ray_address, in this process); `evomerge run` subprocesses and in-process runs
 join it with --address, so only the smoke test pays for an embedded Ray start.
 """
 
@@ -28,19 +28,6 @@ from evomerge.search.run_folder import RunFolder
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_EVAL = REPO / "experiments" / "smoke_eval.py"
 
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    tmp = os.path.join(tempfile.gettempdir(), f"evomerge-ray-{os.getuid()}")
-    os.makedirs(tmp, exist_ok=True)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
-             _node_ip_address="127.0.0.1")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def _cli(*args: str) -> list[str]:

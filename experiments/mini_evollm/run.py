@@ -79,7 +79,7 @@ def write_experiment(template: Path, out: Path, zoo_path: Path, overrides: dict)
 
 
 def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: int, overrides: dict,
-               workers: int) -> dict:
+               workers: int, address: str | None = None) -> dict:
     from evomerge.search.experiment import experiment_from_resolved
     from evomerge.search.export import export_trial, load_exported
     from evomerge.search.loop import start_run
@@ -92,7 +92,7 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
                                 {**overrides, "seed": seed})
     log(f"{name} seed {seed}: evomerge run {exp_file} --out {run_dir}")
     t0 = time.perf_counter()
-    run = start_run(exp_file, out=run_dir, workers=workers, seed=seed, progress=False)
+    run = start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
     wall = time.perf_counter() - t0
     records = run.trials()
     config = run.config()
@@ -128,6 +128,16 @@ def no_search_merges(zoo_path: Path) -> dict[str, dict]:
         model = engine.materialize()
         out[method] = score_model(model, engine.tokenizer)
     return out
+
+
+def cross_skill_reached(ps_runs: list[dict], rows: list[dict]) -> bool:
+    """The issue's bar: every PS seed beats every source and no-search merge by more than the seeds' range."""
+    if not ps_runs:
+        return False
+    accs = [100 * s["metrics"]["target_test/accuracy"] for s in ps_runs]
+    spread = max(accs) - min(accs)
+    others = [100 * r["metrics"]["target_test/accuracy"] for r in rows if r["kind"] in ("source", "merge")]
+    return min(accs) > 0 and all(min(accs) - o > spread for o in others)
 
 
 def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -173,6 +183,28 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# Akiba et al. 2024, Table 1 (MGSM-JA accuracy %): the shape this miniature is compared with.
+PAPER_TABLE_1 = [("source: Japanese LM (Shisa-Gamma 7B)", 9.6), ("source: math LM (WizardMath 7B)", 18.4),
+                 ("source: math LM (Abel 7B)", 30.0), ("TIES, no search", 4.4), ("DARE-TIES, no search", 35.2),
+                 ("PS (evolved)", 52.0), ("DFS (evolved)", 36.4), ("PS+DFS (evolved)", 55.2)]
+
+
+def paper_comparison(rows: list[dict]) -> list[str]:
+    """Side by side with the paper's Table 1: the same kinds of rows, ours averaged over seeds."""
+    def ours(kind: str, label_start: str = "") -> str:
+        accs = [100 * r["metrics"]["target_test/accuracy"] for r in rows
+                if r["kind"] == kind and r["label"].startswith(label_start)]
+        return f"{sum(accs) / len(accs):.1f}" + (f" (mean of {len(accs)})" if len(accs) > 1 else "") \
+            if accs else "-"
+    mine = [ours("source", "B:"), ours("source", "A:"), "-", ours("merge", "TIES"), ours("merge", "DARE-TIES"),
+            ours("ps"), ours("dfs"), ours("ps_dfs")]
+    lines = ["", "## Compared with the paper's Table 1", "",
+             "Target-task accuracy %, paper (MGSM-JA, 7B models) vs this miniature (language-2 math, test split).",
+             "", "| row | paper | mini |", "|---|---|---|"]
+    lines += [f"| {label} | {paper} | {m} |" for (label, paper), m in zip(PAPER_TABLE_1, mine)]
+    return lines
 
 
 def pct(x: float) -> str:
@@ -237,7 +269,7 @@ def write_results(path: Path, ctx: dict) -> None:
     own = lambda r: (r["metrics"]["math_l1_test/accuracy"] + r["metrics"]["qa_l2_test/accuracy"]) / 2  # noqa: E731
     src = {r["label"]: own(r) for r in rows if r["kind"] == "source" and not r["label"].startswith("base")}
     merged = [r for r in rows if r["kind"] not in ("source",)]
-    if src and merged:
+    if src and merged and any(s["name"] == "ps_multi" for s in searches):
         best = max(merged, key=own)
         beats = all(own(best) > v for v in src.values())
         lines += ["", "## Multi-skill case (mean of the two sources' own tasks, test splits)", "",
@@ -246,8 +278,7 @@ def write_results(path: Path, ctx: dict) -> None:
                   f"({'beats' if beats else 'does NOT beat'} each source)."]
     if ps:
         others = [r for r in rows if r["kind"] in ("source", "merge")]
-        reached = all(min(accs) - 100 * r["metrics"]["target_test/accuracy"] > spread for r in others) \
-            and mean > 0
+        reached = cross_skill_reached(ps, rows)
         wins = []
         for r in others:
             k = sum(bootstrap_diff(sp["per_item"], r["per_item"])[1] > 0 for sp in ps)
@@ -260,13 +291,14 @@ def write_results(path: Path, ctx: dict) -> None:
                   "",
                   "PS seeds whose paired 95% interval against each model lies above 0: " + "; ".join(wins) + ".",
                   "",
-                  "The zoo designs tried, with measurements, are in [FEASIBILITY.md](FEASIBILITY.md); the "
-                  "multi-skill section above is the fallback the issue asks for."]
+                  "How the zoo got here (and the designs that did not work) is in [FEASIBILITY.md](FEASIBILITY.md)"
+                  + ("." if reached else "; the multi-skill section above is the fallback the issue asks for.")]
+    lines += paper_comparison(rows)
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
               "", "## Settings", "",
-              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 128,",
-              "multi-skill 64). The zoo designs tried and their measurements: [FEASIBILITY.md](FEASIBILITY.md).",
+              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 128;",
+              "the multi-skill PS, 64 trials, runs only when the cross-skill target is missed, or with --multi always).",
               "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
     if ctx.get("notes"):
         lines += ["## Notes", "", *ctx["notes"], ""]
@@ -281,8 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dfs-trials", type=int, default=96)
     ap.add_argument("--psdfs-trials", type=int, default=128)
     ap.add_argument("--multi-trials", type=int, default=64)
+    ap.add_argument("--multi", choices=("auto", "always", "never"), default="auto",
+                    help="the multi-skill PS (the issue's fallback): auto = only when the cross-skill target "
+                         "is not reached")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("MINI_EVOLLM_THREADS", "2")),
+    ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("MINI_EVOLLM_THREADS", "1")),
                     help="torch threads for building the zoo")
     ap.add_argument("--out", default="runs/mini_evollm")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
@@ -340,16 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     searches = []
     for seed in seeds:
         searches.append(run_search("ps", HERE / "ps.yaml", zoo_path, out_root, seed,
-                                   {"budget": {"trials": args.ps_trials}}, args.workers))
+                                   {"budget": {"trials": args.ps_trials}}, args.workers, args.address))
     if "dfs" not in skip:
         searches.append(run_search("dfs", HERE / "dfs.yaml", zoo_path, out_root, seeds[0],
-                                   {"budget": {"trials": args.dfs_trials}}, args.workers))
+                                   {"budget": {"trials": args.dfs_trials}}, args.workers, args.address))
     if "ps_dfs" not in skip:
         searches.append(run_search("ps_dfs", HERE / "ps_dfs.yaml", zoo_path, out_root, seeds[0],
-                                   {"budget": {"trials": args.psdfs_trials}}, args.workers))
-    if "ps_multi" not in skip:
+                                   {"budget": {"trials": args.psdfs_trials}}, args.workers, args.address))
+    ps_runs = [s for s in searches if s["name"] == "ps"]
+    if "ps_multi" not in skip and (args.multi == "always" or (args.multi == "auto"
+                                                               and not cross_skill_reached(ps_runs, rows))):
         searches.append(run_search("ps_multi", HERE / "ps_multi.yaml", zoo_path, out_root, seeds[0],
-                                   {"budget": {"trials": args.multi_trials}}, args.workers))
+                                   {"budget": {"trials": args.multi_trials}}, args.workers, args.address))
     for s in searches:
         label = {"ps": "PS (evolved)", "dfs": "DFS (evolved)", "ps_dfs": "PS+DFS (evolved)",
                  "ps_multi": "PS multi-skill (evolved on own-task mean)"}[s["name"]]

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import languages as L  # noqa: E402
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "mini_evollm"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<q>", "<a>"]
@@ -241,12 +241,14 @@ def _packed_batches(tok, r: ZooRecipe, spec: TrainSpec, held_out: frozenset[str]
     eos = tok.eos_token_id
 
     def next_batch(step: int):
-        need = spec.batch * (r.seq_len + 1)
+        need = spec.batch * r.seq_len
         while len(buf) < need:
             buf.extend(tok(base_document(rng, r, held_out))["input_ids"] + [eos])
-        chunk = torch.tensor(buf[:need]).view(spec.batch, r.seq_len + 1)
+        chunk = torch.tensor(buf[:need]).view(spec.batch, r.seq_len)
         del buf[:need]
-        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        # model(labels=...) shifts internally (labels[t] is predicted from ids[:t]): labels ARE the ids.
+        # (ZOO_VERSION 1 passed pre-shifted labels, so its base learned to predict two tokens ahead.)
+        return chunk, chunk.clone()
 
     return next_batch
 
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("MINI_EVOLLM_THREADS", "1")))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     path = build_zoo(replace(ZooRecipe(), seed=args.seed), args.cache, args.threads, args.force)

@@ -429,15 +429,8 @@ class _SlotDecoder:
         """Run the prompts ``new`` into slots ``row0...``, right-aligned to end at column ``hi``; their first
         tokens."""
         seqs = [token_ids[i] for i in new]
-        width = max(1, max(len(s) for s in seqs))
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            if seq:
-                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                attention[row, width - len(seq):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention, positions = (t.to(self.device) for t in (input_ids, attention, positions))
+        input_ids, attention, positions = left_padded_batch(seqs, self.pad_id, self.device)
+        width = input_ids.shape[1]
         region = self.fill_region
         region.row0, region.row1, region.lo, region.hi = row0, row0 + len(seqs), hi - width, hi - width
         first = self._call(input_ids, attention, positions, self.fill_cache)
@@ -466,6 +459,20 @@ class _SlotDecoder:
 
 class _Unsupported(Exception):
     """The model does not write every layer's keys/values through the cache: use the generic path."""
+
+
+def left_padded_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one batch (width >= 1): input ids, attention mask and per-sequence position ids
+    (0 at each sequence's first real token, as ``generate`` numbers them)."""
+    width = max(1, max(len(s) for s in seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention[row, width - len(seq):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention.to(device), positions.to(device)
 
 
 def _left_pad(tensor: torch.Tensor, columns: int, dim: int, value: float = 0) -> torch.Tensor:
@@ -500,15 +507,7 @@ class _StreamDecoder:
         return logits[:, -1, :].argmax(dim=-1)
 
     def _prefill(self, seqs: list[list[int]]):
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            if seq:
-                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                attention[row, width - len(seq):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention, positions = (t.to(self.device) for t in (input_ids, attention, positions))
+        input_ids, attention, positions = left_padded_batch(seqs, self.pad_id, self.device)
         cache = _new_cache(self.model)
         next_tokens = self._call(input_ids, attention, positions, cache)
         return cache, attention, positions[:, -1], next_tokens

@@ -22,6 +22,7 @@ Rescaling the kept elements: ``rescale_mode="l1"`` (mergekit's default, and ours
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,15 @@ class Threshold:
     inclusive: bool = True
     extra: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # on a GPU: the top-k positions themselves (a scatter, no host syncs)
+
+    def shrink_lambda(self, dtype: torch.dtype) -> float:
+        """The ``lambda`` of ``torch.hardshrink`` (keeps ``x`` where ``|x| > lambda``) that keeps what this
+        threshold keeps by value, for ``x`` of ``dtype``: ``value`` itself when exclusive, else the largest
+        ``dtype`` number below it (no ``dtype`` number lies between the two, so ``>`` it is ``>= value``)."""
+        if not self.inclusive:
+            return self.value
+        value = torch.tensor(self.value, dtype=dtype)
+        return float(torch.nextafter(value, torch.tensor(-math.inf, dtype=dtype)))
 
 
 def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) -> Threshold | None:

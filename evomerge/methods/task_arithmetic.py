@@ -14,10 +14,24 @@ Per tensor, with ``delta_i = theta_i - base``:
 
 Speed (this is what every search candidate runs): steps 2-4 are elementwise, so they run over chunks of
 ``CHUNK`` elements whose temporaries stay in the CPU cache; the sources are read from memory once and the
-output written once. TIES' top-k needs no sort per candidate: the precomputed order of ``|delta|`` gives the
-k-th largest value, and the mask is a compare against it, done inside the chunk loop. Every product and sum is
-evaluated in the same order and rounding as mergekit (0/1 masks as floats, products before sums, no fused
-multiply-add where it could change a rounding), so the sign election sees bit-identical sums.
+output written once. Each chunk costs about twenty elementwise passes, so the kernel is built to need few:
+
+- TIES' top-k needs no sort per candidate: the precomputed order of ``|delta|`` gives the k-th largest value,
+  and keeping ``|delta| >= value`` is one ``hardshrink`` with lambda just below it (a float compare, exact);
+  only when the cut splits a run of tied magnitudes are the tied elements mergekit keeps copied back in;
+- the weights multiply the kept deltas in place (``(delta * mask) * weight`` is ``delta * weight`` where kept);
+- sign election without a +-1 tensor: the sign bit of the weighted sum is the majority sign (a -0 sum means
+  every part is a zero, which agrees with neither sign), so ``part * s`` is an integer xor of sign bits,
+  ``relu`` of it keeps exactly the agreeing magnitudes, their sum times ``s`` (another xor, after the
+  division) is mergekit's agreeing sum, and ``> 0`` of them gives the 0/1 agreement for the divisor;
+- with all weights positive a nonzero divisor is at least the smallest weight, so mergekit's "0 -> 1" is a
+  ``clamp_min`` to it (0 / w = 0 / 1 = 0); otherwise the zeros are replaced explicitly;
+- chunk views, 0-dim weight tensors and buffers are made once per tensor, not per chunk.
+
+Every product and sum is evaluated in the same order and rounding as mergekit (products before sums, no fused
+multiply-add where it could change a rounding, bfloat16/float16 sums accumulated in float32 and rounded once),
+so the sign election sees bit-identical sums and the result equals mergekit's bit for bit, except that where
+the base element is -0 and the merged delta a zero, the output zero's sign may differ (equal values).
 """
 
 from __future__ import annotations
@@ -54,16 +68,18 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
         if abs(divisor) < 1e-8:
             divisor = 1.0
 
+    numel = flat_base.numel()
+    # On a GPU the whole tensor is one chunk: kernel launches, not caches, are what costs there.
+    chunk = (numel if flat_base.device.type != "cpu" else min(CHUNK, numel)) or 1
+
     # Fast path: no sparsification, or TIES' magnitude top-k without rescale -> thresholds, one chunked pass.
     thresholds = _thresholds(flat_deltas, stats, densities, sparsify, rescale)
     if thresholds is not None:
         _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
-                        lambda i, s, e, dst, tmp: _fill_thresholded(flat_deltas[i][s:e], thresholds[i],
-                                                                    weights[i], s, dst, tmp))
+                        _thresholded_rows(flat_deltas, thresholds, weights, numel, chunk), chunk)
         return out
 
     # General path: sparsify each whole delta (random draws and L1 rescale need the whole tensor), then combine.
-    numel = flat_base.numel()
     scaled = ws.get("gta_scaled", (count, numel), base.dtype)
     for i, delta in enumerate(deltas):
         row = scaled[i]
@@ -74,8 +90,13 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
                       rescale_mode=rescale_mode, gamma=gammas[i] if gammas else 0.0,
                       epsilon=epsilons[i] if epsilons else 0.0, generator=generator, ws=ws)
         row.mul_(weights[i])
+
+    def rows_of_scaled(index, start, rows, parts, tmp):
+        view = scaled[:, start:start + rows.shape[1]]
+        return view, view.unbind(0)
+
     _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
-                    lambda i, s, e, dst, tmp: scaled[i][s:e])
+                    rows_of_scaled, chunk)
     return out
 
 
@@ -89,55 +110,85 @@ def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[Thresh
     return [magnitude_threshold(d, s, density) for d, s, density in zip(flat_deltas, stats, densities)]
 
 
-def _fill_thresholded(delta: torch.Tensor, threshold: Threshold | None, weight: float, start: int,
-                      dst: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """dst = weight * delta where kept by the threshold, else 0 (== mergekit's (delta * mask) * weight)."""
-    if threshold is None:
-        return torch.mul(delta, weight, out=dst)
-    if threshold.keep is not None:  # GPU: whole tensor in one chunk, scatter the kept positions
-        tmp.zero_()
-        tmp[threshold.keep] = 1
-        tmp.mul_(weight)
-        return torch.mul(delta, tmp, out=dst)
-    torch.abs(delta, out=tmp)
-    (torch.ge if threshold.inclusive else torch.gt)(tmp, threshold.value, out=tmp)  # 0/1 in the tensor's dtype
-    if threshold.extra is not None:  # tied elements mergekit keeps: only when the cut splits a tie
-        lo, hi = torch.searchsorted(threshold.extra, torch.tensor([start, start + delta.numel()],
-                                                                    device=threshold.extra.device)).tolist()
-        if hi > lo:
-            tmp[threshold.extra[lo:hi] - start] = 1
-    tmp.mul_(weight)  # {0, weight} exactly
-    return torch.mul(delta, tmp, out=dst)
+def _thresholded_rows(flat_deltas: Sequence[torch.Tensor], thresholds: Sequence[Threshold | None],
+                      weights: Sequence[float], numel: int, chunk: int):
+    """The fast path's ``weighted`` callback: model i's row = weight_i * (delta_i kept by its threshold).
+
+    A threshold keeps ``|delta| >= value`` (or ``> value``), which is one ``hardshrink`` (``x`` where
+    ``|x| > lambda``, else 0) with lambda the next value below ``value`` in the tensor's dtype; elements tied at
+    the cut that mergekit's sort keeps (``extra``) are copied back in. The kept values are the delta's own, so
+    multiplying by the weight afterwards gives mergekit's ``(delta * mask) * weight`` exactly (a dropped element
+    is +0 where mergekit has -0 for a negative delta: equal values, and every later use compares or adds it).
+    """
+    dtype = flat_deltas[0].dtype
+    pieces = [d.split(chunk) for d in flat_deltas]
+    # 0-dim CPU tensors (scalars to any device): a Python number costs a conversion on every call
+    factors = [torch.tensor(w, dtype=dtype) for w in weights]
+    lambdas = [t.shrink_lambda(dtype) if t is not None and t.keep is None else None for t in thresholds]
+    # per chunk, the slice of each sorted ``extra`` list that falls inside it
+    bounds = [None if t is None or t.extra is None else
+              torch.searchsorted(t.extra, torch.arange(0, numel + chunk, chunk, device=t.extra.device)).tolist()
+              for t in thresholds]
+
+    def fill(index: int, start: int, rows: torch.Tensor, parts: Sequence[torch.Tensor], tmp: torch.Tensor):
+        for i, threshold in enumerate(thresholds):
+            src, row = pieces[i][index], parts[i]
+            if threshold is None:
+                torch.mul(src, factors[i], out=row)
+                continue
+            if threshold.keep is not None:  # GPU: whole tensor in one chunk, scatter the kept positions
+                tmp.zero_()
+                tmp[threshold.keep] = 1
+                torch.mul(src, tmp, out=row)
+            else:
+                torch.hardshrink(src, lambdas[i], out=row)
+                lo, hi = (bounds[i][index], bounds[i][index + 1]) if bounds[i] is not None else (0, 0)
+                if hi > lo:  # tied elements mergekit keeps: only when the cut splits a tie
+                    positions = threshold.extra[lo:hi] - start
+                    row[positions] = src[positions]
+            if weights[i] != 1:  # x * 1 == x
+                row.mul_(factors[i])
+        return rows, parts
+
+    return fill
 
 
 def _combine_chunks(flat_base: torch.Tensor, flat_out: torch.Tensor, count: int, weights: Sequence[float],
                     consensus: bool, normalize: bool, divisor: float | None, lambda_: float, ws: Workspace,
-                    weighted) -> None:
+                    weighted, chunk: int) -> None:
     """flat_out = base + lambda * combination of the weighted deltas, chunk by chunk.
 
-    ``weighted(i, start, end, dst, tmp)`` returns model i's weighted (sparsified) delta for [start, end),
-    written into ``dst`` or a view of an existing buffer. Sums over the models accumulate in float32 for
-    bfloat16/float16 and are rounded once, as ``torch.sum`` (mergekit's reduction) does.
+    ``weighted(index, start, rows, parts, tmp)`` returns model i's weighted (sparsified) deltas for chunk
+    ``index`` (elements ``[start, start + size)``) as a ``(count, size)`` tensor and its rows: either ``rows``
+    (and its row views ``parts``) filled in, or views of an existing buffer. The combination may overwrite them.
+    Sums over the models accumulate in float32 for bfloat16/float16 and are rounded once, as ``torch.sum``
+    (mergekit's reduction) does.
     """
-    numel = flat_base.numel()
-    # On a GPU the whole tensor is one chunk: kernel launches, not caches, are what costs there.
-    chunk = (numel if flat_base.device.type != "cpu" else min(CHUNK, numel)) or 1
     dtype = flat_base.dtype
     acc_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     rounded = acc_dtype != dtype
-    rows = ws.get("gta_rows", (count, chunk), dtype)
+    bits = _SIGN_BITS[dtype.itemsize]  # an integer view of the floats: the sign flip is an exact xor
+    sign_bit = torch.tensor(torch.iinfo(bits).min, dtype=bits)
+    rows_buf = ws.get("gta_rows", (count, chunk), dtype)
     tmp_buf = ws.get("gta_tmp", (chunk,), dtype)
-    total_buf = ws.get("gta_total", (chunk,), acc_dtype)
-    sign_buf = ws.get("gta_sign", (chunk,), dtype)
+    total_buf = ws.get("gta_total", (chunk,), acc_dtype) if consensus and (count > 1 or rounded) else None
+    signs_buf = ws.get("gta_signs", (chunk,), bits) if consensus else None
     mixed_buf = ws.get("gta_mixed", (chunk,), acc_dtype) if rounded else None
-    div_acc_buf = ws.get("gta_div_acc", (chunk,), acc_dtype) if (consensus and normalize) else None
+    div_acc_buf = None
+    if consensus and normalize:  # the divisor accumulates where the sum was (free once the signs are taken)
+        div_acc_buf = total_buf if total_buf is not None else ws.get("gta_div_acc", (chunk,), acc_dtype)
     div_buf = ws.get("gta_div", (chunk,), dtype) if (consensus and normalize and rounded) else None
-    for start in range(0, numel, chunk):
-        end = min(numel, start + chunk)
-        size = end - start
-        out = flat_out[start:end]
-        tmp = tmp_buf[:size]
-        parts = [weighted(i, start, end, rows[i, :size], tmp) for i in range(count)]
+    # mergekit replaces a zero divisor by 1; when every weight is positive a nonzero divisor (a sum of some of
+    # the weights) is at least the smallest weight, so clamping to it changes only the zeros, and 0 / w = 0 / 1.
+    min_weight = min(weights) if min(weights) > 0 else None
+    full_rows = rows_buf.unbind(0)
+    for index, (base, out) in enumerate(zip(flat_base.split(chunk), flat_out.split(chunk))):
+        size = out.numel()
+        if size == chunk:
+            rows, parts = weighted(index, index * chunk, rows_buf, full_rows, tmp_buf)
+        else:
+            rows = rows_buf[:, :size]
+            rows, parts = weighted(index, index * chunk, rows, rows.unbind(0), tmp_buf[:size])
         mixed = mixed_buf[:size] if rounded else out  # where the sum over models accumulates
         if not consensus:
             _sum_into(parts, mixed)
@@ -145,40 +196,53 @@ def _combine_chunks(flat_base: torch.Tensor, flat_out: torch.Tensor, count: int,
                 out.copy_(mixed)
             if divisor is not None:
                 out.div_(divisor)
+            if lambda_ != 1:
+                out.mul_(lambda_)
+            out.add_(base)
+            continue
+        # Sign election. The majority sign s is + where the weighted sum is >= 0 (a sum is -0 only when every
+        # part is a zero, which agrees with neither sign, so its sign bit can stand for s). Part i agrees where
+        # part_i * s > 0, so relu(part_i * s) is |part_i| there and 0 elsewhere; the agreeing sum is s times the
+        # sum of those, and a flip of the sign bit is an exact multiplication by -1.
+        if total_buf is None:
+            total = parts[0]
         else:
             total = total_buf[:size]
             _sum_into(parts, total)
-            sign = sign_buf[:size]
             if rounded:
-                sign.copy_(total)  # the rounded sum decides, like mergekit's reduced-precision sum
-                torch.ge(sign, 0, out=sign)
+                tmp = tmp_buf[:size]
+                tmp.copy_(total)  # the rounded sum decides, like mergekit's reduced-precision sum
+                total = tmp
+        signs = signs_buf[:size]
+        torch.bitwise_and(total.view(bits), sign_bit, out=signs)
+        rows.view(bits).bitwise_xor_(signs)
+        rows.relu_()
+        _sum_into(parts, mixed)
+        if rounded:
+            out.copy_(mixed)
+        if normalize:
+            torch.gt(rows, 0, out=rows)  # 1 where part i agrees, else 0
+            div = div_acc_buf[:size]
+            torch.mul(parts[0], weights[0], out=div)
+            for i in range(1, count):
+                div.add_(parts[i], alpha=weights[i])  # exact product (0 or w), so one rounding like a plain sum
+            if rounded:
+                div = div_buf[:size]
+                div.copy_(div_acc_buf[:size])
+            if min_weight is not None:
+                div.clamp_min_(min_weight)
             else:
-                torch.ge(total, 0, out=sign)
-            sign.mul_(2).sub_(1)  # majority sign: +1 where the weighted sum is >= 0, else -1
-            div = div_acc_buf[:size] if div_acc_buf is not None else None
-            for i, part in enumerate(parts):
-                torch.mul(part, sign, out=tmp)
-                torch.gt(tmp, 0, out=tmp)  # agrees with the majority (zeros agree with neither sign)
-                if i == 0:
-                    torch.mul(part, tmp, out=mixed)
-                    if div is not None:
-                        torch.mul(tmp, weights[0], out=div)
-                else:
-                    mixed.addcmul_(part, tmp)  # exact product (tmp is 0/1), so one rounding like a plain sum
-                    if div is not None:
-                        div.add_(tmp, alpha=weights[i])
-            if rounded:
-                out.copy_(mixed)
-            if div is not None:
-                if rounded:
-                    div_buf[:size].copy_(div)
-                    div = div_buf[:size]
+                tmp = tmp_buf[:size]
                 torch.eq(div, 0, out=tmp)
                 div.add_(tmp)  # 0 -> 1
-                out.div_(div)
+            out.div_(div)
         if lambda_ != 1:
             out.mul_(lambda_)
-        out.add_(flat_base[start:end])
+        out.view(bits).bitwise_xor_(signs)  # times s
+        out.add_(base)
+
+
+_SIGN_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _sum_into(parts: Sequence[torch.Tensor], acc: torch.Tensor) -> None:

@@ -94,21 +94,14 @@ def test_window_moves_back_to_the_buffer_start(tokenizer, monkeypatch):
     assert_same_as_generate(model, tokenizer, prompts, results, 8)
 
 
-def test_reachable_sliding_window_takes_the_generic_path(tokenizer, monkeypatch):
-    model = make_model("mistral", len(tokenizer), sliding_window=4)
+@pytest.mark.parametrize("window, batch, fast_runs", [(4, 1, 0), (4096, 2, 1)])
+def test_sliding_window_path_choice(tokenizer, monkeypatch, window, batch, fast_runs):
+    """A window a sequence can reach needs the generic cache; one it cannot reach is full attention (fast path)."""
+    model = make_model("mistral", len(tokenizer), sliding_window=window)
     fast = count_calls(monkeypatch, generation._SlotDecoder, "run")
-    prompts = prompts_of_many_lengths(4, seed=3)
-    results = greedy_generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=1))
-    assert fast[0] == 0
-    assert_same_as_generate(model, tokenizer, prompts, results, 6)
-
-
-def test_unreached_sliding_window_takes_the_fast_path(tokenizer, monkeypatch):
-    model = make_model("mistral", len(tokenizer), sliding_window=4096)
-    fast = count_calls(monkeypatch, generation._SlotDecoder, "run")
-    prompts = prompts_of_many_lengths(5, seed=4)
-    results = greedy_generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=2))
-    assert fast[0] == 1
+    prompts = prompts_of_many_lengths(4 + fast_runs, seed=3 + fast_runs)
+    results = greedy_generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=batch))
+    assert fast[0] == fast_runs
     assert_same_as_generate(model, tokenizer, prompts, results, 6)
 
 

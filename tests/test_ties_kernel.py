@@ -94,3 +94,51 @@ def test_zero_deltas_and_zero_base():
     tensors = [base, base.clone(), base + 0.25, base.clone()]
     _assert_equal(tensors, [0.5, 0.8, 0.3], [0.5, 0.5, 0.9], "zero deltas")
     _assert_equal(tensors, [0.5, -0.8, 0.3], [0.2, 1.0, 0.6], "zero deltas, negative weight")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused C++ kernel (evomerge/methods/fused_ties.py) against the torch kernel, bit for bit.
+
+def _merge(method, tensors, weights, densities, normalize, lambda_, seed):
+    spec = METHODS[method]
+    shared = {p.name: p.default for p in spec.global_params} | {"normalize": normalize, "lambda": lambda_}
+    per_model = []
+    for w, d in zip(weights, densities):
+        params = {p.name: p.default for p in spec.per_model_params} | {"weight": w, "density": d}
+        per_model.append(params)
+    out = torch.empty_like(tensors[0])
+    run_method(spec, prepare_inputs(spec, tensors, 0), shared, per_model, out, ws=Workspace(),
+               generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_fused_kernel_equals_the_torch_kernel_bit_for_bit(method, dtype, monkeypatch):
+    from evomerge.methods import fused_ties
+
+    if not fused_ties.available():
+        pytest.skip("no C++ toolchain here: the torch kernel does the work")
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(3 * CHUNK // 256 + 7, 256, generator=gen).to(dtype)   # several chunks and a ragged end
+    deltas = [torch.randn(base.shape, generator=gen).to(dtype) * s for s in (0.02, 0.05, 0.01, 0.03)]
+    deltas[1][:40] = -deltas[0][:40]          # cancelling sums
+    deltas[2][40:60] = 0                      # exact zeros
+    tensors = [base] + [base + d for d in deltas]
+    calls = []
+    real = fused_ties.ties_combine
+    monkeypatch.setattr(fused_ties, "ties_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cases = [([0.5, 0.5, 0.25, 0.75], [0.4, 0.4, 0.7, 0.2]), ([0.7, -0.4, 0.0, 1.3], [0.55, 0.3, 0.8, 0.15]),
+             ([1.0, 1.0, 1.0, 1.0], [1.0, 0.35, 1.0, 0.5]), ([0.3, 0.9], [0.5, 0.6])]
+    for weights, densities in cases:
+        sources = tensors[:1 + len(weights)]
+        for normalize in (True, False):
+            for lambda_ in (1.0, 0.7):
+                calls.clear()
+                fused = _merge(method, sources, weights, densities, normalize, lambda_, seed=3)
+                assert calls, "the fused kernel was not used"
+                with monkeypatch.context() as off:
+                    off.setattr(fused_ties, "ties_combine", lambda *a, **k: False)
+                    reference = _merge(method, sources, weights, densities, normalize, lambda_, seed=3)
+                bits = torch.int32 if dtype == torch.float32 else torch.int64
+                assert torch.equal(fused.view(bits), reference.view(bits)), (method, weights, normalize, lambda_)

@@ -12,9 +12,11 @@ Per tensor, with ``delta_i = theta_i - base``:
    (|sum| < 1e-8 -> 1);
 4. multiply by ``lambda`` and add to the base.
 
-Speed (this is what every search candidate runs): steps 2-4 are elementwise, so they run over chunks of
-``CHUNK`` elements whose temporaries stay in the CPU cache; the sources are read from memory once and the
-output written once. Each chunk costs about twenty elementwise passes, so the kernel is built to need few:
+Speed (this is what every search candidate runs): on CPU, float32/float64 sign-consensus merges (ties,
+dare_ties, breadcrumbs_ties, della) go through one fused C++ loop (``fused_ties.py``, built on first use;
+bit-identical to the torch kernel below, which is the fallback where no compiler is available).
+The torch kernel: steps 2-4 are elementwise, so they run over chunks of ``CHUNK`` elements whose
+temporaries stay in the CPU cache; the sources are read from memory once and the output written once. Each chunk costs about twenty elementwise passes, so the kernel is built to need few:
 
 - TIES' top-k needs no sort per candidate: the precomputed order of ``|delta|`` gives the k-th largest value,
   and keeping ``|delta| >= value`` is one ``hardshrink`` with lambda just below it (a float compare, exact);
@@ -40,6 +42,7 @@ from collections.abc import Sequence
 
 import torch
 
+from evomerge.methods import fused_ties
 from evomerge.methods.sparsify import DeltaStats, Threshold, magnitude_threshold, sparsify_into
 from evomerge.methods.workspace import Workspace
 
@@ -75,6 +78,12 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
     # Fast path: no sparsification, or TIES' magnitude top-k without rescale -> thresholds, one chunked pass.
     thresholds = _thresholds(flat_deltas, stats, densities, sparsify, rescale)
     if thresholds is not None:
+        if consensus and all(t is None or t.keep is None for t in thresholds) and \
+                fused_ties.ties_combine(flat_base, flat_deltas,
+                                        [None if t is None else t.shrink_lambda(base.dtype) for t in thresholds],
+                                        weights, normalize, lambda_, flat_out,
+                                        extras=[None if t is None else t.extra for t in thresholds]):
+            return out
         _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
                         _thresholded_rows(flat_deltas, thresholds, weights, numel, chunk), chunk)
         return out
@@ -90,6 +99,10 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
                       rescale_mode=rescale_mode, gamma=gammas[i] if gammas else 0.0,
                       epsilon=epsilons[i] if epsilons else 0.0, generator=generator, ws=ws)
         row.mul_(weights[i])
+
+    if consensus and fused_ties.ties_combine(flat_base, list(scaled.unbind(0)), [None] * count, weights, normalize,
+                                             lambda_, flat_out, prescaled=True):
+        return out
 
     def rows_of_scaled(index, start, rows, parts, tmp):
         view = scaled[:, start:start + rows.shape[1]]

@@ -1,0 +1,230 @@
+"""A fused CPU kernel for TIES-style sign-consensus merging (ties, breadcrumbs_ties and della share the
+combine step; the fast path uses it for magnitude top-k or no sparsification, float32 and float64).
+
+The chunked torch kernel in ``task_arithmetic.py`` needs about twenty elementwise passes per chunk; this one
+does the whole per-element computation in one loop over the base and the task vectors, so a candidate costs
+about one read of the sources and one write of the output. It computes exactly what the torch kernel computes,
+in the same order and rounding (products before sums, sums left to right, no fused multiply-add:
+``-ffp-contract=off``), so results stay bit-identical to mergekit's; tests compare the two paths bit for bit.
+
+It is C++ compiled on first use with torch's extension builder (a C++ compiler and ninja are needed; the
+build is cached under TORCH_EXTENSIONS_DIR). Where it cannot be built, or with ``EVOMERGE_FUSED_KERNELS=0``,
+the torch kernel is used: same results, slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_MODELS = 8
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+constexpr int64_t BLOCK = 512;  // elements per block: M + 3 small buffers stay in L1
+
+// One block of elements: per model, the kept and weighted deltas p (hardshrink, tied elements put back, times
+// the weight), then the sign election and the combine. Plain loops over arrays so the compiler vectorizes them
+// (-O3, -fno-strict-aliasing for the integer views of the float buffers, -ffp-contract=off: no FMA).
+template <typename T, typename Bits, int M>
+static void combine(const T* base, const T* const* deltas, const T* lambdas, const bool* shrink,
+                    const int64_t* const* extras, const int64_t* n_extras, const T* weights, const bool* scale,
+                    bool normalize, bool clamp, T min_weight, bool use_lambda, T lambda, T* out, int64_t n) {
+  alignas(64) T p[M][BLOCK];
+  alignas(64) T total[BLOCK], mixed[BLOCK], div[BLOCK];
+  alignas(64) Bits sign[BLOCK];
+  const Bits sign_bit = Bits(1) << (sizeof(T) * 8 - 1);
+  int64_t next_extra[M];
+  for (int i = 0; i < M; ++i) next_extra[i] = 0;
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    const int64_t len = n - start < BLOCK ? n - start : BLOCK;
+    for (int i = 0; i < M; ++i) {
+      const T* d = deltas[i] + start;
+      T* row = p[i];
+      if (shrink[i]) {
+        const T l = lambdas[i];
+        for (int64_t k = 0; k < len; ++k) {  // torch.hardshrink (NaN passes), branch-free so it vectorizes
+          const T x = d[k];
+          const bool inside = (x >= -l) & (x <= l);
+          row[k] = inside ? T(0) : x;
+        }
+        // elements tied at the top-k cut that mergekit keeps (sorted positions): kept whatever the threshold
+        while (next_extra[i] < n_extras[i] && extras[i][next_extra[i]] < start + len) {
+          const int64_t k = extras[i][next_extra[i]++] - start;
+          row[k] = d[k];
+        }
+      } else {
+        for (int64_t k = 0; k < len; ++k) row[k] = d[k];
+      }
+      if (scale[i]) {
+        const T w = weights[i];
+        for (int64_t k = 0; k < len; ++k) row[k] = row[k] * w;
+      }
+    }
+    for (int64_t k = 0; k < len; ++k) total[k] = p[0][k];
+    for (int i = 1; i < M; ++i)
+      for (int64_t k = 0; k < len; ++k) total[k] = total[k] + p[i][k];
+    const Bits* total_bits = reinterpret_cast<const Bits*>(total);
+    for (int64_t k = 0; k < len; ++k) sign[k] = total_bits[k] & sign_bit;
+    // part i agrees with the majority sign s where part_i * s > 0: relu of the sign-flipped part keeps exactly
+    // the agreeing magnitudes (torch's relu: clamp_min(x, 0), NaN and -0 pass through)
+    for (int i = 0; i < M; ++i) {
+      Bits* bits = reinterpret_cast<Bits*>(p[i]);
+      for (int64_t k = 0; k < len; ++k) bits[k] ^= sign[k];
+      T* row = p[i];
+      for (int64_t k = 0; k < len; ++k) row[k] = row[k] < T(0) ? T(0) : row[k];
+    }
+    for (int64_t k = 0; k < len; ++k) mixed[k] = p[0][k];
+    for (int i = 1; i < M; ++i)
+      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] + p[i][k];
+    if (normalize) {
+      const T w0 = weights[0];
+      for (int64_t k = 0; k < len; ++k) div[k] = (p[0][k] > T(0) ? T(1) : T(0)) * w0;
+      for (int i = 1; i < M; ++i) {
+        const T w = weights[i];
+        for (int64_t k = 0; k < len; ++k) div[k] = div[k] + (p[i][k] > T(0) ? T(1) : T(0)) * w;
+      }
+      if (clamp) {
+        for (int64_t k = 0; k < len; ++k) div[k] = div[k] < min_weight ? min_weight : div[k];
+      } else {
+        for (int64_t k = 0; k < len; ++k) div[k] = div[k] == T(0) ? T(1) : div[k];
+      }
+      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] / div[k];
+    }
+    if (use_lambda)
+      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] * lambda;
+    Bits* mixed_bits = reinterpret_cast<Bits*>(mixed);
+    for (int64_t k = 0; k < len; ++k) mixed_bits[k] ^= sign[k];
+    const T* b = base + start;
+    T* o = out + start;
+    for (int64_t k = 0; k < len; ++k) o[k] = mixed[k] + b[k];
+  }
+}
+
+template <typename T, typename Bits>
+static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
+                     std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled, bool normalize, bool clamp, double min_weight,
+                     bool use_lambda, double lambda, torch::Tensor out) {
+  const int m = deltas.size();
+  std::vector<const T*> ptrs(m);
+  std::vector<const int64_t*> extra_ptrs(m);
+  std::vector<int64_t> n_extras(m);
+  std::vector<T> lam(m), w(m);
+  bool shrink[8], scale[8];
+  for (int i = 0; i < m; ++i) {
+    ptrs[i] = deltas[i].data_ptr<T>();
+    extra_ptrs[i] = extras[i].data_ptr<int64_t>();
+    n_extras[i] = extras[i].numel();
+    shrink[i] = lambdas[i] >= 0;
+    lam[i] = static_cast<T>(lambdas[i]);
+    w[i] = static_cast<T>(weights[i]);
+    scale[i] = !prescaled && weights[i] != 1.0;   // x * 1 == x
+  }
+  const T* b = base.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t n = base.numel();
+  const T mw = static_cast<T>(min_weight), lb = static_cast<T>(lambda);
+#define EVOMERGE_CASE(K) case K: combine<T, Bits, K>(b, ptrs.data(), lam.data(), shrink, extra_ptrs.data(), n_extras.data(), \
+    w.data(), scale, \
+    normalize, clamp, mw, use_lambda, lb, o, n); break;
+  switch (m) {
+    EVOMERGE_CASE(1) EVOMERGE_CASE(2) EVOMERGE_CASE(3) EVOMERGE_CASE(4)
+    EVOMERGE_CASE(5) EVOMERGE_CASE(6) EVOMERGE_CASE(7) EVOMERGE_CASE(8)
+    default: TORCH_CHECK(false, "fused ties: 1 to 8 models");
+  }
+#undef EVOMERGE_CASE
+}
+
+void ties_combine(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
+                  std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled, bool normalize, bool clamp, double min_weight,
+                  bool use_lambda, double lambda, torch::Tensor out) {
+  if (base.scalar_type() == torch::kFloat32) {
+    dispatch<float, uint32_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+                              lambda, out);
+  } else {
+    TORCH_CHECK(base.scalar_type() == torch::kFloat64, "fused ties: float32 or float64");
+    dispatch<double, uint64_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+                               lambda, out);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ties_combine", &ties_combine, py::call_guard<py::gil_scoped_release>());
+}
+"""
+
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def _load():
+    """The compiled extension, or None (not buildable here, or switched off)."""
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is not None or _failed:
+            return _module
+        if os.environ.get("EVOMERGE_FUSED_KERNELS", "1") == "0":
+            _failed = True
+            return None
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            # 8-wide AVX2 where the CPU has it (the build is named after the instruction set, so nodes of a
+            # cluster that share a home folder each get a build they can run); the baseline ISA elsewhere
+            capability = torch.backends.cpu.get_cpu_capability()
+            simd = ["-mavx2"] if capability in ("AVX2", "AVX512") else []
+            log.info("building evomerge's fused TIES kernel (once; cached afterwards)")
+            _module = load_inline(name=f"evomerge_fused_ties_v5_{'avx2' if simd else 'base'}", cpp_sources=[_SOURCE],
+                                  functions=None, verbose=False,
+                                  extra_cflags=["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing",
+                                                "-fno-trapping-math", *simd])
+        except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the torch kernel does the work
+            log.warning("fused TIES kernel unavailable (%s); using the torch kernel", str(exc).splitlines()[0]
+                        if str(exc) else type(exc).__name__)
+            _failed = True
+    return _module
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], lambdas: list[float | None],
+                 weights: list[float], normalize: bool, lambda_: float, out: torch.Tensor,
+                 prescaled: bool = False, extras: list[torch.Tensor | None] | None = None) -> bool:
+    """out = base + lambda * TIES-combine(weight_i * hardshrink(delta_i, lambda_i)); False if not handled here.
+
+    ``lambdas[i]`` None means no sparsification; ``weights`` already rounded to the tensor's dtype;
+    ``prescaled``: the deltas already carry their weights (the weights then only enter the divisor);
+    ``extras[i]``: sorted flat positions of elements tied at model i's cut that are kept regardless. Handles
+    contiguous CPU float32/float64 tensors and 1..8 models; the caller falls back to the torch kernel otherwise.
+    """
+    if (base.device.type != "cpu" or base.dtype not in (torch.float32, torch.float64)
+            or not 1 <= len(deltas) <= MAX_MODELS or not out.is_contiguous() or not base.is_contiguous()
+            or not all(d.is_contiguous() and d.dtype == base.dtype for d in deltas)):
+        return False
+    module = _load()
+    if module is None:
+        return False
+    positive = min(weights) > 0
+    none = torch.empty(0, dtype=torch.int64)
+    extras = [none if e is None else e.to(torch.int64).contiguous() for e in (extras or [None] * len(deltas))]
+    if any(e.device.type != "cpu" for e in extras):
+        return False
+    module.ties_combine(base, list(deltas), [-1.0 if lam is None else float(lam) for lam in lambdas], extras,
+                        [float(w) for w in weights], bool(prescaled), bool(normalize), positive,
+                        float(min(weights)) if positive else 0.0, lambda_ != 1, float(lambda_), out)
+    return True

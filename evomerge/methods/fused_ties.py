@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 import torch
@@ -186,7 +187,9 @@ def _load():
             # cluster that share a home folder each get a build they can run); the baseline ISA elsewhere
             capability = torch.backends.cpu.get_cpu_capability()
             simd = ["-mavx2"] if capability in ("AVX2", "AVX512") else []
-            log.info("building evomerge's fused TIES kernel (once; cached afterwards)")
+            # a one-time pause of about half a minute: say so (the library logs nothing else at info level)
+            print("evomerge: compiling the fused TIES kernel (once per machine, about 30 s)", file=sys.stderr,
+                  flush=True)
             _module = load_inline(name=f"evomerge_fused_ties_v5_{'avx2' if simd else 'base'}", cpp_sources=[_SOURCE],
                                   functions=None, verbose=False,
                                   extra_cflags=["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing",

@@ -101,6 +101,14 @@ class _ForwardKwargs:
         self.cache_name = "cache" if "cache" in params else "past_key_values"
         self.logits_to_keep = "logits_to_keep" in params
 
+    def next_tokens(self, model, input_ids, attention, positions, cache) -> torch.Tensor:
+        """One forward call through ``cache``: each row's greedy next token (only the last position's logits)."""
+        kwargs = {self.cache_name: cache, "use_cache": True}
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs).logits
+        return logits[:, -1, :].argmax(dim=-1)
+
 
 def _new_cache(model):
     from transformers import DynamicCache
@@ -337,9 +345,10 @@ class _SlotDecoder:
     Why: with transformers' ``DynamicCache`` every step concatenates (copies, reallocates) the whole cache,
     and joining or dropping sequences copies it again: work that grows with the context length (measured:
     about 10% of the CPU time with 400-token prompts, a few % with 50-token ones). Here each layer's
-    keys/values live in one buffer ``[batch_size, heads, columns, dim]`` written in place. All sequences share the write column ``hi``; a sequence occupies columns ``[start, hi)``
-    of its slot (left padding = columns before ``start``, masked). A finished sequence frees its slot: the
-    last slots are moved into the holes (only those rows are copied) so the live slots stay ``[0, n)``;
+    keys/values live in one buffer ``[batch_size, heads, columns, dim]`` written in place. All sequences share
+    the write column ``hi``; a sequence occupies columns ``[start, hi)`` of its slot (left padding = columns
+    before ``start``, masked). A finished sequence frees its slot: the last slots are moved into the holes
+    (only those rows are copied) so the live slots stay ``[0, n)``;
     waiting prompts are prefilled straight into free slots, right-aligned at ``hi``. Columns that no live
     sequence uses are skipped (``lo`` = the smallest start). When ``hi`` reaches the buffer's end, the live
     window is moved back to the left (rarely: once per quarter of a window).
@@ -359,11 +368,7 @@ class _SlotDecoder:
         self.fill_cache = _region_cache(self.buffers, self.fill_region, n_layers)
 
     def _call(self, input_ids, attention, positions, cache) -> list[int]:
-        kwargs = {self.forward.cache_name: cache, "use_cache": True}
-        if self.forward.logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs).logits
-        return logits[:, -1, :].argmax(dim=-1).tolist()
+        return self.forward.next_tokens(self.model, input_ids, attention, positions, cache).tolist()
 
     def run(self, order: list[int], token_ids: list[list[int]]):
         """Yield (prompt index, generated token ids) as sequences finish."""
@@ -500,11 +505,7 @@ class _StreamDecoder:
         self.stop_hit = _stop_check(tokenizer, settings, tail_window) if settings.stop else None
 
     def _call(self, input_ids, attention, positions, cache):
-        kwargs = {self.forward.cache_name: cache, "use_cache": True}
-        if self.forward.logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs).logits
-        return logits[:, -1, :].argmax(dim=-1)
+        return self.forward.next_tokens(self.model, input_ids, attention, positions, cache)
 
     def _prefill(self, seqs: list[list[int]]):
         input_ids, attention, positions = left_padded_batch(seqs, self.pad_id, self.device)

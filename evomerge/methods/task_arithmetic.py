@@ -16,7 +16,8 @@ Speed (this is what every search candidate runs): on CPU, float32/float64 sign-c
 dare_ties, breadcrumbs_ties, della) go through one fused C++ loop (``fused_ties.py``, built on first use;
 bit-identical to the torch kernel below, which is the fallback where no compiler is available).
 The torch kernel: steps 2-4 are elementwise, so they run over chunks of ``CHUNK`` elements whose
-temporaries stay in the CPU cache; the sources are read from memory once and the output written once. Each chunk costs about twenty elementwise passes, so the kernel is built to need few:
+temporaries stay in the CPU cache; the sources are read from memory once and the output written once.
+Each chunk costs about twenty elementwise passes, so the kernel is built to need few:
 
 - TIES' top-k needs no sort per candidate: the precomputed order of ``|delta|`` gives the k-th largest value,
   and keeping ``|delta| >= value`` is one ``hardshrink`` with lambda just below it (a float compare, exact);

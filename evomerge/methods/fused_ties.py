@@ -8,8 +8,8 @@ in the same order and rounding (products before sums, sums left to right, no fus
 ``-ffp-contract=off``), so results stay bit-identical to mergekit's; tests compare the two paths bit for bit.
 
 It is C++ compiled on first use with torch's extension builder (a C++ compiler and ninja are needed; the
-library is cached under ~/.cache/evomerge/kernels, or $EVOMERGE_CACHE/kernels). Where it cannot be built, or with ``EVOMERGE_FUSED_KERNELS=0``,
-the torch kernel is used: same results, slower.
+library is cached under ~/.cache/evomerge/kernels, or $EVOMERGE_CACHE/kernels). Where it cannot be built,
+or with ``EVOMERGE_FUSED_KERNELS=0``, the torch kernel is used: same results, slower.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from evomerge.methods.sparsify import Threshold
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,9 @@ static void combine(const T* base, const T* const* deltas, const T* lambdas, con
 
 template <typename T, typename Bits>
 static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
-                     std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled, bool normalize, bool clamp, double min_weight,
-                     bool use_lambda, double lambda, torch::Tensor out) {
+                     std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
+                     bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
+                     torch::Tensor out) {
   const int m = deltas.size();
   std::vector<const T*> ptrs(m);
   std::vector<const int64_t*> extra_ptrs(m);
@@ -141,9 +144,8 @@ static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std:
   T* o = out.data_ptr<T>();
   const int64_t n = base.numel();
   const T mw = static_cast<T>(min_weight), lb = static_cast<T>(lambda);
-#define EVOMERGE_CASE(K) case K: combine<T, Bits, K>(b, ptrs.data(), lam.data(), shrink, extra_ptrs.data(), n_extras.data(), \
-    w.data(), scale, \
-    normalize, clamp, mw, use_lambda, lb, o, n); break;
+#define EVOMERGE_CASE(K) case K: combine<T, Bits, K>(b, ptrs.data(), lam.data(), shrink, extra_ptrs.data(), \
+    n_extras.data(), w.data(), scale, normalize, clamp, mw, use_lambda, lb, o, n); break;
   switch (m) {
     EVOMERGE_CASE(1) EVOMERGE_CASE(2) EVOMERGE_CASE(3) EVOMERGE_CASE(4)
     EVOMERGE_CASE(5) EVOMERGE_CASE(6) EVOMERGE_CASE(7) EVOMERGE_CASE(8)
@@ -153,15 +155,16 @@ static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std:
 }
 
 void ties_combine(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
-                  std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled, bool normalize, bool clamp, double min_weight,
-                  bool use_lambda, double lambda, torch::Tensor out) {
+                  std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
+                  bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
+                  torch::Tensor out) {
   if (base.scalar_type() == torch::kFloat32) {
-    dispatch<float, uint32_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
-                              lambda, out);
+    dispatch<float, uint32_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight,
+                              use_lambda, lambda, out);
   } else {
     TORCH_CHECK(base.scalar_type() == torch::kFloat64, "fused ties: float32 or float64");
-    dispatch<double, uint64_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
-                               lambda, out);
+    dispatch<double, uint64_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight,
+                               use_lambda, lambda, out);
   }
 }
 
@@ -254,29 +257,30 @@ def available() -> bool:
     return _load() is not None
 
 
-def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], lambdas: list[float | None],
-                 weights: list[float], normalize: bool, lambda_: float, out: torch.Tensor,
-                 prescaled: bool = False, extras: list[torch.Tensor | None] | None = None) -> bool:
-    """out = base + lambda * TIES-combine(weight_i * hardshrink(delta_i, lambda_i)); False if not handled here.
+def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: list[Threshold | None] | None,
+                 weights: list[float], normalize: bool, lambda_: float, out: torch.Tensor) -> bool:
+    """out = base + lambda * TIES-combine(weight_i * kept(delta_i)); False if not handled here.
 
-    ``lambdas[i]`` None means no sparsification; ``weights`` already rounded to the tensor's dtype;
-    ``prescaled``: the deltas already carry their weights (the weights then only enter the divisor);
-    ``extras[i]``: sorted flat positions of elements tied at model i's cut that are kept regardless. Handles
-    contiguous CPU float32/float64 tensors and 1..8 models; the caller falls back to the torch kernel otherwise.
+    ``thresholds[i]`` (a magnitude top-k, ``sparsify.magnitude_threshold``) selects what model i keeps, None
+    keeps everything; ``thresholds=None`` means the deltas are already sparsified AND weighted (the weights then
+    only enter the divisor). ``weights`` are already rounded to the tensor's dtype. Handles contiguous CPU
+    float32/float64 tensors and 1..8 models; the caller falls back to the torch kernel otherwise.
     """
     if (base.device.type != "cpu" or base.dtype not in (torch.float32, torch.float64)
             or not 1 <= len(deltas) <= MAX_MODELS or not out.is_contiguous() or not base.is_contiguous()
-            or not all(d.is_contiguous() and d.dtype == base.dtype for d in deltas)):
+            or not all(d.is_contiguous() and d.dtype == base.dtype for d in deltas)
+            or any(t is not None and t.keep is not None for t in thresholds or ())):
         return False
     module = _load()
     if module is None:
         return False
-    positive = min(weights) > 0
+    prescaled = thresholds is None
+    thresholds = [None] * len(deltas) if prescaled else thresholds
     none = torch.empty(0, dtype=torch.int64)
-    extras = [none if e is None else e.to(torch.int64).contiguous() for e in (extras or [None] * len(deltas))]
-    if any(e.device.type != "cpu" for e in extras):
-        return False
-    module.ties_combine(base, list(deltas), [-1.0 if lam is None else float(lam) for lam in lambdas], extras,
-                        [float(w) for w in weights], bool(prescaled), bool(normalize), positive,
-                        float(min(weights)) if positive else 0.0, lambda_ != 1, float(lambda_), out)
+    lambdas = [-1.0 if t is None else t.shrink_lambda(base.dtype) for t in thresholds]
+    extras = [none if t is None or t.extra is None else t.extra.to(torch.int64).contiguous() for t in thresholds]
+    positive = min(weights) > 0
+    module.ties_combine(base, list(deltas), lambdas, extras, [float(w) for w in weights], prescaled,
+                        bool(normalize), positive, float(min(weights)) if positive else 0.0, lambda_ != 1,
+                        float(lambda_), out)
     return True

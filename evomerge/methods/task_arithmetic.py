@@ -79,11 +79,8 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
     # Fast path: no sparsification, or TIES' magnitude top-k without rescale -> thresholds, one chunked pass.
     thresholds = _thresholds(flat_deltas, stats, densities, sparsify, rescale)
     if thresholds is not None:
-        if consensus and all(t is None or t.keep is None for t in thresholds) and \
-                fused_ties.ties_combine(flat_base, flat_deltas,
-                                        [None if t is None else t.shrink_lambda(base.dtype) for t in thresholds],
-                                        weights, normalize, lambda_, flat_out,
-                                        extras=[None if t is None else t.extra for t in thresholds]):
+        if consensus and fused_ties.ties_combine(flat_base, flat_deltas, thresholds, weights, normalize, lambda_,
+                                                 flat_out):
             return out
         _combine_chunks(flat_base, flat_out, count, weights, consensus, normalize, divisor, lambda_, ws,
                         _thresholded_rows(flat_deltas, thresholds, weights, numel, chunk), chunk)
@@ -101,8 +98,8 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
                       epsilon=epsilons[i] if epsilons else 0.0, generator=generator, ws=ws)
         row.mul_(weights[i])
 
-    if consensus and fused_ties.ties_combine(flat_base, list(scaled.unbind(0)), [None] * count, weights, normalize,
-                                             lambda_, flat_out, prescaled=True):
+    if consensus and fused_ties.ties_combine(flat_base, list(scaled.unbind(0)), None, weights, normalize, lambda_,
+                                             flat_out):  # rows already sparsified and weighted
         return out
 
     def rows_of_scaled(index, start, rows, parts, tmp):

@@ -41,6 +41,16 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _with_index_entry(src: Path, dst: Path, tensor: str, file: str) -> tuple[Path, Path]:
+    """A copy of the sharded checkpoint ``src`` whose index maps ``tensor`` to ``file``: (folder, index path)."""
+    folder = _copy(src, dst)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][tensor] = file
+    index_path.write_text(json.dumps(index))
+    return folder, index_path
+
+
 def _logits(model_dir: Path, dtype=None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -351,11 +361,8 @@ def test_index_naming_a_missing_shard_or_tensor(qwen2_family, tmp_path):
     _assert_one_line_naming(exc, shard.name)
     assert str(folder) in str(exc.value)
 
-    folder = _copy(qwen2_family["base"], tmp_path / "missing_tensor")
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00022.safetensors"
-    index_path.write_text(json.dumps(index))
+    folder, _ = _with_index_entry(qwen2_family["base"], tmp_path / "missing_tensor",
+                                  "model.layers.9.mlp.up_proj.weight", "model-00001-of-00022.safetensors")
     with pytest.raises(EvomergeError, match="does not hold") as exc:
         Checkpoint(folder)
     _assert_one_line_naming(exc, folder / "model-00001-of-00022.safetensors")
@@ -463,11 +470,8 @@ def test_header_larger_than_its_reserved_room(tmp_path):
 
 
 def test_index_may_not_point_outside_its_folder(qwen2_family, tmp_path):
-    folder = _copy(qwen2_family["base"], tmp_path / "escape")
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"]["lm_head.weight"] = "../elsewhere/model.safetensors"
-    index_path.write_text(json.dumps(index))
+    folder, index_path = _with_index_entry(qwen2_family["base"], tmp_path / "escape", "lm_head.weight",
+                                           "../elsewhere/model.safetensors")
     with pytest.raises(EvomergeError, match="not a file name") as exc:
         Checkpoint(folder)
     _assert_one_line_naming(exc, index_path)

@@ -99,11 +99,15 @@ def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_ow
     a_train / b_train: the fine-tune pools.
     """
     rng = random.Random(10_000 + seed)
+
+    def frame() -> L.MathFrame:
+        return L.random_math_frame(rng, two_step)
+
+    def question() -> L.Item:
+        return L.qa_item(rng, 2)
+
     frames: dict[str, L.MathFrame] = {}
-    while len(frames) < n_search + n_test + n_eval_own + 6000:
-        f = L.random_math_frame(rng, two_step)
-        frames.setdefault(f.key(), f)
-    fl = list(frames.values())
+    fl = _draw_distinct(n_search + n_test + n_eval_own + 6000, frame, L.MathFrame.key, frames)
     i = 0
     out: dict[str, list[L.Item]] = {}
     for name, n, lang in (("target_search", n_search, 2), ("target_test", n_test, 2), ("math_l1_test", n_eval_own, 1)):
@@ -111,29 +115,26 @@ def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_ow
         i += n
     out["a_train"] = [L.math_item(f, 1) for f in fl[i:]]
     qa: dict[str, L.Item] = {}
-    while len(qa) < n_eval_own + 6000:
-        it = L.qa_item(rng, 2)
-        qa.setdefault(it.key, it)
-    ql = list(qa.values())
+    ql = _draw_distinct(n_eval_own + 6000, question, lambda it: it.key, qa)
     out["qa_l2_test"] = ql[:n_eval_own]
     out["b_train"] = ql[n_eval_own:]
     # search splits for the sources' own tasks (the multi-skill search), drawn after everything above so
     # the splits above never change, and disjoint from all of it
-    extra: list[L.MathFrame] = []
-    while len(extra) < n_eval_own:
-        f = L.random_math_frame(rng, two_step)
-        if f.key() not in frames:
-            frames[f.key()] = f
-            extra.append(f)
-    out["math_l1_search"] = [L.math_item(f, 1) for f in extra]
-    more: list[L.Item] = []
-    while len(more) < n_eval_own:
-        it = L.qa_item(rng, 2)
-        if it.key not in qa:
-            qa[it.key] = it
-            more.append(it)
-    out["qa_l2_search"] = more
+    out["math_l1_search"] = [L.math_item(f, 1) for f in _draw_distinct(n_eval_own, frame, L.MathFrame.key, frames)]
+    out["qa_l2_search"] = _draw_distinct(n_eval_own, question, lambda it: it.key, qa)
     return out
+
+
+def _draw_distinct(n: int, draw, key, seen: dict) -> list:
+    """``n`` new draws, distinct by ``key`` and not already in ``seen`` (key -> draw, which this extends)."""
+    new = []
+    while len(new) < n:
+        thing = draw()
+        k = key(thing)
+        if k not in seen:
+            seen[k] = thing
+            new.append(thing)
+    return new
 
 
 def held_out_keys(splits: dict[str, list[L.Item]]) -> frozenset[str]:

@@ -149,6 +149,7 @@ def test_fused_kernel_is_built_once_and_then_imported_without_locks():
     import subprocess
     import sys
 
+    from evomerge import native
     from evomerge.methods import fused_ties
 
     if not fused_ties.available():
@@ -157,5 +158,5 @@ def test_fused_kernel_is_built_once_and_then_imported_without_locks():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "True"
     assert "compiling" not in done.stderr
-    cache = fused_ties._cache_dir()
+    cache = native.cache_dir()
     assert [p.name for p in cache.iterdir() if p.suffix == ".so"] and not list(cache.rglob("lock"))

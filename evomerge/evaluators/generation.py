@@ -13,7 +13,9 @@ Two paths: models whose cache is a plain stack of full-attention layers (Llama, 
 keep keys/values in preallocated buffers written in place (``_SlotDecoder``: no per-step concatenation of the
 cache, refills written straight into free rows); any other cache (sliding windows that a sequence can reach,
 linear attention, ...) takes the generic ``DynamicCache`` path (``_StreamDecoder``), which refills only
-mergeable caches.
+mergeable caches. On the first path, Llama, Mistral and Qwen2 models decode through ``lean_decode.py``: the same
+operations without transformers' per-call glue, with attention that reads each sequence's own columns only
+(``decode_attention.py``).
 
 Semantics (kept identical to lm-eval's HF backend so our scores and theirs can be compared item by item):
 - prompts are tokenized one by one with the tokenizer's own special-token default, except that a prompt that
@@ -32,6 +34,9 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+
+from evomerge.evaluators.decode_attention import DecodeWindow
+from evomerge.evaluators.lean_decode import lean_step_for
 
 
 @dataclass(frozen=True)
@@ -359,6 +364,7 @@ class _SlotDecoder:
     def __init__(self, model, tokenizer, settings: GenerationSettings, device, pad_id: int, eos_ids: set[int],
                  forward: _ForwardKwargs, tail_window: int, n_layers: int, capacity: int, n_prompts: int) -> None:
         self.model, self.settings, self.device = model, settings, device
+        self.lean = lean_step_for(model)  # decoding steps without transformers' glue (Llama family), or None
         self.pad_id, self.eos_ids, self.forward = pad_id, eos_ids, forward
         self.stop_hit = _stop_check(tokenizer, settings, tail_window) if settings.stop else None
         self.buffers = _KVBuffers(min(settings.batch_size, n_prompts), capacity, n_layers)
@@ -404,12 +410,16 @@ class _SlotDecoder:
                     starts = [s - hi + new_hi for s in starts]
                     lo, hi = new_hi - (hi - lo), new_hi
                 starts_t = torch.tensor(starts, device=self.device)
-                attention = torch.arange(lo, hi + 1, device=self.device)[None, :] >= starts_t[:, None]
                 positions = (hi - starts_t)[:, None]
-                region = self.step_region
-                region.row0, region.row1, region.lo, region.hi = 0, len(rows), lo, hi
-                last = self._call(torch.tensor(last, device=self.device)[:, None], attention.long(), positions,
-                                  self.step_cache)
+                tokens = torch.tensor(last, device=self.device)
+                if self.lean is not None:
+                    window = DecodeWindow(starts_t, lo, hi)
+                    last = self.lean.next_tokens(tokens, positions, self.buffers, window).tolist()
+                else:
+                    attention = torch.arange(lo, hi + 1, device=self.device)[None, :] >= starts_t[:, None]
+                    region = self.step_region
+                    region.row0, region.row1, region.lo, region.hi = 0, len(rows), lo, hi
+                    last = self._call(tokens[:, None], attention.long(), positions, self.step_cache)
                 hi += 1
                 done = self._record(rows, last, generated, 0)
             if any(done):

@@ -7,29 +7,17 @@ about one read of the sources and one write of the output. It computes exactly w
 in the same order and rounding (products before sums, sums left to right, no fused multiply-add:
 ``-ffp-contract=off``), so results stay bit-identical to mergekit's; tests compare the two paths bit for bit.
 
-It is C++ compiled on first use with torch's extension builder (a C++ compiler and ninja are needed; the
-library is cached under ~/.cache/evomerge/kernels, or $EVOMERGE_CACHE/kernels). Where it cannot be built,
-or with ``EVOMERGE_FUSED_KERNELS=0``, the torch kernel is used: same results, slower.
+It is C++ compiled on first use (``evomerge/native.py``: a C++ compiler and ninja are needed; cached under
+~/.cache/evomerge/kernels). Where it cannot be built, or with ``EVOMERGE_FUSED_KERNELS=0``, the torch kernel
+is used: same results, slower.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
-import logging
-import os
-import shutil
-import sys
-import tempfile
-import threading
-from pathlib import Path
-
 import torch
 
+from evomerge import native
 from evomerge.methods.sparsify import Threshold
-
-log = logging.getLogger(__name__)
 
 MAX_MODELS = 8
 
@@ -173,88 +161,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed = False
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("EVOMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "evomerge")
-    return Path(root) / "kernels"
-
-
-def _build_flags() -> tuple[str, list[str]]:
-    """The module name and compiler flags for this machine: 8-wide AVX2 where torch reports AVX2/AVX512 (the
-    name says which, so cluster nodes sharing a home folder each get a build they can run), else the baseline
-    instruction set. Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    simd = ["-mavx2"] if capability in ("AVX2", "AVX512") else []
+def _kernel() -> native.Kernel:
+    """Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's."""
+    tag, simd = native.simd_flags()
     flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fno-trapping-math", *simd]
-    return f"evomerge_fused_ties_{'avx2' if simd else 'base'}", flags
+    return native.Kernel(f"evomerge_fused_ties_{tag}", _SOURCE, flags, "the fused TIES kernel")
 
 
-def _import_shared_object(name: str, path: Path):
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-def _build_or_load():
-    """The compiled module, from our cache or built now.
-
-    No shared lock: torch's own loader takes a lock file in a shared build folder on every load, and a process
-    killed while holding it (kill -9 of a search worker) would make every later load wait forever. Here each
-    build happens in a private temporary folder and its library is renamed into the cache (atomic; concurrent
-    builders produce the same file), and later processes just import the cached file.
-    """
-    name, flags = _build_flags()
-    key = hashlib.sha256("\0".join([_SOURCE, *flags, torch.__version__, sys.version]).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    target = cache / f"{name}-{key}.so"
-    if target.is_file():
-        return _import_shared_object(name, target)
-    from torch.utils.cpp_extension import load_inline
-
-    cache.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f"{name}-build-", dir=cache))
-    try:
-        # a one-time pause of about half a minute: say so (the library logs nothing else at info level)
-        print("evomerge: compiling the fused TIES kernel (once per machine, about 30 s)", file=sys.stderr, flush=True)
-        module = load_inline(name=name, cpp_sources=[_SOURCE], functions=None, verbose=False,
-                             extra_cflags=flags, build_directory=str(build))
-        built = next(build.glob(f"{name}*.so"))
-        staged = cache / f".{target.name}.{os.getpid()}"
-        shutil.copyfile(built, staged)
-        os.replace(staged, target)
-        return module
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-
-
-def _load():
-    """The compiled extension, or None (not buildable here, or switched off)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        if os.environ.get("EVOMERGE_FUSED_KERNELS", "1") == "0":
-            _failed = True
-            return None
-        try:
-            _module = _build_or_load()
-        except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the torch kernel does the work
-            log.warning("fused TIES kernel unavailable (%s); using the torch kernel", str(exc).splitlines()[0]
-                        if str(exc) else type(exc).__name__)
-            _failed = True
-    return _module
+_KERNEL = _kernel()
 
 
 def available() -> bool:
-    return _load() is not None
+    return _KERNEL.available()
 
 
 def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: list[Threshold | None] | None,
@@ -271,7 +189,7 @@ def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: lis
             or not all(d.is_contiguous() and d.dtype == base.dtype for d in deltas)
             or any(t is not None and t.keep is not None for t in thresholds or ())):
         return False
-    module = _load()
+    module = _KERNEL.load()
     if module is None:
         return False
     prescaled = thresholds is None

@@ -2,8 +2,8 @@
 
 - With SDPA attention the lean step's logits equal the model's own forward bit for bit, on the same buffers.
 - The C++ attention kernel equals a float64 reference within float32 rounding, for ragged windows, several
-  query heads per key/value head, head sizes that are not a multiple of its vector width, and one-column
-  windows.
+  query heads per key/value head, head sizes that are not a multiple of its vector width, one-column
+  windows, and rows split over several threads.
 - The step is chosen only for the exact supported classes without hooks; greedy generation gives generate()'s
   tokens with it, and with a hooked model (own forward) as well.
 """
@@ -91,10 +91,11 @@ def reference_attention(query, keys, values, starts, hi, scale):
     return out
 
 
-@pytest.mark.parametrize("group, dim", [(1, 64), (3, 40), (2, 8)])
-def test_attention_kernel_equals_a_float64_reference(group, dim):
+@pytest.mark.parametrize("group, dim, threads", [(1, 64, 1), (3, 40, 1), (2, 8, 1), (2, 64, 3)])
+def test_attention_kernel_equals_a_float64_reference(group, dim, threads):
     if not decode_attention.available():
         pytest.skip("no C++ toolchain here: SDPA does the work")
+    torch.set_num_threads(threads)  # 3: rows split over three parts, two of them on torch's inter-op pool
     gen = torch.Generator().manual_seed(group * 100 + dim)
     rows, heads, columns, hi = 7, 3, 90, 70
     starts = torch.tensor([0, 70, 69, 12, 40, 3, 55])  # a one-column and a two-column window among them

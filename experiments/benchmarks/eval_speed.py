@@ -157,6 +157,11 @@ def main() -> int:
     print(f"model: llama {n_params / 1e6:.1f}M params, vocab {len(tok)}; device {args.device}, "
           f"{args.threads} threads; {len(prompts)} prompts (mgsm_native_cot template), batch {args.batch_size}, "
           f"max_new_tokens {settings.max_new_tokens}, stop {list(settings.stop)}")
+    from evomerge.evaluators import decode_attention, lean_decode
+
+    lean = lean_decode.lean_step_for(model) is not None
+    print(f"our decoding step: {'lean (Llama family)' if lean else 'the model forward'}; attention: "
+          f"{'C++ kernel' if lean and decode_attention.available() and args.device == 'cpu' else 'SDPA'}")
     run_ours()  # warm-up both (first-call allocations)
     run_lm_eval()
     ours_times, theirs_times = [], []

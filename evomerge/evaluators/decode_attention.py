@@ -11,10 +11,11 @@ head (GQA) together, so each key and value is read once. It computes softmax(q.k
 float32 with its own order of operations. It is not bit-identical to SDPA: logits differ by about 1e-6, as they
 do between two different paddings of the same batch. Tests compare its greedy answers with ``generate()``.
 
-It runs on CPU for float32. The rows are split over as many threads as torch's intra-op setting
-(``torch.set_num_threads``), with the parts beyond the first on torch's inter-op pool. Everywhere else (CUDA,
-other dtypes, no C++ compiler, ``EVOMERGE_FUSED_KERNELS=0``), SDPA runs over ``[lo, hi]`` with a padding mask:
-the same call transformers makes, with the same result bits.
+It runs on CPU, for float32, with one torch thread; the kernel is serial. On 2 cores, a version that split the
+rows over threads was measured no faster than SDPA's parallel kernel at 2 threads: starting or waking a thread
+cost as much as it saved. So with more threads SDPA runs. It also runs everywhere else (CUDA, other dtypes, no
+C++ compiler, ``EVOMERGE_FUSED_KERNELS=0``): SDPA over ``[lo, hi]`` with a padding mask, the same call
+transformers makes, with the same result bits.
 """
 
 from __future__ import annotations
@@ -25,13 +26,10 @@ from evomerge import native
 
 _SOURCE = r"""
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 constexpr int LANES = 16;  // partial sums of a dot product: one AVX-512 or two AVX2 registers
@@ -74,7 +72,7 @@ static inline void exp_nonpositive(float* x, int64_t n) {
 // query [B, H, G, D]; keys, values [R >= B, H, C, D]; starts [B]: row b attends to columns [starts[b], hi].
 // out [B, H, G, D].
 void decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor starts,
-                      int64_t hi, double scale, int64_t threads, torch::Tensor out) {
+                      int64_t hi, double scale, torch::Tensor out) {
   TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes(), "bad shapes");
   TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
               values.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "float32 only");
@@ -91,64 +89,40 @@ void decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor val
   const float* v = values.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float s = float(scale);
-  // rows b0, b0 + stride, ...: the keys, then the values of each (row, kv head) are read once for its G query
-  // heads
-  auto attend_rows = [=](int64_t b0, int64_t stride) {
-    std::vector<float> weights, acc(G * D), total(G);
-    for (int64_t b = b0; b < B; b += stride) {
-      const int64_t first = start[b], n = hi + 1 - first;
-      weights.resize(G * n);
-      for (int64_t h = 0; h < H; ++h) {
-        const float* kb = k + ((b * H + h) * C + first) * D;
-        const float* vb = v + ((b * H + h) * C + first) * D;
-        const float* qb = q + (b * H + h) * G * D;
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t g = 0; g < G; ++g) weights[g * n + j] = dot(qb + g * D, kb + j * D, D) * s;
-        for (int64_t g = 0; g < G; ++g) {
-          float* w = weights.data() + g * n;
-          const float top = *std::max_element(w, w + n);
-          for (int64_t j = 0; j < n; ++j) w[j] -= top;
-          exp_nonpositive(w, n);
-          float sum = 0;
-          for (int64_t j = 0; j < n; ++j) sum += w[j];
-          total[g] = sum;
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* vj = vb + j * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = weights[g * n + j];
-            float* a = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) a[d] += w * vj[d];
-          }
-        }
-        float* ob = o + (b * H + h) * G * D;
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < D; ++d) ob[g * D + d] = acc[g * D + d] / total[g];
-      }
-    }
-  };
   pybind11::gil_scoped_release no_gil;
-  // as many parts as torch's intra-op threads (rows dealt round-robin, so long and short rows mix): parts
-  // 1.. run on torch's inter-op thread pool, part 0 here
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, B));
-  if (parts == 1) {
-    attend_rows(0, 1);
-    return;
+  std::vector<float> weights, acc(G * D), total(G);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t first = start[b], n = hi + 1 - first;
+    weights.resize(G * n);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* kb = k + ((b * H + h) * C + first) * D;
+      const float* vb = v + ((b * H + h) * C + first) * D;
+      const float* qb = q + (b * H + h) * G * D;
+      for (int64_t j = 0; j < n; ++j)  // each key read once for the G query heads
+        for (int64_t g = 0; g < G; ++g) weights[g * n + j] = dot(qb + g * D, kb + j * D, D) * s;
+      for (int64_t g = 0; g < G; ++g) {
+        float* w = weights.data() + g * n;
+        const float top = *std::max_element(w, w + n);
+        for (int64_t j = 0; j < n; ++j) w[j] -= top;
+        exp_nonpositive(w, n);
+        float sum = 0;
+        for (int64_t j = 0; j < n; ++j) sum += w[j];
+        total[g] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < n; ++j) {  // each value read once for the G query heads
+        const float* vj = vb + j * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = weights[g * n + j];
+          float* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += w * vj[d];
+        }
+      }
+      float* ob = o + (b * H + h) * G * D;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) ob[g * D + d] = acc[g * D + d] / total[g];
+    }
   }
-  std::mutex mutex;
-  std::condition_variable all_done;
-  int64_t remaining = parts - 1;
-  for (int64_t p = 1; p < parts; ++p) {
-    at::launch([&, p] {
-      attend_rows(p, parts);
-      std::lock_guard<std::mutex> guard(mutex);
-      if (--remaining == 0) all_done.notify_one();
-    });
-  }
-  attend_rows(0, parts);
-  std::unique_lock<std::mutex> lock(mutex);
-  all_done.wait(lock, [&] { return remaining == 0; });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -182,7 +156,8 @@ class DecodeWindow:
         self._mask: torch.Tensor | None = None
 
     def use_kernel(self, query: torch.Tensor) -> bool:
-        return query.device.type == "cpu" and query.dtype == torch.float32 and _KERNEL.load() is not None
+        return (query.device.type == "cpu" and query.dtype == torch.float32 and torch.get_num_threads() == 1
+                and _KERNEL.load() is not None)
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
         """query ``[n, kv heads, group, dim]`` (the query heads of each key/value head as its rows); keys and
@@ -191,8 +166,7 @@ class DecodeWindow:
         if self.use_kernel(query) and keys.is_contiguous() and values.is_contiguous():
             query = query.contiguous()
             out = torch.empty_like(query)
-            _KERNEL.load().decode_attention(query, keys, values, self.starts, self.hi, float(scale),
-                                            torch.get_num_threads(), out)
+            _KERNEL.load().decode_attention(query, keys, values, self.starts, self.hi, float(scale), out)
             return out
         if self._mask is None:
             columns = torch.arange(self.lo, self.hi + 1, device=query.device)

@@ -153,7 +153,14 @@ class DecodeWindow:
 
     def __init__(self, starts: torch.Tensor, lo: int, hi: int) -> None:
         self.starts, self.lo, self.hi = starts, lo, hi
-        self._mask: torch.Tensor | None = None
+        self._visible: torch.Tensor | None = None
+
+    def visible(self) -> torch.Tensor:
+        """``[rows, hi - lo + 1]`` bool: the columns of ``[lo, hi]`` each row sees (its own, from its start on)."""
+        if self._visible is None:
+            columns = torch.arange(self.lo, self.hi + 1, device=self.starts.device)
+            self._visible = columns[None, :] >= self.starts[:, None]
+        return self._visible
 
     def use_kernel(self, query: torch.Tensor) -> bool:
         return (query.device.type == "cpu" and query.dtype == torch.float32 and torch.get_num_threads() == 1
@@ -168,9 +175,6 @@ class DecodeWindow:
             out = torch.empty_like(query)
             _KERNEL.load().decode_attention(query, keys, values, self.starts, self.hi, float(scale), out)
             return out
-        if self._mask is None:
-            columns = torch.arange(self.lo, self.hi + 1, device=query.device)
-            self._mask = (columns[None, :] >= self.starts[:, None])[:, None, None, :]
         return torch.nn.functional.scaled_dot_product_attention(
-            query, keys[:n, :, self.lo:self.hi + 1], values[:n, :, self.lo:self.hi + 1], attn_mask=self._mask,
-            scale=scale)
+            query, keys[:n, :, self.lo:self.hi + 1], values[:n, :, self.lo:self.hi + 1],
+            attn_mask=self.visible()[:, None, None, :], scale=scale)

@@ -412,14 +412,13 @@ class _SlotDecoder:
                 starts_t = torch.tensor(starts, device=self.device)
                 positions = (hi - starts_t)[:, None]
                 tokens = torch.tensor(last, device=self.device)
+                window = DecodeWindow(starts_t, lo, hi)
                 if self.lean is not None:
-                    window = DecodeWindow(starts_t, lo, hi)
                     last = self.lean.next_tokens(tokens, positions, self.buffers, window).tolist()
                 else:
-                    attention = torch.arange(lo, hi + 1, device=self.device)[None, :] >= starts_t[:, None]
                     region = self.step_region
                     region.row0, region.row1, region.lo, region.hi = 0, len(rows), lo, hi
-                    last = self._call(tokens[:, None], attention.long(), positions, self.step_cache)
+                    last = self._call(tokens[:, None], window.visible().long(), positions, self.step_cache)
                 hi += 1
                 done = self._record(rows, last, generated, 0)
             if any(done):

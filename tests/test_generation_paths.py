@@ -1,7 +1,8 @@
 """Our batched greedy decoding on several architectures: the preallocated-cache path (Llama, Qwen2, Mistral,
-GPT-2) and the generic path (a sliding window a sequence reaches) give every prompt ``generate()``'s greedy
-tokens, with refills, row moves and the cache window moved back to the buffer's start; the per-token
-stop-string pre-check never skips a token that completes a stop string."""
+GPT-2; the first three through the lean decoding step) and the generic path (a sliding window a sequence
+reaches) give every prompt ``generate()``'s greedy tokens, with refills, row moves and the cache window moved
+back to the buffer's start; the per-token stop-string pre-check never skips a token that completes a stop
+string."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from evomerge import tiny
-from evomerge.evaluators import generation
+from evomerge.evaluators import generation, lean_decode
 from evomerge.evaluators.generation import GenerationSettings, greedy_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,3 +148,18 @@ def test_falls_back_when_a_cache_layer_is_never_written(tokenizer, monkeypatch):
     results = greedy_generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=4))
     assert fast[0] == 1 and generic[0] == 1
     assert_same_as_generate(model, tokenizer, prompts, results, 6)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_lean_step_decoding_matches_generate(tokenizer, monkeypatch, hooked):
+    """Many prompts, small batch: refills, row moves and window moves, each step through the lean step (or,
+    with a forward hook on an attention module, through the model's own forward, the hook seeing every step)."""
+    model = make_model("llama", len(tokenizer))
+    seen = []
+    if hooked:
+        model.model.layers[0].self_attn.register_forward_hook(lambda module, args, output: seen.append(1))
+    lean = count_calls(monkeypatch, lean_decode.LeanDecodeStep, "logits")
+    prompts = prompts_of_many_lengths(13, seed=7)
+    results = greedy_generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=4))
+    assert (lean[0] == 0) == hooked and (len(seen) > 12) == hooked
+    assert_same_as_generate(model, tokenizer, prompts, results, 12)

@@ -4,14 +4,13 @@
 - The C++ attention kernel equals a float64 reference within float32 rounding, for ragged windows, several
   query heads per key/value head, head sizes that are not a multiple of its vector width, and one-column
   windows.
-- The step is chosen only for the exact supported classes without hooks; greedy generation gives generate()'s
-  tokens with it, and with a hooked model (own forward) as well.
+- The step is chosen only for the exact supported classes without hooks (greedy generation through it is
+  checked against generate() in test_generation_paths.py).
 """
 
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ import torch
 from evomerge import tiny
 from evomerge.evaluators import decode_attention, generation, lean_decode
 from evomerge.evaluators.decode_attention import DecodeWindow
-from evomerge.evaluators.generation import GenerationSettings, greedy_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,36 +135,4 @@ def test_lean_step_is_chosen_only_where_it_computes_the_model_forward(monkeypatc
     assert lean_decode.lean_step_for(hooked) is None
     monkeypatch.setenv("EVOMERGE_LEAN_DECODE", "0")
     assert lean_decode.lean_step_for(make_model("llama")) is None
-
-
-WORDS = ["Tom", "has", "3", "apples", "and", "gets", "more", ".", "How", "many", "?", "The", "answer", "is"]
-
-
-@pytest.mark.parametrize("hooked", [False, True])
-def test_greedy_generation_through_the_lean_step_matches_generate(hooked, monkeypatch):
-    """Many prompts, small batch: refills, row moves and window moves, each step through the lean step (or,
-    with a forward hook on an attention module, through the model's own forward, the hook seeing every step)."""
-    rng = random.Random(0)
-    tok = tiny.make_tokenizer(corpus=[" ".join(rng.choice(WORDS) for _ in range(20)) for _ in range(100)],
-                              vocab_size=120)
-    model = make_model("llama", vocab_size=len(tok))
-    seen = []
-    if hooked:
-        model.model.layers[0].self_attn.register_forward_hook(lambda module, args, output: seen.append(1))
-    lean_calls = [0]
-    real = lean_decode.LeanDecodeStep.logits
-
-    def counted(self, *args, **kwargs):
-        lean_calls[0] += 1
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(lean_decode.LeanDecodeStep, "logits", counted)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20))) for _ in range(13)]
-    results = greedy_generate(model, tok, prompts, GenerationSettings(max_new_tokens=12, batch_size=4))
-    assert (lean_calls[0] == 0) == hooked and (len(seen) > 12) == hooked
-    for prompt, got in zip(prompts, results):
-        ids = tok(prompt, return_tensors="pt")
-        ref = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-        ref = ref[0, ids["input_ids"].shape[1]:].tolist()
-        assert got.token_ids == ref[:len(got.token_ids)], prompt
 

@@ -1,8 +1,8 @@
 """The search end to end with real processes: Ray, kill -9 and resume, dying workers, NaN candidates,
 export re-scored from disk, report files, NSGA-II over SQLite, and the smoke experiment.
 
-One Ray cluster is started for the test session (conftest's ray_address, in this process); `evomerge run` subprocesses and in-process runs
-join it with --address, so only the smoke test pays for an embedded Ray start.
+One Ray cluster is started for the test session (conftest's ray_address, in this process); `evomerge run`
+subprocesses and in-process runs join it with --address, so only the smoke test pays for an embedded Ray start.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from evomerge.search.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_EVAL = REPO / "experiments" / "smoke_eval.py"
-
 
 
 def _cli(*args: str) -> list[str]:

@@ -160,8 +160,9 @@ def main() -> int:
     from evomerge.evaluators import decode_attention, lean_decode
 
     lean = lean_decode.lean_step_for(model) is not None
+    kernel = lean and args.device == "cpu" and args.threads == 1 and decode_attention.available()
     print(f"our decoding step: {'lean (Llama family)' if lean else 'the model forward'}; attention: "
-          f"{'C++ kernel' if lean and decode_attention.available() and args.device == 'cpu' else 'SDPA'}")
+          f"{'C++ kernel' if kernel else 'SDPA'}")
     run_ours()  # warm-up both (first-call allocations)
     run_lm_eval()
     ours_times, theirs_times = [], []

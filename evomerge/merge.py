@@ -34,6 +34,7 @@ import torch
 
 from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
 from evomerge.errors import EvomergeError
+from evomerge.lora import open_source
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
 
@@ -95,7 +96,7 @@ def recipe_structure(recipe: Recipe) -> tuple:
 
 def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[Path], list[Checkpoint]]:
     paths = recipe.model_paths()
-    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
+    checkpoints = [open_source(p, allow_pickle=allow_pickle) for p in paths]
     _check_compatible(paths, checkpoints)
     return paths, checkpoints
 

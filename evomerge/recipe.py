@@ -183,7 +183,17 @@ class Recipe:
     # ------------------------------------------------------------------ paths and methods
 
     def resolve_path(self, model: str) -> Path:
-        """A model path from the recipe, absolute: relative paths resolve against ``root`` (else the cwd)."""
+        """A model path from the recipe, absolute: relative paths resolve against ``root`` (else the cwd).
+
+        A LoRA reference ``base+adapter`` resolves both parts: the result ``/abs/base+/abs/adapter`` is the
+        source's key (see evomerge/lora.py)."""
+        from evomerge.lora import split_reference
+
+        model_part, adapter = split_reference(model)
+        path = self._resolve_one(model_part)
+        return path if adapter is None else Path(f"{path}+{self._resolve_one(adapter)}")
+
+    def _resolve_one(self, model: str) -> Path:
         path = Path(model).expanduser()
         if not path.is_absolute():
             path = (self.root or Path.cwd()) / path
@@ -210,14 +220,17 @@ class Recipe:
         return list(seen)
 
     def tokenizer_path(self) -> Path:
-        """Where the output's tokenizer comes from: tokenizer_source, else base_model, else the first model."""
+        """Where the output's tokenizer comes from: tokenizer_source, else base_model, else the first model
+        (for a LoRA reference, its base model's folder, as mergekit)."""
+        from evomerge.lora import model_folder
+
         if self.tokenizer_source not in (None, "base"):
-            return self.resolve_path(self.tokenizer_source)
+            return model_folder(self.resolve_path(self.tokenizer_source))
         if self.base_model is not None:
-            return self.resolve_path(self.base_model)
+            return model_folder(self.resolve_path(self.base_model))
         if self.tokenizer_source == "base":
             raise EvomergeError("tokenizer_source: base needs a base_model")
-        return self.model_paths()[0]
+        return model_folder(self.model_paths()[0])
 
     # ------------------------------------------------------------------ validation
 
@@ -314,6 +327,8 @@ class Recipe:
 
     def _validate_data_aware(self, table: dict[str, dict[str, Any]], calibration_defaults: dict[str, Any],
                              source: str) -> None:
+        if any("+" in str(p) and not p.exists() for p in self.model_paths()):
+            raise EvomergeError(f"{source}: {self.merge_method} does not take LoRA references (model+adapter)")
         known_global = table.get("global", {})
         known_per_model = table.get("per_model", {})
         if self.slices:

@@ -37,11 +37,11 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, REQUIRED, MethodSpec, ParamSpec, get_method
+from evomerge.tokenizer_config import TokenizerSettings, check_chat_template, parse_tokenizer_block
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "calibration")
-_UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes", "tokenizer": "the 'tokenizer:' block (use tokenizer_source)",
-                         "chat_template": "chat_template"}
+             "tokenizer_source", "tokenizer", "chat_template", "calibration")
+_UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes"}
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -91,6 +91,8 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None  # the 'tokenizer:' block (evomerge/tokenizer_config.py)
+    chat_template: str | None = None
     calibration: dict[str, Any] | None = None
     root: Path | None = None  # folder that relative model paths resolve against (not written to YAML)
 
@@ -140,6 +142,9 @@ class Recipe:
             dtype=_optional_str(data.get("dtype"), "dtype", source),
             out_dtype=_optional_str(data.get("out_dtype"), "out_dtype", source),
             tokenizer_source=_optional_str(data.get("tokenizer_source"), "tokenizer_source", source),
+            tokenizer=(parse_tokenizer_block(data["tokenizer"], source) if data.get("tokenizer") is not None
+                       else None),
+            chat_template=check_chat_template(data.get("chat_template"), source),
             calibration=_optional_mapping(data.get("calibration"), "calibration", source),
             root=Path(root) if root is not None else None,
         )
@@ -168,6 +173,10 @@ class Recipe:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = copy.deepcopy(self.tokenizer.raw or {"source": self.tokenizer.source})
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.calibration is not None:
             out["calibration"] = copy.deepcopy(self.calibration)
         return out
@@ -219,17 +228,26 @@ class Recipe:
             seen.setdefault(self.resolve_path(self.base_model), None)
         return list(seen)
 
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The tokenizer the recipe asks for (the 'tokenizer:' block, or tokenizer_source alone), else None."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerSettings(source=self.tokenizer_source)
+        return None
+
     def tokenizer_path(self) -> Path:
-        """Where the output's tokenizer comes from: tokenizer_source, else base_model, else the first model
-        (for a LoRA reference, its base model's folder, as mergekit)."""
+        """The folder whose tokenizer the output starts from: the tokenizer source's model, else base_model, else
+        the first model (for a LoRA reference, its base model's folder, as mergekit). With ``union`` it is the
+        union's starting point (base, else first model); see evomerge/vocabulary.py."""
         from evomerge.lora import model_folder
 
-        if self.tokenizer_source not in (None, "base"):
-            return model_folder(self.resolve_path(self.tokenizer_source))
+        settings = self.tokenizer_settings()
+        source = settings.source if settings is not None else None
+        if source not in (None, "base", "union"):
+            return model_folder(self.resolve_path(source))
         if self.base_model is not None:
             return model_folder(self.resolve_path(self.base_model))
-        if self.tokenizer_source == "base":
-            raise EvomergeError("tokenizer_source: base needs a base_model")
         return model_folder(self.model_paths()[0])
 
     # ------------------------------------------------------------------ validation
@@ -242,9 +260,13 @@ class Recipe:
             value = getattr(self, key)
             if value is not None and value.removeprefix("torch.") not in _DTYPES:
                 raise EvomergeError(f"{source}: {key} {value!r} is not one of {', '.join(_DTYPES)}")
-        if self.tokenizer_source == "union":
-            raise EvomergeError(f"{source}: tokenizer_source: union is not supported (use base or a model path)")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise EvomergeError(f"{source}: give tokenizer_source or a 'tokenizer:' block, not both")
         aware, calibration_defaults = data_aware_methods()
+        if self.merge_method in aware and (self.tokenizer is not None or self.chat_template is not None
+                                           or self.tokenizer_source == "union"):
+            raise EvomergeError(f"{source}: {self.merge_method} does not take tokenizer: blocks, union "
+                                f"tokenizers or chat_template")
         if self.merge_method in aware:
             self._validate_data_aware(aware[self.merge_method], calibration_defaults, source)
             return

@@ -2,8 +2,9 @@
 
 A recipe names a ``merge_method``, its sources (``models:`` with per-model ``parameters``, or ``slices:`` of
 ``sources`` with ``layer_range`` for passthrough/frankenmerges), an optional ``base_model``, global
-``parameters``, ``dtype`` (the compute dtype), ``out_dtype``, ``tokenizer_source`` and, for the data-aware
-methods (fisher, regmean), a ``calibration`` block.
+``parameters``, ``dtype`` (the compute dtype), ``out_dtype``, ``tokenizer_source`` or a ``tokenizer:`` block and
+``chat_template`` (evomerge/tokenizer_config.py), and, for the data-aware methods (fisher, regmean), a
+``calibration`` block. A model may be a LoRA reference ``base+adapter`` (evomerge/lora.py).
 
 Where mergekit silently ignores what it does not know, we refuse: unknown keys, unknown parameter names, and
 parameters the method does not take (including a global parameter given per model, or per-model parameters on

@@ -222,3 +222,18 @@ def test_bad_lora_references(case, llama_family, adapters, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert {"three_parts": "one '+'", "missing_adapter": "not found", "no_config": "adapter_config.json",
             "dora": "DoRA", "wrong_model": "does not"}[case] in result.stderr
+
+
+def test_lora_on_sharded_qwen2_matches_mergekit(qwen2_family, tmp_path, mergekit_api):
+    """Another architecture, a sharded base checkpoint, an adapter on every projection."""
+    adapter = _make_adapter(qwen2_family["model_1"], tmp_path / "qa", seed=6, r=2, alpha=3,
+                            targets=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    recipe = {"merge_method": "dare_linear", "base_model": str(qwen2_family["base"]),
+              "parameters": {"rescale": False, "density": 1.0}, "models": [
+                  {"model": f"{qwen2_family['model_1']}+{adapter}", "parameters": {"weight": 0.7}},
+                  {"model": str(qwen2_family["model_2"]), "parameters": {"weight": 0.4}}]}
+    run_merge(Recipe.from_dict(recipe), tmp_path / "ours", progress=False)
+    mergekit_api(recipe, tmp_path / "theirs")
+    worst = _max_diff(_load(tmp_path / "ours"), _load(tmp_path / "theirs"))
+    print(f"max |ours - mergekit| qwen2 dare_linear: {worst:.3g}")
+    assert worst <= 1e-6

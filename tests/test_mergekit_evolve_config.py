@@ -131,3 +131,42 @@ def test_evolve_flags_need_an_evolve_config(tmp_path, capsys):
     experiment.write_text("search_space: ps_ties_dare\n")
     assert main(["run", str(experiment), "--max-fevals", "3"]) == 2
     assert "mergekit-evolve configs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_candidate_merges_like_mergekit_genotype(method, llama_family, tmp_path):
+    """One genome, two tools: our translated space's candidate recipe merges to the same tensors as the
+    MergeConfiguration mergekit-evolve builds from the same genotype (layer groups as slices, bfloat16)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.merge import run_merge
+    from evomerge.recipe import Recipe
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    mk_genome = pytest.importorskip("mergekit.evo.genome")
+    mk_merge = pytest.importorskip("mergekit.merge")
+    mk_options = pytest.importorskip("mergekit.options")
+    models = [str(llama_family["base"]), str(llama_family["model_1"]), str(llama_family["model_2"])]
+    genome = {"models": models, "merge_method": method, "base_model": models[0], "layer_granularity": 2}
+    exp = validate_experiment(translate({"genome": genome, "tasks": ["t"]}, Path("/"), EvolveOptions()))
+    space = build_space(exp.space, exp.models, exp.dtype)
+    x = torch.linspace(0.15, 0.9, space.dim).tolist()
+    values = space.values(x)
+    theirs = mk_genome.ModelGenome(mk_genome.ModelGenomeDefinition.model_validate(genome))
+    genotype = theirs.initial_genotype()
+    groups = ["layers_0-1", "layers_2-3"]
+    for g, group in enumerate(groups):
+        for m, alias in enumerate(["model_1", "model_2"], start=1):
+            for p, gene in enumerate(mk_genome.METHOD_PARAM_MAPS[method]):
+                genotype[g, m, 0, p] = values[f"{alias}.{group}.{gene}"]
+    mk_merge.run_merge(theirs.genotype_merge_config(genotype), str(tmp_path / "theirs"),
+                       mk_options.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    run_merge(Recipe.from_dict(space.candidate(values)), tmp_path / "ours", progress=False)
+    ours, mk = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert set(ours) == set(mk)
+    worst = max((ours[k].double() - mk[k].double()).abs().max().item() for k in ours)
+    print(f"max |ours - mergekit-evolve genotype| {method}: {worst:.3g}")
+    assert all(ours[k].dtype == mk[k].dtype == torch.bfloat16 for k in ours) and worst <= 1e-6

@@ -47,8 +47,12 @@ def vocab_models(tmp_path_factory):
         AutoTokenizer.from_pretrained(path).save_pretrained(root / f"{name}_bf16")
         half[f"{name}_bf16"] = root / f"{name}_bf16"
     assert len(tok_a) != len(tok_b)
+    qwen = tiny.make_family(root / "qa", n_variants=1, arch="qwen2", seed=2, tokenizer=tok_a, num_layers=2,
+                            tie_word_embeddings=True)
+    qwen_b = tiny.make_family(root / "qb", n_variants=0, arch="qwen2", seed=3, tokenizer=tok_b, num_layers=2,
+                              tie_word_embeddings=True)
     return {"base": fam["base"], "model_1": fam["model_1"], "model_2": other["base"], "padded": padded["base"],
-            **half}
+            "qwen_base": qwen["base"], "qwen_1": qwen["model_1"], "qwen_2": qwen_b["base"], **half}
 
 
 def _first_mention(config) -> list:
@@ -123,6 +127,10 @@ RECIPES = {
     "union_dare_linear_bf16": {"merge_method": "task_arithmetic", "base_model": "base_bf16", "dtype": "bfloat16",
                                "tokenizer_source": "union", "models": [
                                    {"model": "model_2_bf16", "parameters": {"weight": 0.7}}]},
+    "union_ties_qwen2_tied": {"merge_method": "ties", "base_model": "qwen_base", "tokenizer_source": "union",
+                              "parameters": {"density": 0.6}, "models": [
+                                  {"model": "qwen_1", "parameters": {"weight": 0.5}},
+                                  {"model": "qwen_2", "parameters": {"weight": 0.5}}]},
     "chat_named": {"merge_method": "linear", "tokenizer_source": "union", "chat_template": "chatml", "models": [
         {"model": "base", "parameters": {"weight": 0.5}}, {"model": "model_2", "parameters": {"weight": 0.5}}]},
     "chat_literal_no_tokenizer": {

@@ -90,7 +90,10 @@ def _token_setting(value: Any, where: str) -> TokenSetting:
     force = value.get("force", False)
     if not isinstance(force, bool):
         raise EvomergeError(f"{where}.force must be true or false, got {force!r}")
-    return TokenSetting(source=_token_source(value.get("source"), f"{where}.source"), force=force)
+    token_source = _token_source(value.get("source"), f"{where}.source")
+    if force and token_source is None:
+        raise EvomergeError(f"{where}: force: true needs a source (the row every model takes)")
+    return TokenSetting(source=token_source, force=force)
 
 
 def _token_source(value: Any, where: str) -> TokenSource | None:

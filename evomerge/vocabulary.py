@@ -287,8 +287,10 @@ def _shares_vocabulary(settings: TokenizerSettings, keys: list[Path], sizes: dic
     reference = _digest(folder)
     if not all(_digest(model_folder(k)) in (reference, (None,) * len(_VOCAB_FILES)) for k in keys):
         return False
-    # mergekit sizes the output by the tokenizer: a model with more rows than tokens is re-indexed (truncated)
-    return _has_tokenizer(folder) and len(_load_tokenizer(folder).get_vocab()) == next(iter(sizes.values()))
+    # mergekit sizes the output by the tokenizer: a model with more rows than tokens is re-indexed (truncated).
+    # A tokenizer with more tokens than rows keeps every row in place too (mergekit also strips those tokens
+    # from the tokenizer it writes; evomerge copies the tokenizer files as they are).
+    return _has_tokenizer(folder) and len(_load_tokenizer(folder).get_vocab()) >= next(iter(sizes.values()))
 
 
 def _with_chat_template(tokenizer: Any, recipe: Any, keys: list[Path]):

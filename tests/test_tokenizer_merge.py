@@ -34,7 +34,9 @@ def vocab_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vocab")
     tok_a = tiny.make_tokenizer(CORPUS_A, vocab_size=300)
     tok_a.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok_a.chat_template = "{% for m in messages %}A {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok_b = tiny.make_tokenizer(CORPUS_B, vocab_size=320)
+    tok_b.chat_template = "{% for m in messages %}B {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     fam = tiny.make_family(root / "a", n_variants=1, seed=0, tokenizer=tok_a, num_layers=2)
     other = tiny.make_family(root / "b", n_variants=0, seed=5, tokenizer=tok_b, num_layers=2)
     padded = tiny.make_family(root / "p", n_variants=0, seed=7, tokenizer=tok_a, num_layers=2,
@@ -131,6 +133,9 @@ RECIPES = {
                               "parameters": {"density": 0.6}, "models": [
                                   {"model": "qwen_1", "parameters": {"weight": 0.5}},
                                   {"model": "qwen_2", "parameters": {"weight": 0.5}}]},
+    "chat_auto": {"merge_method": "ties", "base_model": "model_2", "tokenizer_source": "union",
+                  "chat_template": "auto", "models": [{"model": "base", "parameters": {"weight": 0.5}},
+                                                      {"model": "model_1", "parameters": {"weight": 0.5}}]},
     "chat_named": {"merge_method": "linear", "tokenizer_source": "union", "chat_template": "chatml", "models": [
         {"model": "base", "parameters": {"weight": 0.5}}, {"model": "model_2", "parameters": {"weight": 0.5}}]},
     "chat_literal_no_tokenizer": {
@@ -238,7 +243,8 @@ def test_named_chat_templates_render_like_mergekit():
 
 
 @pytest.mark.parametrize("case", ["different_vocab_no_source", "both_sources", "bad_block_key", "bad_kind",
-                                  "unknown_template", "short_template", "token_from_missing_model",
+                                  "unknown_template", "force_without_source", "short_template",
+                                  "token_from_missing_model",
                                   "token_not_in_model"])
 def test_bad_tokenizer_recipes(case, vocab_models, tmp_path, capsys):
     models = [{"model": "base", "parameters": {"weight": 0.5}}, {"model": "model_2", "parameters": {"weight": 0.5}}]
@@ -249,6 +255,7 @@ def test_bad_tokenizer_recipes(case, vocab_models, tmp_path, capsys):
         "bad_block_key": ({"tokenizer": {"sources": "union"}}, "unknown key 'sources'"),
         "bad_kind": ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "mean"}}}}}, "kind: zero"),
         "unknown_template": ({"chat_template": "vicuna"}, "unknown chat_template 'vicuna'"),
+        "force_without_source": ({"tokenizer": {"tokens": {"the": {"force": True}}}}, "force: true needs a source"),
         "short_template": ({"chat_template": "{{ x }}"}, "neither a known name nor a Jinja template"),
         "token_from_missing_model": ({"tokenizer": {"tokens": {"<x>": {"source": "model_1"}}}},
                                      "not among the models"),

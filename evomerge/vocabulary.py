@@ -91,7 +91,7 @@ class VocabularyPlan:
                 raise EvomergeError(f"tokenizer.tokens[{token!r}] has no source, and "
                                     f"{keys[int((~present[:, index]).nonzero()[0])]} lacks that token")
         out = []
-        for key, own, have in zip(keys, rows, present):
+        for own, have in zip(rows, present):
             use_own = (have & ~forced).view(-1, *([1] * (own.dim() - 1)))
             merged = torch.where(use_own, own, defaults)
             if self.size > n_vocab:
@@ -205,8 +205,36 @@ def plan_tokenizer(recipe: Any, keys: list[Path], configs: list[dict[str, Any]])
                           original_vocabs=originals, settings=dict(settings.tokens),
                           base=recipe.resolve_path(recipe.base_model) if recipe.base_model else None,
                           resolve=recipe.resolve_path)
+    _check_token_settings(plan, keys)
     vocabulary = None if all(plan.is_identity(k) for k in keys) else plan
     return TokenizerPlan(folder=folder, tokenizer=_with_chat_template(out, recipe, keys), vocabulary=vocabulary)
+
+
+def _check_token_settings(plan: VocabularyPlan, keys: list[Path]) -> None:
+    """The ``tokens:`` problems a merge would meet, found before any tensor is read (one line each)."""
+    for token, setting in plan.settings.items():
+        index = plan.vocab[token]
+        lacking = [k for k in keys if int(plan.permutations[k][index]) < 0]
+        source = setting.source
+        if source is None:
+            if lacking:
+                raise EvomergeError(f"tokenizer.tokens[{token!r}] has no source, and {lacking[0]} lacks that token")
+            continue
+        if source.kind == ZERO or not (setting.force or lacking):
+            continue
+        key = plan.resolve(source.model)
+        if key not in keys:
+            raise EvomergeError(f"tokenizer.tokens[{token!r}] takes its row from {source.model}, which is not "
+                                f"among the models merged")
+        if source.kind == MODEL_TOKEN and source.token is not None and source.token not in plan.original_vocabs[key]:
+            raise EvomergeError(f"tokenizer.tokens[{token!r}]: token {source.token!r} is not in the vocabulary "
+                                f"of {source.model}")
+        if source.kind == MODEL_TOKEN and source.token_id is not None and source.token_id >= plan.vocab_sizes[key]:
+            raise EvomergeError(f"tokenizer.tokens[{token!r}]: token_id {source.token_id} is out of range for "
+                                f"{source.model} ({plan.vocab_sizes[key]} rows)")
+        if source.kind == "model" and key in lacking:
+            raise EvomergeError(f"tokenizer.tokens[{token!r}] takes its row from {source.model}, which lacks "
+                                f"that token")
 
 
 def _permutation(vocab: dict[str, int], original: dict[str, int], rows: int) -> torch.Tensor:

@@ -277,7 +277,7 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
                                 f"by (set normalize: false or change the weights)")
     if spec.sparsify == "della_magprune":
         for p in per_model:
-            if p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
+            if 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
                 raise EvomergeError(f"{spec.name}: density +- epsilon must lie in (0, 1) for {job.name} "
                                     f"(density {p['density']}, epsilon {p['epsilon']})")
 

@@ -377,8 +377,8 @@ def setting_values(setting: Any) -> list[Any]:
 def check_value(name: str, value: Any, where: str = "") -> None:
     """Range checks that apply to a resolved value (also used per tensor by the planner)."""
     prefix = f"{where}: " if where else ""
-    if name == "density" and not (0 < value <= 1):
-        raise EvomergeError(f"{prefix}density must be in (0, 1], got {value}")
+    if name == "density" and not (0 <= value <= 1):  # 0 drops the whole task vector, as in mergekit
+        raise EvomergeError(f"{prefix}density must be in [0, 1], got {value}")
     if name == "gamma" and not (0 <= value < 1):
         raise EvomergeError(f"{prefix}gamma must be in [0, 1), got {value}")
     if name == "epsilon" and not (0 <= value < 1):

@@ -269,7 +269,7 @@ class MathWordEvaluator(Evaluator):
                                       progress=progress)
         results = []
         for item, gen in zip(self.items, generations):
-            predicted = extract_answer(gen.text, self.answer_phrases)
+            predicted = extract_answer(gen.text, self.answer_phrases, self.language)
             in_language = None
             if self.gate_threshold is not None:
                 in_language = is_language(gen.text, self.language, self.gate_threshold)

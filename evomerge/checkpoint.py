@@ -288,6 +288,7 @@ class Checkpoint:
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
+        unheld: list[tuple[str, Path]] = []  # (a name the index lists, the shard it names, which lacks it)
         for file in sorted(files, key=str):
             if not isinstance(file, str) or Path(file).name != file:  # no paths out of the folder
                 raise EvomergeError(f"index {index_path} names shard {file!r}, which is not a file name in "
@@ -296,11 +297,21 @@ class Checkpoint:
             if not shard.is_file():
                 raise EvomergeError(f"index {index_path} names shard {file}, which is missing from {self.path}")
             held = add_file(shard, only=set(files[file]))
-            missing = [n for n in files[file] if n not in held]
-            if missing:
-                raise EvomergeError(f"index {index_path} says {missing[0]!r} is in {shard}, but that file "
-                                    f"does not hold it" + (f" ({len(missing)} tensors missing)"
-                                                           if len(missing) > 1 else ""))
+            unheld += [(n, shard) for n in files[file] if n not in held]
+        unheld = [(n, shard) for n, shard in unheld if not self._tied_alias(n, self._where)]
+        if unheld:
+            name, shard = unheld[0]
+            count = sum(s == shard for _, s in unheld)
+            raise EvomergeError(f"index {index_path} says {name!r} is in {shard}, but that file "
+                                f"does not hold it" + (f" ({count} tensors missing)" if count > 1 else ""))
+
+    def _tied_alias(self, name: str, held: Iterable[str]) -> bool:
+        """Is ``name`` a head this config ties to an embedding that is held? transformers then loads the model
+        from the embedding alone, so an index listing the head under a shard without it is still valid."""
+        from evomerge.tensor_sets import source_tied_heads
+
+        embedding = source_tied_heads(self.config).get(name)
+        return embedding is not None and embedding in held
 
     def _add_safetensors_file(self, file: Path, only: set[str] | None = None) -> set[str]:
         header, data_start = _parse_safetensors_header(file)

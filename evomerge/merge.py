@@ -176,8 +176,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         shapes = []
         for m, n in refs:
             if n not in checkpoints[m]:
-                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]} (its architecture differs from "
-                                    f"{reference.path})")
+                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]}")
             shapes.append(tuple(checkpoints[m].shape(n)))
         if len(set(shapes)) != 1:
             detail = ", ".join(f"{paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))

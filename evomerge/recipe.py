@@ -263,8 +263,9 @@ class Recipe:
                 self._check_entry_params(src.parameters, spec, f"slices[{i}].sources[{j}] ({src.model})",
                                          is_base=base is not None and self.resolve_path(src.model) == base,
                                          source=source)
-        if self.slices and sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in self.slices) == 0:
-            # an empty slice is valid (mergekit takes it); a model without layers is not
+        # an empty slice is valid (mergekit takes it); a model without layers is not
+        total = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in self.slices)
+        if self.slices and total < 1:
             raise EvomergeError(f"{source}: the slices hold zero layers in total")
         self._check_inputs(spec, base, source)
 

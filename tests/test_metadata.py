@@ -46,7 +46,8 @@ def _generation(path: Path) -> dict:
 
 def _ties(family, **extra) -> Recipe:
     return Recipe.from_dict({"merge_method": "ties", "base_model": str(family["base"]), "dtype": "float32",
-                             "models": [{"model": str(family["model_1"]), "parameters": {"weight": 0.5, "density": 0.5}},
+                             "models": [{"model": str(family["model_1"]),
+                                         "parameters": {"weight": 0.5, "density": 0.5}},
                                         {"model": str(family["model_2"]), "parameters": {"weight": 0.5}}], **extra})
 
 

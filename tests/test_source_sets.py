@@ -147,7 +147,8 @@ def test_attention_bias_difference_through_the_cli_is_exit_2(bias_and_no_bias, t
     with_bias, without = bias_and_no_bias
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": str(without), "parameters": {"weight": 0.5}}, {"model": str(with_bias), "parameters": {"weight": 0.5}}]}))
+        {"model": str(without), "parameters": {"weight": 0.5}},
+        {"model": str(with_bias), "parameters": {"weight": 0.5}}]}))
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "hold different tensors" in err and "q_proj.bias" in err and len(err.strip().splitlines()) == 1

@@ -114,3 +114,21 @@ def test_mgsm_answers_of_a_thousand_or_more_in_native_format():
         for language, mark in (("de", "."), ("fr", NNBSP), ("fr", " "), ("ru", NBSP), ("es", " ")):
             text = digits.replace(",", mark)
             assert extract_answer(f"Answer: {text}", (), language) == gold, (language, text)
+
+
+@pytest.mark.parametrize("language,answer", [
+    ("fr", "La réponse est 70 000 $."), ("fr", f"La réponse est 70{NNBSP}000 $."),
+    ("ru", f"Ответ — 70{NBSP}000."), ("es", "La respuesta es 70 000."),
+    ("de", "Die Antwort lautet 70.000 US-Dollar."), ("ja", "答えは7万ドルです。"),
+    ("en", "The answer is $70,000."), ("zh", "答案是 70,000。"),
+])
+def test_mgsm_evaluator_reads_its_own_languages_answer_to_item_3(language, answer):
+    """The built-in mgsm:LANG evaluator scores MGSM item 3 (gold 70000) right when the model writes the amount the
+    way that language does."""
+    from evomerge.evaluators import build_evaluator
+    from evomerge.evaluators.answers import answers_equal
+
+    evaluator = build_evaluator(f"mgsm:{language}")
+    gold = evaluator.items[2].answer
+    assert gold == Decimal(70000)
+    assert answers_equal(evaluator.read_answer(answer), gold)

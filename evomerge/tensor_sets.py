@@ -27,6 +27,8 @@ from evomerge.errors import EvomergeError
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _SHOWN = 4  # tensor names shown in an error before "and N more"
+_NAMELESS_KEYS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                            "auto_map"})
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,10 @@ class ArchitectureTensors:
 def expected_tensors(config: Mapping[str, Any]) -> ArchitectureTensors | None:
     """The ``ArchitectureTensors`` of a config.json dict; None when transformers has no such architecture
     (no ``architectures``/``model_type``, remote code): then nothing can be checked against it."""
+    # keys that never change which tensors a model has: sources of one architecture then share one meta build
+    # (about 4 s for an 80-layer 70B Llama config, 0.15 s for a 0.5B one)
     try:
-        key = json.dumps(dict(config), sort_keys=True)
+        key = json.dumps({k: v for k, v in config.items() if k not in _NAMELESS_KEYS}, sort_keys=True)
     except (TypeError, ValueError):
         return None
     return _expected_tensors(key)

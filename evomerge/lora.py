@@ -85,6 +85,11 @@ class Adapter:
 
     @classmethod
     def load(cls, path: Path, allow_pickle: bool = False) -> Adapter:
+        """Read ``adapter_config.json`` and the adapter weights of folder ``path``.
+
+        Returns: the Adapter (factors in float32, scales from r / lora_alpha and their patterns).
+        Raises: EvomergeError for a missing or unreadable folder, pickle weights without ``allow_pickle``,
+        unsupported adapter kinds (DoRA, LoRA biases, non-LoRA, non-2-D factors) or inconsistent factors."""
         config = _read_adapter_config(path)
         state = _read_adapter_weights(path, allow_pickle)
         adapter = cls(path)

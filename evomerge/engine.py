@@ -159,7 +159,9 @@ class MergeEngine:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir))
+            built = self.plan.tokenizer.tokenizer if self.plan.tokenizer is not None else None
+            self._tokenizer = (built if built is not None
+                               else AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir)))
         return self._tokenizer
 
     @property
@@ -254,14 +256,16 @@ class MergeEngine:
              max_shard_size: str | int = "2GB") -> Path:
         """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would."""
         from evomerge.checkpoint import model_card, write_checkpoint
+        from evomerge.vocabulary import tokenizer_folder
 
         if recipe is not None:
             self.materialize(recipe)
         recipe = recipe or self.recipe
         recipe_yaml = recipe.to_yaml()
-        return write_checkpoint(out_dir, self.tensors(), self.plan.config, tokenizer_dir=self.plan.tokenizer_dir,
-                                recipe_yaml=recipe_yaml,
-                                model_card=model_card(recipe_yaml, [str(p) for p in self.plan.models],
-                                                      recipe.merge_method),
-                                max_shard_size=max_shard_size, overwrite=overwrite,
-                                generation_config=self.plan.generation_config)
+        with tokenizer_folder(self.plan.tokenizer) as tokenizer_dir:
+            return write_checkpoint(out_dir, self.tensors(), self.plan.config, tokenizer_dir=tokenizer_dir,
+                                    recipe_yaml=recipe_yaml,
+                                    model_card=model_card(recipe_yaml, [str(p) for p in self.plan.models],
+                                                          recipe.merge_method),
+                                    max_shard_size=max_shard_size, overwrite=overwrite,
+                                    generation_config=self.plan.generation_config)

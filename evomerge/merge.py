@@ -41,9 +41,11 @@ from evomerge.checkpoint import (
     write_checkpoint,
 )
 from evomerge.errors import EvomergeError
+from evomerge.lora import model_folder, open_source
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
 from evomerge.tensor_sets import SourceTensors, compare_sources
+from evomerge.vocabulary import TokenizerPlan, plan_tokenizer, tokenizer_folder
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -61,6 +63,7 @@ class TensorJob:
     shape: tuple[int, ...]
     compute_dtype: torch.dtype
     floating: bool = True
+    vocab: bool = False  # a vocabulary tensor, re-indexed to the output tokenizer when loaded (vocabulary.py)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class MergePlan:
     num_layers: int
     tokenizer_dir: Path
     structure: tuple = field(default=())
+    tokenizer: TokenizerPlan | None = None  # the output tokenizer and vocabulary re-indexing
     generation_config: Path | None = None  # generation_config.json carried into the output (tokenizer source's)
 
     def out_dtype_for(self, job: TensorJob) -> torch.dtype:
@@ -96,7 +100,7 @@ def recipe_structure(recipe: Recipe) -> tuple:
             tuple(recipe.resolve_path(m.model) for m in recipe.models),
             tuple(tuple((recipe.resolve_path(s.model), tuple(s.layer_range)) for s in sl.sources)
                   for sl in recipe.slices),
-            recipe.dtype, recipe.out_dtype)
+            recipe.dtype, recipe.out_dtype, repr(recipe.tokenizer_settings()), recipe.chat_template)
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -104,13 +108,13 @@ def recipe_structure(recipe: Recipe) -> tuple:
 
 def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[Path], list[Checkpoint]]:
     paths = recipe.model_paths()
-    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
-    _check_compatible(paths, checkpoints)
+    checkpoints = [open_source(p, allow_pickle=allow_pickle) for p in paths]
+    _check_compatible(paths, checkpoints, same_vocabulary=recipe.tokenizer_settings() is None)
     compare_sources(paths, checkpoints)  # the same tensors in every source (tied heads resolved), else one error
     return paths, checkpoints
 
 
-def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
+def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint], same_vocabulary: bool = True) -> None:
     def arch(c: Checkpoint) -> str:
         archs = c.config.get("architectures") or []
         return str(archs[0]) if archs else str(c.config.get("model_type"))
@@ -120,9 +124,10 @@ def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
         if arch(ckpt) != arch(first) or ckpt.config.get("model_type") != first.config.get("model_type"):
             raise EvomergeError(f"models have different architectures: {paths[0]} is {arch(first)}, "
                                 f"{path} is {arch(ckpt)}")
-        if ckpt.config.get("vocab_size") != first.config.get("vocab_size"):
+        if same_vocabulary and ckpt.config.get("vocab_size") != first.config.get("vocab_size"):
             raise EvomergeError(f"vocabulary sizes differ: {paths[0]} has {first.config.get('vocab_size')}, "
-                                f"{path} has {ckpt.config.get('vocab_size')} (merging needs one shared vocabulary)")
+                                f"{path} has {ckpt.config.get('vocab_size')} (merging needs one shared vocabulary: "
+                                f"set tokenizer_source: union, base or a model path, or a 'tokenizer:' block)")
 
 
 def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
@@ -133,6 +138,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     index_of = {p: i for i, p in enumerate(paths)}
     base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
     compute = parse_dtype(recipe.dtype)
+    tokenizer = plan_tokenizer(recipe, paths, [c.config for c in checkpoints])
+    vocabulary = tokenizer.vocabulary
 
     # Normalize to slices: [(sources: [(model index, (start, end), param ref)], slice index)]
     slices: list[list[tuple[int, tuple[int, int], int | None]]] = []
@@ -178,6 +185,10 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
             if n not in checkpoints[m]:
                 raise EvomergeError(f"tensor {n!r} is missing from {paths[m]}")
             shapes.append(tuple(checkpoints[m].shape(n)))
+        vocab = (vocabulary is not None and not _LAYER.match(out_name) and len(shapes[0]) == 2
+                 and all(s[0] == vocabulary.vocab_sizes[paths[m]] for (m, _), s in zip(refs, shapes)))
+        if vocab:
+            shapes = [(vocabulary.size, *s[1:]) for s in shapes]
         if len(set(shapes)) != 1:
             detail = ", ".join(f"{paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
             raise EvomergeError(f"tensor shapes differ for {out_name}: {detail}")
@@ -192,7 +203,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         if spec.needs_base:
             base_pos = next(i for i, (m, _) in enumerate(refs) if m == base_index)
         jobs.append(TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[r for _, _, r in sources],
-                              base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating))
+                              base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating,
+                              vocab=vocab))
 
     for name in pre:
         add_job(name, 0, [name] * len(slices[0]), 0.0)
@@ -233,11 +245,12 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         config["dtype"] = dtype_name(final_dtype)
         if "torch_dtype" in config:
             config["torch_dtype"] = dtype_name(final_dtype)
-    tokenizer_dir = recipe.tokenizer_path()
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.size
     plan = MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
                      jobs=jobs, config=config, out_dtype=out_dtype, num_layers=out_layer,
-                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe),
-                     generation_config=find_generation_config(tokenizer_dir, reference.path))
+                     tokenizer_dir=tokenizer.folder, structure=recipe_structure(recipe), tokenizer=tokenizer,
+                     generation_config=find_generation_config(tokenizer.folder, model_folder(reference.path)))
     return plan
 
 
@@ -351,8 +364,11 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
 def load_job_sources(plan: MergePlan, index: int, device: torch.device) -> list[torch.Tensor]:
     """The source tensors of job ``index``, read from the checkpoints onto ``device`` in its compute dtype."""
     job = plan.jobs[index]
-    return [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
-            for m, name in job.sources]
+    tensors = [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
+               for m, name in job.sources]
+    if job.vocab:
+        tensors = plan.tokenizer.vocabulary.align([plan.models[m] for m, _ in job.sources], tensors)
+    return tensors
 
 
 def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str, progress: bool) -> Iterator[Any]:
@@ -418,10 +434,12 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
     recipe_yaml = recipe.to_yaml()
     sources = [str(p) for p in plan.models]
     threads = torch.get_num_threads() if threads is None else max(1, int(threads))
-    return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
-                            tokenizer_dir=plan.tokenizer_dir, recipe_yaml=recipe_yaml,
-                            model_card=model_card(recipe_yaml, sources, recipe.merge_method),
-                            max_shard_size=shard_size, overwrite=overwrite, generation_config=plan.generation_config)
+    with tokenizer_folder(plan.tokenizer) as tokenizer_dir:
+        return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
+                                tokenizer_dir=tokenizer_dir, recipe_yaml=recipe_yaml,
+                                model_card=model_card(recipe_yaml, sources, recipe.merge_method),
+                                max_shard_size=shard_size, overwrite=overwrite,
+                                generation_config=plan.generation_config)
 
 
 def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: int, overwrite: bool,

@@ -2,8 +2,9 @@
 
 A recipe names a ``merge_method``, its sources (``models:`` with per-model ``parameters``, or ``slices:`` of
 ``sources`` with ``layer_range`` for passthrough/frankenmerges), an optional ``base_model``, global
-``parameters``, ``dtype`` (the compute dtype), ``out_dtype``, ``tokenizer_source`` and, for the data-aware
-methods (fisher, regmean), a ``calibration`` block.
+``parameters``, ``dtype`` (the compute dtype), ``out_dtype``, ``tokenizer_source`` or a ``tokenizer:`` block and
+``chat_template`` (evomerge/tokenizer_config.py), and, for the data-aware methods (fisher, regmean), a
+``calibration`` block. A model may be a LoRA reference ``base+adapter`` (evomerge/lora.py).
 
 Where mergekit silently ignores what it does not know, we refuse: unknown keys, unknown parameter names, and
 parameters the method does not take (including a global parameter given per model, or per-model parameters on
@@ -37,11 +38,11 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, REQUIRED, MethodSpec, ParamSpec, get_method
+from evomerge.tokenizer_config import TokenizerSettings, check_chat_template, parse_tokenizer_block
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "calibration")
-_UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes", "tokenizer": "the 'tokenizer:' block (use tokenizer_source)",
-                         "chat_template": "chat_template"}
+             "tokenizer_source", "tokenizer", "chat_template", "calibration")
+_UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes"}
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -91,6 +92,8 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None  # the 'tokenizer:' block (evomerge/tokenizer_config.py)
+    chat_template: str | None = None
     calibration: dict[str, Any] | None = None
     root: Path | None = None  # folder that relative model paths resolve against (not written to YAML)
 
@@ -140,6 +143,9 @@ class Recipe:
             dtype=_optional_str(data.get("dtype"), "dtype", source),
             out_dtype=_optional_str(data.get("out_dtype"), "out_dtype", source),
             tokenizer_source=_optional_str(data.get("tokenizer_source"), "tokenizer_source", source),
+            tokenizer=(parse_tokenizer_block(data["tokenizer"], source) if data.get("tokenizer") is not None
+                       else None),
+            chat_template=check_chat_template(data.get("chat_template"), source),
             calibration=_optional_mapping(data.get("calibration"), "calibration", source),
             root=Path(root) if root is not None else None,
         )
@@ -168,6 +174,10 @@ class Recipe:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = copy.deepcopy(self.tokenizer.raw or {"source": self.tokenizer.source})
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.calibration is not None:
             out["calibration"] = copy.deepcopy(self.calibration)
         return out
@@ -183,7 +193,17 @@ class Recipe:
     # ------------------------------------------------------------------ paths and methods
 
     def resolve_path(self, model: str) -> Path:
-        """A model path from the recipe, absolute: relative paths resolve against ``root`` (else the cwd)."""
+        """A model path from the recipe, absolute: relative paths resolve against ``root`` (else the cwd).
+
+        A LoRA reference ``base+adapter`` resolves both parts: the result ``/abs/base+/abs/adapter`` is the
+        source's key (see evomerge/lora.py)."""
+        from evomerge.lora import split_reference
+
+        model_part, adapter = split_reference(model)
+        path = self._resolve_one(model_part)
+        return path if adapter is None else Path(f"{path}+{self._resolve_one(adapter)}")
+
+    def _resolve_one(self, model: str) -> Path:
         path = Path(model).expanduser()
         if not path.is_absolute():
             path = (self.root or Path.cwd()) / path
@@ -209,15 +229,27 @@ class Recipe:
             seen.setdefault(self.resolve_path(self.base_model), None)
         return list(seen)
 
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The tokenizer the recipe asks for (the 'tokenizer:' block, or tokenizer_source alone), else None."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerSettings(source=self.tokenizer_source)
+        return None
+
     def tokenizer_path(self) -> Path:
-        """Where the output's tokenizer comes from: tokenizer_source, else base_model, else the first model."""
-        if self.tokenizer_source not in (None, "base"):
-            return self.resolve_path(self.tokenizer_source)
+        """The folder whose tokenizer the output starts from: the tokenizer source's model, else base_model, else
+        the first model (for a LoRA reference, its base model's folder, as mergekit). With ``union`` it is the
+        union's starting point (base, else first model); see evomerge/vocabulary.py."""
+        from evomerge.lora import model_folder
+
+        settings = self.tokenizer_settings()
+        source = settings.source if settings is not None else None
+        if source not in (None, "base", "union"):
+            return model_folder(self.resolve_path(source))
         if self.base_model is not None:
-            return self.resolve_path(self.base_model)
-        if self.tokenizer_source == "base":
-            raise EvomergeError("tokenizer_source: base needs a base_model")
-        return self.model_paths()[0]
+            return model_folder(self.resolve_path(self.base_model))
+        return model_folder(self.model_paths()[0])
 
     # ------------------------------------------------------------------ validation
 
@@ -229,9 +261,13 @@ class Recipe:
             value = getattr(self, key)
             if value is not None and value.removeprefix("torch.") not in _DTYPES:
                 raise EvomergeError(f"{source}: {key} {value!r} is not one of {', '.join(_DTYPES)}")
-        if self.tokenizer_source == "union":
-            raise EvomergeError(f"{source}: tokenizer_source: union is not supported (use base or a model path)")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise EvomergeError(f"{source}: give tokenizer_source or a 'tokenizer:' block, not both")
         aware, calibration_defaults = data_aware_methods()
+        if self.merge_method in aware and (self.tokenizer is not None or self.chat_template is not None
+                                           or self.tokenizer_source == "union"):
+            raise EvomergeError(f"{source}: {self.merge_method} does not take tokenizer: blocks, union "
+                                f"tokenizers or chat_template")
         if self.merge_method in aware:
             self._validate_data_aware(aware[self.merge_method], calibration_defaults, source)
             return
@@ -318,6 +354,8 @@ class Recipe:
 
     def _validate_data_aware(self, table: dict[str, dict[str, Any]], calibration_defaults: dict[str, Any],
                              source: str) -> None:
+        if any("+" in str(p) and not p.exists() for p in self.model_paths()):
+            raise EvomergeError(f"{source}: {self.merge_method} does not take LoRA references (model+adapter)")
         known_global = table.get("global", {})
         known_per_model = table.get("per_model", {})
         if self.slices:

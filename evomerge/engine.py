@@ -38,7 +38,8 @@ from evomerge.merge import (
     recipe_structure,
     resolve_job_parameters,
 )
-from evomerge.methods import PreparedInputs, Workspace, get_method, prepare_inputs, run_method
+from evomerge.method_registry import get_method
+from evomerge.methods import PreparedInputs, Workspace, prepare_inputs, run_method
 from evomerge.recipe import ModelEntry, Recipe
 
 

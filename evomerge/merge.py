@@ -32,10 +32,11 @@ from typing import Any, Iterator
 
 import torch
 
+from evomerge.alignment.recipe_methods import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS, merge_data_aware
 from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
-from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
+from evomerge.recipe import Recipe, check_value, resolve_setting
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -405,24 +406,20 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
 
 def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: int, overwrite: bool,
                     allow_pickle: bool, shard_size: str | int) -> Path:
-    import importlib
-
-    module = importlib.import_module("evomerge.alignment.recipe_methods")
-    methods, calibration_defaults = data_aware_methods()
-    table = methods[recipe.merge_method]
+    table = DATA_AWARE_METHODS[recipe.merge_method]
     paths, checkpoints = open_checkpoints(recipe, allow_pickle)
     base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     model_paths = [recipe.resolve_path(m.model) for m in recipe.models]
     per_model = [{**table.get("per_model", {}), **m.parameters} for m in recipe.models]
     params = {**table.get("global", {}), **recipe.parameters}
-    calibration = {**calibration_defaults, **(recipe.calibration or {})}
+    calibration = {**CALIBRATION_DEFAULTS, **(recipe.calibration or {})}
     if isinstance(calibration.get("path"), str):
         calibration["path"] = str(recipe.resolve_path(calibration["path"]))
     for pm in per_model:
         if isinstance(pm.get("calibration"), str):
             pm["calibration"] = str(recipe.resolve_path(pm["calibration"]))
-    merged = module.merge_data_aware(recipe.merge_method, base, model_paths, per_model, params, calibration,
-                                     str(device), seed)
+    merged = merge_data_aware(recipe.merge_method, base, model_paths, per_model, params, calibration,
+                              str(device), seed)
     reference = checkpoints[paths.index(base)] if base is not None else checkpoints[paths.index(model_paths[0])]
     config = dict(reference.config)
     out_dtype = parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype)

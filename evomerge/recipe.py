@@ -26,7 +26,6 @@ back exactly as given, so a recipe round-trips.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,23 +34,16 @@ from typing import Any
 
 import yaml
 
+from evomerge.alignment.recipe_methods import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.errors import EvomergeError
-from evomerge.methods import METHODS, REQUIRED, MethodSpec, ParamSpec, get_method
+from evomerge.method_registry import get_method, is_data_aware
+from evomerge.methods import REQUIRED, MethodSpec, ParamSpec
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "calibration")
 _UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes", "tokenizer": "the 'tokenizer:' block (use tokenizer_source)",
                          "chat_template": "chat_template"}
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-def data_aware_methods() -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
-    """fisher/regmean parameter tables from evomerge.alignment.recipe_methods (empty when it is absent)."""
-    try:
-        module = importlib.import_module("evomerge.alignment.recipe_methods")
-    except ImportError:
-        return {}, {}
-    return getattr(module, "DATA_AWARE_METHODS", {}), getattr(module, "CALIBRATION_DEFAULTS", {})
 
 
 @dataclass
@@ -191,7 +183,7 @@ class Recipe:
 
     @property
     def is_data_aware(self) -> bool:
-        return self.merge_method not in METHODS and self.merge_method in data_aware_methods()[0]
+        return is_data_aware(self.merge_method)
 
     @property
     def method(self) -> MethodSpec:
@@ -231,14 +223,13 @@ class Recipe:
                 raise EvomergeError(f"{source}: {key} {value!r} is not one of {', '.join(_DTYPES)}")
         if self.tokenizer_source == "union":
             raise EvomergeError(f"{source}: tokenizer_source: union is not supported (use base or a model path)")
-        aware, calibration_defaults = data_aware_methods()
-        if self.merge_method in aware:
-            self._validate_data_aware(aware[self.merge_method], calibration_defaults, source)
+        if is_data_aware(self.merge_method):
+            self._validate_data_aware(DATA_AWARE_METHODS[self.merge_method], CALIBRATION_DEFAULTS, source)
             return
         spec = get_method(self.merge_method)
         if self.calibration is not None:
             raise EvomergeError(f"{source}: 'calibration' is only for data-aware methods "
-                                f"({', '.join(sorted(aware)) or 'fisher, regmean'}), not {spec.name}")
+                                f"({', '.join(sorted(DATA_AWARE_METHODS))}), not {spec.name}")
         base = self.resolve_path(self.base_model) if self.base_model is not None else None
         if spec.needs_base and base is None:
             raise EvomergeError(f"{source}: merge method {spec.name} needs a base_model")
@@ -543,5 +534,5 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNo
 _FlowListDumper.add_representer(list, _represent_list)
 _FlowListDumper.add_representer(tuple, _represent_list)
 
-__all__ = ["ModelEntry", "Recipe", "REQUIRED", "Slice", "SliceSource", "check_value", "data_aware_methods",
-           "resolve_setting", "setting_values"]
+__all__ = ["ModelEntry", "Recipe", "REQUIRED", "Slice", "SliceSource", "check_value", "resolve_setting",
+           "setting_values"]

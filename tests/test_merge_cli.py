@@ -153,9 +153,16 @@ def test_method_needs_base_model(llama_family, tmp_path, capsys):
 
 
 def test_unknown_method(llama_family, tmp_path, capsys):
+    """Exit 2, one line, and the line lists every method `evomerge merge` runs, data-aware ones included."""
+    from evomerge.method_registry import method_names
+
     recipe = _ties(llama_family)
     recipe["merge_method"] = "magic"
     _expect_error(capsys, tmp_path, recipe, "unknown merge method 'magic'")
+    code, err = _merge(capsys, str(tmp_path / "recipe.yaml"), str(tmp_path / "out"))
+    listed = err.strip().split("known methods: ", 1)[1].split(", ")
+    assert code == 2 and listed == method_names()
+    assert {"fisher", "regmean", "ties", "linear", "passthrough"} <= set(listed)
 
 
 @pytest.mark.parametrize("density", [0.0, 1.5, -1])

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
 from evomerge.methods.linear import merge_linear
 from evomerge.methods.model_stock import merge_model_stock
 from evomerge.methods.passthrough import merge_passthrough
@@ -29,8 +28,8 @@ from evomerge.methods.sparsify import RESCALE_MODES, DeltaStats, prepare_stats
 from evomerge.methods.task_arithmetic import merge_task_arithmetic
 from evomerge.methods.workspace import Workspace
 
-__all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "get_method",
-           "prepare_inputs", "run_method"]
+__all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "prepare_inputs",
+           "run_method"]
 
 
 class _Required:
@@ -113,6 +112,8 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
                       min_inputs=1, sparsify=sparsify, consensus=consensus, doc=doc, reference=reference)
 
 
+#: The per-tensor methods by name; a new method is one entry here (``evomerge.method_registry`` adds the
+#: data-aware ones and is where callers look a name up).
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         name="linear", family="linear", needs_base=False, per_model_scope="input",
@@ -156,13 +157,6 @@ METHODS: dict[str, MethodSpec] = {
         doc="Copy tensors from one model; with slices, stack layer ranges of several models (frankenmerge).",
         reference=""),
 }
-
-
-def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise EvomergeError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
 @dataclass

@@ -15,8 +15,9 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import Evaluator, check_keys, resolve_path

@@ -190,7 +190,7 @@ def _with_fallback(fast, generic):
     yield from fast
 
 
-_STOP_TOKEN_FLAGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STOP_TOKEN_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tokens_that_may_end_a_stop_string(tokenizer, stop: tuple[str, ...]) -> list[bool] | None:

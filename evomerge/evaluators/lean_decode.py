@@ -34,7 +34,7 @@ _FAMILIES = {
 }
 
 
-def lean_step_for(model) -> "LeanDecodeStep | None":
+def lean_step_for(model) -> LeanDecodeStep | None:
     """The lean step for ``model``, or None where its own forward must run."""
     if os.environ.get("EVOMERGE_LEAN_DECODE", "1") == "0":
         return None

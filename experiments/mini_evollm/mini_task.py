@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import languages as L  # noqa: E402
 import zoo  # noqa: E402
-
 from evomerge.evaluators.answers import answers_equal, extract_answer  # noqa: E402
 
 # split name -> (task kind, language the answer must be in)

@@ -49,7 +49,8 @@ class TensorJob:
     name: str  # output tensor name
     slice_index: int
     sources: list[tuple[int, str]]  # (index into MergePlan.models, tensor name in that model)
-    param_refs: list[int | None]  # per source: index of its recipe entry (models[i] / slice sources[i]); None = added base
+    # per source: index of its recipe entry (models[i] / slice sources[i]); None = the base added as a source
+    param_refs: list[int | None]
     base_pos: int | None  # position of the base among sources
     t: float  # gradient position
     shape: tuple[int, ...]

@@ -277,7 +277,8 @@ class Recipe:
                 raise EvomergeError(f"{source}: {spec.name} needs at least {spec.min_inputs} models "
                                     f"(base included) in {where}; got {count}")
             if spec.max_inputs is not None and count > spec.max_inputs:
-                what = f"exactly {spec.max_inputs}" if spec.max_inputs == spec.min_inputs else f"at most {spec.max_inputs}"
+                exact = spec.max_inputs == spec.min_inputs
+                what = f"exactly {spec.max_inputs}" if exact else f"at most {spec.max_inputs}"
                 raise EvomergeError(f"{source}: {spec.name} takes {what} models (base included) in {where}; "
                                     f"got {count}")
 

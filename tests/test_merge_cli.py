@@ -129,8 +129,9 @@ def _ties(fam, **params) -> dict:
 
 
 def test_different_architectures(llama_family, qwen2_family, tmp_path, capsys):
-    recipe = {"merge_method": "linear", "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
-                                                   {"model": str(qwen2_family["model_1"]), "parameters": {"weight": 1}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
+                         {"model": str(qwen2_family["model_1"]), "parameters": {"weight": 1}}]}
     _expect_error(capsys, tmp_path, recipe, "different architectures")
 
 
@@ -171,8 +172,9 @@ def test_density_outside_unit_interval(density, llama_family, tmp_path, capsys):
 
 
 def test_zero_weight_sum_with_normalize(llama_family, tmp_path, capsys):
-    recipe = {"merge_method": "linear", "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
-                                                   {"model": str(llama_family["model_2"]), "parameters": {"weight": -1}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
+                         {"model": str(llama_family["model_2"]), "parameters": {"weight": -1}}]}
     _expect_error(capsys, tmp_path, recipe, "sum to zero")
 
 

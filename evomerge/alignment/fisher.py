@@ -126,7 +126,7 @@ def causal_lm_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
                     continue
                 positions += n_valid
                 draws = 1 if mode == "empirical" else n_samples
-                for d in range(draws):
+                for _ in range(draws):
                     model.zero_grad(set_to_none=True)
                     logits = model(input_ids=sub_ids, attention_mask=sub_mask).logits[:, :-1].float()
                     logp = torch.log_softmax(logits, dim=-1)

@@ -4,13 +4,13 @@ Specs (strings are what the command line and experiment YAMLs use):
 
 | spec | what |
 |---|---|
-| ``mgsm:LANG`` | MGSM in LANG (bn de en es fr ja ru sw te th zh); ``evaluators/mgsm_LANG.yaml`` if present, else ``evaluators/mgsm.yaml`` |
-| ``gsm8k`` / ``gsm8k:SPLIT`` | GSM8K, search split (test items 250..1318) by default; ``test`` = items 0..249, ``train`` |
+| ``mgsm:LANG`` | MGSM in LANG (bn de en es fr ja ru sw te th zh): ``evaluators/mgsm_LANG.yaml``, else ``mgsm.yaml`` |
+| ``gsm8k`` / ``gsm8k:SPLIT`` | GSM8K: search split (test items 250..1318) by default; ``test`` (0..249), ``train`` |
 | ``NAME`` / ``NAME:SPLIT`` | any ``evaluators/NAME.yaml`` |
 | ``lm_eval:TASK[,METRIC]`` | an lm-eval task (offline), e.g. ``lm_eval:gsm8k,exact_match,strict-match`` |
 | ``perplexity:PATH`` | perplexity of a text file or a JSONL field (``field`` option, default ``text``) |
 | ``custom:pkg.mod:fn`` / ``custom:path/file.py:fn`` | ``fn(model, tokenizer) -> dict`` |
-| ``path/to/file.yaml`` | an evaluator YAML (``type: math_word | lm_eval | perplexity | custom``), or an lm-eval task YAML |
+| ``path/to/file.yaml`` | an evaluator YAML (``type: math_word | lm_eval | perplexity | custom``), or an lm-eval task |
 | a dict | the same as an evaluator YAML's content (relative paths from ``base_dir``, default the current folder) |
 
 ``limit`` and ``seed`` subsample items (the same items for every candidate); other keyword options override the

@@ -92,7 +92,8 @@ class MethodSpec:
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str,
          reference: str) -> MethodSpec:
     params = [
-        ParamSpec("weight", float, per_model=True, doc="scale of this model's task vector (applied before sign election)"),
+        ParamSpec("weight", float, per_model=True,
+                  doc="scale of this model's task vector (applied before sign election)"),
         ParamSpec("density", float, 1.0, per_model=True, doc="fraction of the task vector kept, in (0, 1]"),
         ParamSpec("normalize", bool, normalize, doc="divide by the sum of the (agreeing) weights"),
         ParamSpec("rescale", bool, rescale, doc="rescale the kept elements after sparsification"),
@@ -153,7 +154,8 @@ METHODS: dict[str, MethodSpec] = {
         reference="https://arxiv.org/abs/2403.19522"),
     "passthrough": MethodSpec(
         name="passthrough", family="passthrough", needs_base=False, max_inputs=1, per_model_scope="input",
-        params=(ParamSpec("scale", float, None, per_model=True, doc="multiply the copied tensor (default: no scaling)"),),
+        params=(ParamSpec("scale", float, None, per_model=True,
+                          doc="multiply the copied tensor (default: no scaling)"),),
         doc="Copy tensors from one model; with slices, stack layer ranges of several models (frankenmerge).",
         reference=""),
 }

@@ -126,7 +126,8 @@ def make_evaluator(split: str = "target_search", limit: int | None = None, seed:
 _CACHE: dict[tuple, object] = {}
 
 
-def evaluate(model, tokenizer, split: str = "target_search", limit: int | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate(model, tokenizer, split: str = "target_search", limit: int | None = None,
+             seed: int = 0) -> dict[str, float]:
     """The search fitness by default: the target task (language-2 math, language-gated) on the search split.
 
     ``split`` may name several splits joined by commas (metrics then prefixed ``split/``); ``limit`` keeps a

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -119,25 +119,75 @@ def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
 
 
 def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
-    """Check the sources and lay out one job per output tensor (see the module docstring)."""
+    """Check the sources and lay out one job per output tensor (see the module docstring).
+
+    Args:
+        recipe: a validated per-tensor recipe (not a data-aware one).
+        allow_pickle: also open ``.bin`` (pickle) checkpoints, loaded with ``weights_only``.
+
+    Returns:
+        The plan: opened checkpoints (headers only, no tensor read), one ``TensorJob`` per output tensor in
+        output order, and the output's ``config.json`` (layer count, ``layer_types`` and dtype updated).
+
+    Raises:
+        EvomergeError: a source cannot be opened, the sources' architectures or vocabulary sizes differ, a
+            slice's sources span different numbers of layers or layers a model lacks, a tensor is missing from a
+            source, or tensor shapes differ.
+    """
     spec = recipe.method
     paths, checkpoints = open_checkpoints(recipe, allow_pickle)
     index_of = {p: i for i, p in enumerate(paths)}
     base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
-    compute = parse_dtype(recipe.dtype)
+    slices = _plan_slices(recipe, spec.needs_base, checkpoints, index_of, base_index)
+    _check_slices(slices, paths, checkpoints)
+    reference = checkpoints[base_index if base_index is not None else slices[0][0].model]
+    ctx = _PlanContext(spec=spec, paths=paths, checkpoints=checkpoints, base_index=base_index,
+                       compute=parse_dtype(recipe.dtype), slices=slices, reference=reference)
+    jobs, num_layers = _plan_jobs(ctx)
+    out_dtype = parse_dtype(recipe.out_dtype)
+    config = _output_config(ctx, num_layers, out_dtype or ctx.compute)
+    return MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
+                     jobs=jobs, config=config, out_dtype=out_dtype, num_layers=num_layers,
+                     tokenizer_dir=recipe.tokenizer_path(), structure=recipe_structure(recipe))
 
-    # Normalize to slices: [(sources: [(model index, (start, end), param ref)], slice index)]
-    slices: list[list[tuple[int, tuple[int, int], int | None]]] = []
-    if recipe.models:
-        sources = [(index_of[recipe.resolve_path(m.model)], (0, checkpoints[index_of[recipe.resolve_path(m.model)]]
-                                                               .num_layers), i) for i, m in enumerate(recipe.models)]
-        if spec.needs_base and base_index not in [s[0] for s in sources]:
-            sources.append((base_index, (0, checkpoints[base_index].num_layers), None))
-        slices.append(sources)
-    else:
-        for s in recipe.slices:
-            slices.append([(index_of[recipe.resolve_path(src.model)], src.layer_range, j)
-                           for j, src in enumerate(s.sources)])
+
+class _PlanSource(NamedTuple):
+    """One source of a planned slice."""
+
+    model: int  # index into the plan's models
+    layers: tuple[int, int]  # [start, end) layer range
+    ref: int | None  # index of its recipe entry (models[i] / slice sources[i]); None = the base added as a source
+
+
+@dataclass
+class _PlanContext:
+    """What every step of planning reads: the method, the opened sources, the slices and the compute dtype."""
+
+    spec: MethodSpec
+    paths: list[Path]
+    checkpoints: list[Checkpoint]
+    base_index: int | None
+    compute: torch.dtype | None
+    slices: list[list[_PlanSource]]
+    reference: Checkpoint  # the base (else the first source): its non-layer tensors and config are the output's
+
+
+def _plan_slices(recipe: Recipe, needs_base: bool, checkpoints: list[Checkpoint], index_of: dict[Path, int],
+                 base_index: int | None) -> list[list[_PlanSource]]:
+    """The recipe as slices: ``models:`` is one slice over every layer (plus the base when it is not listed)."""
+    if not recipe.models:
+        return [[_PlanSource(index_of[recipe.resolve_path(src.model)], src.layer_range, j)
+                 for j, src in enumerate(s.sources)] for s in recipe.slices]
+    sources = []
+    for i, entry in enumerate(recipe.models):
+        model = index_of[recipe.resolve_path(entry.model)]
+        sources.append(_PlanSource(model, (0, checkpoints[model].num_layers), i))
+    if needs_base and base_index is not None and base_index not in [s.model for s in sources]:
+        sources.append(_PlanSource(base_index, (0, checkpoints[base_index].num_layers), None))
+    return [sources]
+
+
+def _check_slices(slices: list[list[_PlanSource]], paths: list[Path], checkpoints: list[Checkpoint]) -> None:
     for si, sources in enumerate(slices):
         lengths = {end - start for _, (start, end), _ in sources}
         if len(lengths) != 1:
@@ -148,87 +198,83 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
                 raise EvomergeError(f"slice {si}: layer_range [{start}, {end}) is outside {paths[m]}, "
                                     f"which has {checkpoints[m].num_layers} layers")
 
-    reference = checkpoints[base_index if base_index is not None else slices[0][0][0]]
-    layer_names: dict[int, list[tuple[str, str]]] = {}
-    outer: list[str] = []
-    for name in reference.tensor_names:
-        match = _LAYER.match(name)
-        if match:
-            layer_names.setdefault(int(match["index"]), []).append((match["prefix"], match["rest"]))
-        else:
-            outer.append(name)
-    pre = [n for n in outer if "embed" in n]
-    post = [n for n in outer if "embed" not in n]
 
-    jobs: list[TensorJob] = []
-
-    def add_job(out_name: str, si: int, names: list[str], t: float) -> None:
-        sources = slices[si]
-        refs = [(m, n) for (m, _, _), n in zip(sources, names)]
-        shapes = []
-        for m, n in refs:
-            if n not in checkpoints[m]:
-                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]} (its architecture differs from "
-                                    f"{reference.path})")
-            shapes.append(tuple(checkpoints[m].shape(n)))
-        if len(set(shapes)) != 1:
-            detail = ", ".join(f"{paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
-            raise EvomergeError(f"tensor shapes differ for {out_name}: {detail}")
-        dtypes = [checkpoints[m].dtype(n) for m, n in refs]
-        floating = all(d.is_floating_point for d in dtypes)
-        job_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            job_dtype = torch.promote_types(job_dtype, d)
-        if compute is not None and floating:
-            job_dtype = compute
-        base_pos = None
-        if spec.needs_base:
-            base_pos = next(i for i, (m, _) in enumerate(refs) if m == base_index)
-        jobs.append(TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[r for _, _, r in sources],
-                              base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating))
-
-    for name in pre:
-        add_job(name, 0, [name] * len(slices[0]), 0.0)
+def _plan_jobs(ctx: _PlanContext) -> tuple[list[TensorJob], int]:
+    """The jobs in output order (embeddings, the slices' layers, then the other non-layer tensors) and the
+    number of output layers."""
+    outer = [name for name in ctx.reference.tensor_names if not _LAYER.match(name)]
+    first, last = ctx.slices[0], ctx.slices[-1]
+    jobs = [_plan_job(ctx, name, 0, [name] * len(first), 0.0) for name in outer if "embed" in name]
     out_layer = 0
-    for si, sources in enumerate(slices):
-        start0, end0 = sources[0][1]
+    for si, sources in enumerate(ctx.slices):
+        start0, end0 = sources[0].layers
         count = end0 - start0
         for offset in range(count):
             t = offset / (count - 1) if count > 1 else 1.0
-            first_model = checkpoints[sources[0][0]]
-            template = [(m["prefix"], m["rest"]) for m in map(_LAYER.match, first_model.tensor_names)
-                        if m and int(m["index"]) == start0 + offset]
-            if not template:
-                raise EvomergeError(f"{paths[sources[0][0]]} has no tensors for layer {start0 + offset}")
-            for prefix, rest in template:
-                names = [f"{prefix}.{rng[0] + offset}.{rest}" for _, rng, _ in sources]
-                add_job(f"{prefix}.{out_layer}.{rest}", si, names, t)
+            for prefix, rest in _layer_template(ctx, sources[0].model, start0 + offset):
+                names = [f"{prefix}.{source.layers[0] + offset}.{rest}" for source in sources]
+                jobs.append(_plan_job(ctx, f"{prefix}.{out_layer}.{rest}", si, names, t))
             out_layer += 1
-    for name in post:
-        add_job(name, len(slices) - 1, [name] * len(slices[-1]), 0.0)
+    jobs += [_plan_job(ctx, name, len(ctx.slices) - 1, [name] * len(last), 0.0)
+             for name in outer if "embed" not in name]
+    return jobs, out_layer
 
-    config = dict(reference.config)
+
+def _layer_template(ctx: _PlanContext, model: int, layer: int) -> list[tuple[str, str]]:
+    """(prefix, rest) of every tensor name of one layer of a model, e.g. ("model.layers", "mlp.up_proj.weight")."""
+    matches = map(_LAYER.match, ctx.checkpoints[model].tensor_names)
+    template = [(m["prefix"], m["rest"]) for m in matches if m and int(m["index"]) == layer]
+    if not template:
+        raise EvomergeError(f"{ctx.paths[model]} has no tensors for layer {layer}")
+    return template
+
+
+def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: float) -> TensorJob:
+    """The job of one output tensor from its source tensor names (one per source of slice ``si``)."""
+    sources = ctx.slices[si]
+    refs = [(source.model, name) for source, name in zip(sources, names)]
+    shapes = []
+    for m, n in refs:
+        if n not in ctx.checkpoints[m]:
+            raise EvomergeError(f"tensor {n!r} is missing from {ctx.paths[m]} (its architecture differs from "
+                                f"{ctx.reference.path})")
+        shapes.append(tuple(ctx.checkpoints[m].shape(n)))
+    if len(set(shapes)) != 1:
+        detail = ", ".join(f"{ctx.paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
+        raise EvomergeError(f"tensor shapes differ for {out_name}: {detail}")
+    dtypes = [ctx.checkpoints[m].dtype(n) for m, n in refs]
+    floating = all(d.is_floating_point for d in dtypes)
+    job_dtype = dtypes[0]
+    for d in dtypes[1:]:
+        job_dtype = torch.promote_types(job_dtype, d)
+    if ctx.compute is not None and floating:
+        job_dtype = ctx.compute
+    base_pos = None
+    if ctx.spec.needs_base:
+        base_pos = next(i for i, (m, _) in enumerate(refs) if m == ctx.base_index)
+    return TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[s.ref for s in sources],
+                     base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating)
+
+
+def _output_config(ctx: _PlanContext, num_layers: int, final_dtype: torch.dtype | None) -> dict[str, Any]:
+    """The reference's config with the output's layer count, per-layer lists and dtype."""
+    config = dict(ctx.reference.config)
     if isinstance(config.get("num_hidden_layers"), int):
-        config["num_hidden_layers"] = out_layer
+        config["num_hidden_layers"] = num_layers
     # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
     layer_types = []
-    for sources in slices:
+    for sources in ctx.slices:
         model, (start, end), _ = sources[0]
-        types = checkpoints[model].config.get("layer_types")
+        types = ctx.checkpoints[model].config.get("layer_types")
         layer_types += list(types[start:end]) if isinstance(types, list) and len(types) >= end else []
     if isinstance(config.get("layer_types"), list):
-        config["layer_types"] = layer_types if len(layer_types) == out_layer else [config["layer_types"][0]] * out_layer
-    out_dtype = parse_dtype(recipe.out_dtype)
-    final_dtype = out_dtype or compute
+        complete = len(layer_types) == num_layers
+        config["layer_types"] = layer_types if complete else [config["layer_types"][0]] * num_layers
     if final_dtype is not None:
         config["dtype"] = dtype_name(final_dtype)
         if "torch_dtype" in config:
             config["torch_dtype"] = dtype_name(final_dtype)
-    tokenizer_dir = recipe.tokenizer_path()
-    plan = MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
-                     jobs=jobs, config=config, out_dtype=out_dtype, num_layers=out_layer,
-                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe))
-    return plan
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ parameters

@@ -25,7 +25,7 @@ from evomerge.methods.model_stock import merge_model_stock
 from evomerge.methods.passthrough import merge_passthrough
 from evomerge.methods.slerp import merge_slerp
 from evomerge.methods.sparsify import RESCALE_MODES, DeltaStats, prepare_stats
-from evomerge.methods.task_arithmetic import merge_task_arithmetic
+from evomerge.methods.task_arithmetic import TaskArithmeticSettings, merge_task_arithmetic
 from evomerge.methods.workspace import Workspace
 
 __all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "prepare_inputs",
@@ -206,14 +206,14 @@ def run_method(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
     family = spec.family
     if family == "task_arithmetic":
         sparsify = spec.sparsify
-        return merge_task_arithmetic(
-            inputs.base, inputs.deltas, inputs.stats, out,
+        settings = TaskArithmeticSettings(
             weights=[p["weight"] for p in per_model], densities=[p["density"] for p in per_model],
             sparsify=sparsify, consensus=spec.consensus, normalize=shared["normalize"], rescale=shared["rescale"],
             lambda_=shared["lambda"], rescale_mode=shared.get("rescale_mode", "l1"),
             gammas=[p["gamma"] for p in per_model] if sparsify == "magnitude_outliers" else None,
-            epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None,
-            generator=generator, ws=ws)
+            epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None)
+        return merge_task_arithmetic(inputs.base, inputs.deltas, inputs.stats, out, settings, generator=generator,
+                                     ws=ws)
     if family == "linear":
         return merge_linear(inputs.others, out, weights=[p["weight"] for p in per_model],
                             normalize=shared["normalize"], ws=ws)

@@ -29,7 +29,7 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -397,7 +397,7 @@ class Checkpoint:
         tensor = torch.empty(shape, dtype=dtype)
         if not tensor.numel():
             return tensor
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data).cast("B")
         offset, done = self._offsets[name], 0
         while done < len(buffer):
             count = os.preadv(fd, [buffer[done:done + (1 << 30)]], offset + done)
@@ -473,7 +473,7 @@ class _ShardWriter:
         self.total_bytes = 0
         self.layer_indices: set[int] = set()
         self._header: dict[str, dict[str, Any]] = {}
-        self._file = None
+        self._file: BinaryIO | None = None  # the shard being written
         self._data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -496,8 +496,9 @@ class _ShardWriter:
         if self._file is None:
             self._file = open(self.folder / f".shard-{len(self.shards):05d}.safetensors", "wb")
             self._file.seek(8 + self.header_room)
+        file = self._file
         if nbytes:
-            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         self._header[name] = {"dtype": _TORCH_TO_ST[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         self._data_bytes += nbytes
@@ -512,13 +513,15 @@ class _ShardWriter:
         header = dict(self._header)
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        path = Path(self._file.name)
+        file = self._file
+        assert file is not None, "a shard is open while it has tensors"
+        path = Path(file.name)
         if len(raw) <= self.header_room:
-            self._file.seek(0)
-            self._file.write(struct.pack("<Q", self.header_room) + raw.ljust(self.header_room, b" "))
-            self._file.close()
+            file.seek(0)
+            file.write(struct.pack("<Q", self.header_room) + raw.ljust(self.header_room, b" "))
+            file.close()
         else:
-            self._file.close()
+            file.close()
             raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the safetensors library does
             roomy = path.with_suffix(".roomy")
             path.rename(roomy)
@@ -654,7 +657,7 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
 def _output_config(config: Mapping[str, Any], writer: _ShardWriter) -> dict[str, Any]:
     out = json.loads(json.dumps(dict(config)))  # a deep copy that is also known to be JSON-serialisable
     if writer.bytes_by_dtype:
-        name = dtype_name(max(writer.bytes_by_dtype, key=writer.bytes_by_dtype.get))
+        name = dtype_name(max(writer.bytes_by_dtype, key=lambda dtype: writer.bytes_by_dtype[dtype]))
         out["dtype"] = name
         if "torch_dtype" in out:
             out["torch_dtype"] = name

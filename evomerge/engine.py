@@ -194,7 +194,9 @@ class MergeEngine:
         def work(index: int) -> None:
             job, prepared, target = self.plan.jobs[index], self._prepared[index], self._targets[index]
             if prepared is None:
-                target.copy_(self._raw_first[index])
+                raw = self._raw_first[index]
+                assert raw is not None, "a job without prepared inputs is a non-floating one, kept raw"
+                target.copy_(raw)
                 return
             ws = self._workspace()
             shared, per_model = params[index]

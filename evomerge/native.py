@@ -51,6 +51,8 @@ def simd_flags() -> tuple[str, list[str]]:
 def _import_shared_object(name: str, path: Path):
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot load the compiled kernel {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module

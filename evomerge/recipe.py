@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,7 @@ class Recipe:
 
     def tokenizer_path(self) -> Path:
         """Where the output's tokenizer comes from: tokenizer_source, else base_model, else the first model."""
-        if self.tokenizer_source not in (None, "base"):
+        if self.tokenizer_source is not None and self.tokenizer_source != "base":
             return self.resolve_path(self.tokenizer_source)
         if self.base_model is not None:
             return self.resolve_path(self.base_model)
@@ -260,7 +260,7 @@ class Recipe:
         groups: list[tuple[str, list[Path]]] = []
         if self.models:
             paths = [self.resolve_path(m.model) for m in self.models]
-            if spec.needs_base and base not in paths:
+            if spec.needs_base and base is not None and base not in paths:
                 paths.append(base)
             groups.append(("models", paths))
         for i, s in enumerate(self.slices):
@@ -455,6 +455,13 @@ def _optional_str(value: Any, what: str, source: str) -> str | None:
     return value
 
 
+def _path_str(value: Any, what: str, source: str) -> str:
+    text = _optional_str(value, what, source)
+    if text is None:
+        raise EvomergeError(f"{source}: {what} must be a path string, got nothing")
+    return text
+
+
 def _optional_mapping(value: Any, what: str, source: str) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -481,7 +488,7 @@ def _parse_model_entry(item: Any, index: int, source: str) -> ModelEntry:
         raise EvomergeError(f"{source}: models[{index}]: unknown key {sorted(extra)[0]!r} (known: model, parameters)")
     if "model" not in item:
         raise EvomergeError(f"{source}: models[{index}] has no 'model'")
-    model = _optional_str(item["model"], f"models[{index}].model", source)
+    model = _path_str(item["model"], f"models[{index}].model", source)
     return ModelEntry(model=model, parameters=_parameters(item.get("parameters"), f"models[{index}].parameters",
                                                           source))
 
@@ -509,7 +516,7 @@ def _parse_slice(item: Any, index: int, source: str) -> Slice:
         if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                          for x in lr) or not 0 <= lr[0] < lr[1]):
             raise EvomergeError(f"{source}: {where}.layer_range must be [start, end) with 0 <= start < end")
-        sources.append(SliceSource(model=_optional_str(src["model"], f"{where}.model", source),
+        sources.append(SliceSource(model=_path_str(src["model"], f"{where}.model", source),
                                    layer_range=(int(lr[0]), int(lr[1])),
                                    parameters=_parameters(src.get("parameters"), f"{where}.parameters", source)))
     return Slice(sources=sources, parameters=_parameters(item.get("parameters"), f"slices[{index}].parameters",
@@ -527,7 +534,7 @@ class _FlowListDumper(yaml.SafeDumper):
     """Writes lists of numbers inline (``[0.2, 0.8]``), like mergekit, and everything else block style."""
 
 
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNode:
+def _represent_list(dumper: yaml.SafeDumper, data: Sequence[Any]) -> yaml.SequenceNode:
     flow = bool(data) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 

@@ -138,7 +138,7 @@ def sequential_permutation_spec(model: nn.Sequential, prefix: str = "") -> Permu
     acts: dict[str, list[ActivationPoint]] = {}
     for k, i in enumerate(layer_idx[:-1]):
         name_i, layer = children[i]
-        n = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        n = layer.out_features if isinstance(layer, nn.Linear) else int(layer.out_channels)  # type: ignore[arg-type]
         pname = f"P_{k}"
         sizes[pname] = n
         axes = [Axis(f"{prefix}{name_i}.weight", 0)]
@@ -157,10 +157,11 @@ def sequential_permutation_spec(model: nn.Sequential, prefix: str = "") -> Permu
         next_name, next_layer = children[nxt]
         block = 1
         if isinstance(next_layer, nn.Linear) and next_layer.in_features != n:
-            if next_layer.in_features % n:
-                raise EvomergeError(f"layer {next_name!r} reads {next_layer.in_features} inputs, not a multiple "
+            in_features = int(next_layer.in_features)
+            if in_features % n:
+                raise EvomergeError(f"layer {next_name!r} reads {in_features} inputs, not a multiple "
                                     f"of the {n} channels before it")
-            block = next_layer.in_features // n
+            block = in_features // n
         axes.append(Axis(f"{prefix}{next_name}.weight", 1, block))
         perms[pname] = axes
         acts[pname] = [ActivationPoint(f"{prefix}{last_name}", "output", channel_dim)]

@@ -121,6 +121,7 @@ def regmean_merge(states: Sequence[dict[str, torch.Tensor]], grams: Sequence[dic
                 gram_sum = gi if gram_sum is None else gram_sum + gi
                 rhs = term if rhs is None else rhs + term
             average = sum(w * st[name].double().T for st, w in zip(states, weights)) / wsum
+            assert gram_sum is not None and rhs is not None and isinstance(average, torch.Tensor)  # n >= 1 models
             merged[name] = _solve(gram_sum, rhs, ridge, average).T.contiguous().to(ref.dtype)
         elif not torch.is_floating_point(ref):
             merged[name] = ref.clone()

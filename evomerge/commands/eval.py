@@ -54,8 +54,8 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "auto"):
         raise EvomergeError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0]}") from None
     from evomerge.search.dataflow import apply_dataflow_scales
 
-    model = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
-    return model.to(torch_device).eval(), tokenizer
+    scaled = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
+    return scaled.to(torch_device).eval(), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

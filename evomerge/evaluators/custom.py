@@ -38,6 +38,8 @@ def load_function(target: str, base_dir: Path) -> Callable:
         module = sys.modules.get(module_name)
         if module is None:
             spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise EvomergeError(f"custom evaluator file {path} is not a Python module")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             try:

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -153,7 +155,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], settings: GenerationSe
 
         bar = tqdm(total=len(order), desc="generating", unit="item")
     if settings.max_new_tokens == 0:
-        finished = ((i, []) for i in order)
+        finished: Iterator[tuple[int, list[int]]] = ((i, []) for i in order)
     else:
         capacity = max(len(t) for t in token_ids) + settings.max_new_tokens
         capacity += max(16, capacity // 4)  # slack: the window slides right this far before it is moved back
@@ -290,19 +292,26 @@ class _KVBuffers:
     def allocated(self) -> bool:
         return all(k is not None for k in self.keys)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every allocated key and value buffer (all of them once ``allocated()``)."""
+        return [b for b in self.keys + self.values if b is not None]
+
     def move_rows(self, sources: list[int], targets: list[int], lo: int, hi: int) -> None:
         """Copy rows ``sources`` to rows ``targets`` (columns ``[lo, hi)`` only: the rest is masked)."""
+        buffers = self.buffers()
+        src: slice | torch.Tensor
+        dst: slice | torch.Tensor
         if len(sources) == 1:
             src, dst = slice(sources[0], sources[0] + 1), slice(targets[0], targets[0] + 1)
         else:
-            src = torch.tensor(sources, device=self.keys[0].device)
-            dst = torch.tensor(targets, device=self.keys[0].device)
-        for buffer in self.keys + self.values:
+            src = torch.tensor(sources, device=buffers[0].device)
+            dst = torch.tensor(targets, device=buffers[0].device)
+        for buffer in buffers:
             buffer[dst, :, lo:hi] = buffer[src, :, lo:hi]
 
     def move_columns(self, rows: int, lo: int, hi: int, new_lo: int) -> None:
         """Move columns ``[lo, hi)`` of the first ``rows`` rows to start at ``new_lo``."""
-        for buffer in self.keys + self.values:
+        for buffer in self.buffers():
             buffer[:rows, :, new_lo:new_lo + hi - lo] = buffer[:rows, :, lo:hi].clone()
 
 
@@ -382,7 +391,7 @@ class _SlotDecoder:
         refill_at = max(1, settings.batch_size // self.refill_divisor)
         pending = list(reversed(order))  # pop() from the end = next in order
         # waiting[j]: the longest prompt among pending[:j + 1] (what the free columns left of hi must fit)
-        waiting = []
+        waiting: list[int] = []
         for i in pending:
             waiting.append(max(len(token_ids[i]), waiting[-1] if waiting else 0))
         rows: list[int] = []  # prompt index in each live slot
@@ -533,7 +542,11 @@ class _StreamDecoder:
         rows: list[int] = []
         fresh: list[bool] = []  # fresh[k]: rows[k]'s next token is not recorded yet
         generated: dict[int, list[int]] = {}
-        cache = attention = positions = next_tokens = None
+        # the live batch: its KV cache, attention mask, positions and next tokens (None before the first prefill)
+        cache: Any = None
+        attention: Any = None
+        positions: Any = None
+        next_tokens: Any = None
         while pending or rows:
             free = settings.batch_size - len(rows)
             # refill in groups (a quarter of the batch) so each prefill call does a useful amount of work

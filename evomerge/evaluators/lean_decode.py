@@ -38,7 +38,8 @@ def lean_step_for(model) -> LeanDecodeStep | None:
     """The lean step for ``model``, or None where its own forward must run."""
     if os.environ.get("EVOMERGE_LEAN_DECODE", "1") == "0":
         return None
-    family = _FAMILIES.get(getattr(model.config, "model_type", None))
+    model_type = getattr(model.config, "model_type", None)
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         return None
     try:

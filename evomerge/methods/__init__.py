@@ -170,8 +170,15 @@ class PreparedInputs:
     deltas: list[torch.Tensor] = field(default_factory=list)  # task-arithmetic family: theta_i - base
     stats: list[DeltaStats | None] = field(default_factory=list)
 
+    def base_tensor(self) -> torch.Tensor:
+        """The base tensor of a method that merges against one (ValueError for linear / passthrough)."""
+        if self.base is None:
+            raise ValueError("these inputs have no base tensor (a method without a base prepared them)")
+        return self.base
+
     @property
     def nbytes(self) -> int:
+        """Bytes held by the prepared tensors (base, raw inputs, deltas and their sort orders / ranks)."""
         tensors = ([self.base] if self.base is not None else []) + self.others + self.deltas
         total = sum(t.numel() * t.element_size() for t in tensors)
         for s in self.stats:
@@ -190,6 +197,8 @@ def prepare_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_pos: 
     """
     if spec.family in ("linear", "passthrough"):
         return PreparedInputs(base=None, others=list(tensors))
+    if base_pos is None:
+        raise ValueError(f"{spec.name} merges against a base: base_pos must say which tensor it is")
     base = tensors[base_pos]
     rest = [t for i, t in enumerate(tensors) if i != base_pos]
     if spec.family == "task_arithmetic":
@@ -212,15 +221,15 @@ def run_method(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
             lambda_=shared["lambda"], rescale_mode=shared.get("rescale_mode", "l1"),
             gammas=[p["gamma"] for p in per_model] if sparsify == "magnitude_outliers" else None,
             epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None)
-        return merge_task_arithmetic(inputs.base, inputs.deltas, inputs.stats, out, settings, generator=generator,
-                                     ws=ws)
+        return merge_task_arithmetic(inputs.base_tensor(), inputs.deltas, inputs.stats, out, settings,
+                                     generator=generator, ws=ws)
     if family == "linear":
         return merge_linear(inputs.others, out, weights=[p["weight"] for p in per_model],
                             normalize=shared["normalize"], ws=ws)
     if family == "slerp":
-        return merge_slerp(inputs.base, inputs.others[0], out, t=shared["t"])
+        return merge_slerp(inputs.base_tensor(), inputs.others[0], out, t=shared["t"])
     if family == "model_stock":
-        return merge_model_stock(inputs.base, inputs.others, out, filter_wise=shared["filter_wise"])
+        return merge_model_stock(inputs.base_tensor(), inputs.others, out, filter_wise=shared["filter_wise"])
     if family == "passthrough":
         return merge_passthrough(inputs.others[0], out, scale=per_model[0]["scale"])
     raise ValueError(f"unknown method family {family!r}")

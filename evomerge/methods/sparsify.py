@@ -213,8 +213,7 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
         value = float(torch.kthvalue(mags.float() if mags.device.type == "cpu" else mags, n - k + 1).values)
         if int((mags >= value).sum()) == k:
             return Threshold(value)
-        ensure_order(flat, stats, "magnitude")
-    order = stats.order
+    order = ensure_order(flat, stats, "magnitude")
     value = float(flat[order[k - 1]].abs())
     if float(flat[order[k]].abs()) != value:
         return Threshold(value)

@@ -217,10 +217,12 @@ def _thresholded_rows(flat_deltas: Sequence[torch.Tensor], thresholds: Sequence[
                 tmp[threshold.keep] = 1
                 torch.mul(src, tmp, out=row)
             else:
-                torch.hardshrink(src, lambdas[i], out=row)
-                lo, hi = (bounds[i][index], bounds[i][index + 1]) if bounds[i] is not None else (0, 0)
-                if hi > lo:  # tied elements mergekit keeps: only when the cut splits a tie
-                    positions = threshold.extra[lo:hi] - start
+                shrink, bound = lambdas[i], bounds[i]
+                assert shrink is not None
+                torch.hardshrink(src, shrink, out=row)
+                lo, hi = (bound[index], bound[index + 1]) if bound is not None else (0, 0)
+                if hi > lo and threshold.extra is not None:  # tied elements mergekit keeps: only when the cut
+                    positions = threshold.extra[lo:hi] - start  # splits a tie (bounds exist only with extra)
                     row[positions] = src[positions]
             if weights[i] != 1:  # x * 1 == x
                 row.mul_(factors[i])

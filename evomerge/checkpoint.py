@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+import yaml
+from safetensors import safe_open
 
 from evomerge.errors import EvomergeError
 
@@ -369,8 +371,6 @@ class Checkpoint:
         else:
             handle = self._handles.get(file)
             if handle is None:
-                from safetensors import safe_open
-
                 try:
                     handle = safe_open(str(file), framework="pt", device="cpu")
                 except Exception as exc:  # noqa: BLE001
@@ -585,8 +585,6 @@ def _append_file(src, dst, count: int) -> None:
 
 def model_card(recipe_yaml: str, sources: list[str], method: str) -> str:
     """README.md for a merged model: a YAML header (library_name, tags, base_model), the sources, method, recipe."""
-    import yaml
-
     front = {"library_name": "transformers", "tags": ["evomerge", "merge"]}
     if sources:
         front["base_model"] = list(sources)

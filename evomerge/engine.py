@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from evomerge.checkpoint import model_card, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.merge import (
     MergePlan,
@@ -110,8 +112,6 @@ class MergeEngine:
         return cls(recipe, device=device, **kwargs)
 
     def _build_model(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         config = dict(self.plan.config)
         model_type = config.pop("model_type", None)
         if model_type is None:
@@ -154,8 +154,6 @@ class MergeEngine:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir))
         return self._tokenizer
 
@@ -252,8 +250,6 @@ class MergeEngine:
     def save(self, out_dir: str | Path, recipe: Recipe | None = None, *, overwrite: bool = False,
              max_shard_size: str | int = "2GB") -> Path:
         """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would."""
-        from evomerge.checkpoint import model_card, write_checkpoint
-
         if recipe is not None:
             self.materialize(recipe)
         recipe = recipe or self.recipe

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
-from evomerge.alignment.recipe_methods import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS, merge_data_aware
+from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
+from evomerge.alignment.recipe_methods import merge_data_aware
 from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
@@ -389,8 +391,6 @@ def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str,
     Sources are read on the calling thread (sequential I/O); with ``threads > 1`` the calls run on a thread pool
     of one torch thread each (the merge kernels are too fine-grained for torch's intra-op threads), and at most
     ``threads + 1`` jobs' sources are held at once."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(plan.jobs), desc=desc, unit="tensor", disable=not progress)
     if threads <= 1:
         for index in range(len(plan.jobs)):

@@ -5,17 +5,20 @@ Methods come in two kinds, each registered by ONE entry in a dict:
 - per-tensor methods (``linear``, ``ties``, ``slerp``...): a ``MethodSpec`` in ``evomerge.methods.METHODS``,
   merged tensor by tensor by ``evomerge merge`` and the in-memory engine;
 - data-aware methods (``fisher``, ``regmean``): a parameter table in
-  ``evomerge.alignment.recipe_methods.DATA_AWARE_METHODS``; they load whole models and run calibration data, so
+  ``evomerge.alignment.method_params.DATA_AWARE_METHODS`` (their merge is
+  ``evomerge.alignment.recipe_methods.merge_data_aware``); they load whole models and run calibration data, so
   only ``evomerge merge`` runs them.
 
-Both dicts are imported here by plain ``import`` statements: a method module that fails to import fails every
-command loudly with its own traceback, instead of turning into an "unknown merge method". An unknown name is an
-``EvomergeError`` (exit code 2) whose one line lists every known method of both kinds.
+Every method module is reached by plain ``import`` statements (the per-tensor kernels through
+``evomerge.methods``, the data-aware merges through ``evomerge.merge``), never by a name in a string: a method
+module that fails to import stops the command with its own traceback instead of turning into an "unknown merge
+method". An unknown name is an ``EvomergeError`` (exit code 2) whose one line lists every known method of both
+kinds.
 """
 
 from __future__ import annotations
 
-from evomerge.alignment.recipe_methods import DATA_AWARE_METHODS
+from evomerge.alignment.method_params import DATA_AWARE_METHODS
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, MethodSpec
 

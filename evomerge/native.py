@@ -93,7 +93,7 @@ class Kernel:
         target = cache / f"{self.name}-{key.hexdigest()[:16]}.so"
         if target.is_file():
             return _import_shared_object(self.name, target)
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import load_inline  # deferred: pulls in setuptools; only a first build needs it
 
         cache.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f"{self.name}-build-", dir=cache))

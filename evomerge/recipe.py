@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.alignment.recipe_methods import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
+from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.errors import EvomergeError
 from evomerge.method_registry import get_method, is_data_aware
 from evomerge.methods import REQUIRED, MethodSpec, ParamSpec

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.alignment.recipe_methods import DATA_AWARE_METHODS
+from evomerge.alignment.method_params import DATA_AWARE_METHODS
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError
 from evomerge.method_registry import get_method, is_data_aware, method_names

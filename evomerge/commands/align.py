@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     import torch
 
     from evomerge.alignment.causal_lm import align_causal_lm

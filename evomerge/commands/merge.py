@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     from evomerge.merge import run_merge
     from evomerge.recipe import Recipe
 

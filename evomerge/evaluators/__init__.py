@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluators.base import Evaluator
+from evomerge.evaluators.base import Evaluator, load_yaml, resolve_path
+from evomerge.evaluators.custom import CustomEvaluator
+from evomerge.evaluators.language import SUPPORTED_LANGUAGES
+from evomerge.evaluators.lm_harness import LmEvalEvaluator
 
 __all__ = ["Evaluator", "build_evaluator", "evaluators_dir", "builtin_names", "EVALUATOR_TYPES"]
 
@@ -56,21 +59,17 @@ def build_evaluator(spec: str | dict | os.PathLike, limit: int | None = None, se
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise EvomergeError(f"limit must be a positive integer, got {limit!r}")
     if kind == "math_word":
-        from evomerge.evaluators.math_word import MathWordEvaluator
+        from evomerge.evaluators.math_word import MathWordEvaluator  # deferred: imports torch and transformers
 
         return MathWordEvaluator(config, base_dir=base_dir, evaluators_dir=evaluators_dir(), limit=limit,
                                  seed=seed)
     if kind == "lm_eval":
-        from evomerge.evaluators.lm_harness import LmEvalEvaluator
-
         return LmEvalEvaluator(config, base_dir=base_dir, limit=limit, seed=seed)
     if kind == "perplexity":
-        from evomerge.evaluators.perplexity import PerplexityEvaluator
+        from evomerge.evaluators.perplexity import PerplexityEvaluator  # deferred: imports torch
 
         return PerplexityEvaluator(config, base_dir=base_dir, limit=limit, seed=seed)
     if kind == "custom":
-        from evomerge.evaluators.custom import CustomEvaluator
-
         return CustomEvaluator(config, base_dir=base_dir, limit=limit, seed=seed)
     raise EvomergeError(f"unknown evaluator type {kind!r}; choose from {', '.join(EVALUATOR_TYPES)}")
 
@@ -90,9 +89,6 @@ def _apply_options(config: dict[str, Any], options: dict[str, Any]) -> dict[str,
 
 
 def _resolve_spec(spec: str | dict | os.PathLike, base_dir: Path) -> tuple[dict[str, Any], Path]:
-    from evomerge.evaluators.base import resolve_path
-    from evomerge.evaluators.math_word import load_yaml
-
     if isinstance(spec, dict):
         config = dict(spec)
         return config, resolve_path(config.pop("base_dir", base_dir), base_dir)
@@ -122,14 +118,12 @@ def _resolve_spec(spec: str | dict | os.PathLike, base_dir: Path) -> tuple[dict[
         if not rest:
             raise EvomergeError("custom spec needs a function: custom:package.module:function")
         return {"type": "custom", "function": rest}, base_dir
-    return _builtin(kind, rest, load_yaml)
+    return _builtin(kind, rest)
 
 
-def _builtin(name: str, arg: str, load_yaml) -> tuple[dict[str, Any], Path]:
+def _builtin(name: str, arg: str) -> tuple[dict[str, Any], Path]:
     folder = evaluators_dir()
     if name == "mgsm":
-        from evomerge.evaluators.language import SUPPORTED_LANGUAGES
-
         if arg not in SUPPORTED_LANGUAGES:
             raise EvomergeError(f"mgsm needs a language: mgsm:LANG with LANG one of {', '.join(SUPPORTED_LANGUAGES)}")
         specific = folder / f"mgsm_{arg}.yaml"

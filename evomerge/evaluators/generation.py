@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from evomerge.evaluators.decode_attention import DecodeWindow
 from evomerge.evaluators.lean_decode import lean_step_for
@@ -118,8 +120,6 @@ class _ForwardKwargs:
 
 
 def _new_cache(model):
-    from transformers import DynamicCache
-
     try:
         return DynamicCache(config=model.config)
     except TypeError:
@@ -151,8 +151,6 @@ def greedy_generate(model, tokenizer, prompts: list[str], settings: GenerationSe
     order = sort_for_batching(prompts, token_ids)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(order), desc="generating", unit="item")
     if settings.max_new_tokens == 0:
         finished: Iterator[tuple[int, list[int]]] = ((i, []) for i in order)
@@ -243,8 +241,6 @@ def _stop_check(tokenizer, settings: GenerationSettings, tail_window: int):
 def _slot_layer_count(model, capacity: int) -> int:
     """Number of cache layers if the model's default cache is a plain stack of full-attention layers (so its
     keys/values may live in our preallocated buffers), else 0 (the generic path is used)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     try:
         layers = _new_cache(model).layers
     except Exception:  # noqa: BLE001 - an unusual cache: take the generic path
@@ -317,8 +313,6 @@ class _KVBuffers:
 
 def _region_cache(buffers: _KVBuffers, region: _Region, n_layers: int):
     """A transformers ``Cache`` whose layers read and write ``region`` of ``buffers`` in place."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
     class RegionLayer(DynamicLayer):
         """Keys/values in a region of preallocated buffers: ``update`` writes the new states in place (no
         growing concatenation) and returns a view of the region."""

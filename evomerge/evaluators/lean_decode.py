@@ -23,6 +23,7 @@ import importlib
 import os
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from evomerge.evaluators.decode_attention import DecodeWindow
 
@@ -66,8 +67,6 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 def _has_global_hooks() -> bool:
-    from torch.nn.modules import module as torch_module
-
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 

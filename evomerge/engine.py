@@ -46,10 +46,34 @@ from evomerge.recipe import ModelEntry, Recipe
 
 
 class MergeEngine:
-    """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place."""
+    """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place.
+
+    Memory: the sources in the compute dtype (the base plus one task vector per model for the task-arithmetic
+    family, with an int32 sort order per vector for magnitude sparsification), one model, and kernel scratch
+    (``source_bytes``, ``workspace_bytes``). Attributes: ``model`` (a ``transformers`` causal LM on ``device``
+    whose parameters are the merge's output tensors, in the recipe's ``out_dtype`` or compute dtype), ``plan``
+    (the ``MergePlan`` shared with ``evomerge merge``), ``spec`` (the method).
+    """
 
     def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
                  allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None):
+        """Plan ``recipe``, load its sources once, build the model and materialize ``recipe`` into it.
+
+        Args:
+            recipe: a per-tensor recipe (a ``Recipe`` or its mergekit mapping); later candidates may change its
+                parameters only.
+            device: ``"cpu"`` or a CUDA device; sources, model and kernels live there.
+            allow_pickle: also read ``.bin`` (pickle) checkpoints, with ``torch.load(weights_only=True)``.
+            seed: default seed of the random drops (DARE, DELLA); one generator per tensor, seeded from it and
+                the tensor name, so results do not depend on tensor order or ``threads``.
+            progress: show a progress bar while the sources load.
+            threads: CPU threads merging tensors in parallel (default: torch's thread count); results do not
+                depend on it.
+
+        Raises:
+            EvomergeError: the recipe is invalid or data-aware (fisher, regmean), the device is unknown or
+                unavailable, or the sources cannot be merged (see ``plan_merge``).
+        """
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_dict(recipe)
         if recipe.is_data_aware:
@@ -83,6 +107,7 @@ class MergeEngine:
         on CPU: the sorts dominate the engine's start-up)."""
 
         def prepare(index: int, tensors: list[torch.Tensor]) -> None:
+            """Keep job ``index``'s prepared inputs (floating tensors) or its first source (others)."""
             job = self.plan.jobs[index]
             if job.floating:
                 self._prepared[index] = prepare_inputs(self.spec, tensors, job.base_pos)
@@ -97,7 +122,24 @@ class MergeEngine:
                     device: str | torch.device = "cpu", *, parameters: Mapping[str, Any] | None = None,
                     model_parameters: Sequence[Mapping[str, Any]] | None = None, dtype: str | None = None,
                     **kwargs: Any) -> MergeEngine:
-        """An engine from paths: per-model parameters default to weight 1.0 (and mergekit's other defaults)."""
+        """An engine from paths: per-model parameters default to weight 1.0 (and mergekit's other defaults).
+
+        Args:
+            base_model: the base checkpoint folder (None for methods without a base, e.g. linear).
+            models: the other checkpoint folders.
+            method: a per-tensor merge method (``evomerge.method_registry.method_names``).
+            device: as for ``MergeEngine``.
+            parameters: global parameters of the recipe.
+            model_parameters: per-model parameters, one mapping per entry of ``models``.
+            dtype: compute dtype (``"float32"``, ``"bfloat16"``...; default: the sources' own).
+            **kwargs: the other keyword arguments of ``MergeEngine``.
+
+        Returns:
+            The engine, with the recipe materialized.
+
+        Raises:
+            EvomergeError: an unknown or data-aware method, an invalid parameter, or sources that cannot be merged.
+        """
         spec = get_method(method)
         entries = []
         for i, path in enumerate(models):
@@ -152,13 +194,15 @@ class MergeEngine:
     # ------------------------------------------------------------------ public API
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
+        """The output's tokenizer (``Recipe.tokenizer_path``), loaded on first use."""
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir))
         return self._tokenizer
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers of the merged model (the slices' layers together)."""
         return self.plan.num_layers
 
     @property
@@ -180,7 +224,24 @@ class MergeEngine:
                                 f"(an engine loads its sources once; only parameters may change)")
 
     def materialize(self, recipe: Recipe | Mapping[str, Any] | None = None, seed: int | None = None) -> torch.nn.Module:
-        """Write the merge of ``recipe`` (default: the engine's own) into ``self.model`` in place; returns it."""
+        """Write the merge of ``recipe`` (default: the engine's own) into ``self.model`` in place; returns it.
+
+        Every tensor equals ``evomerge merge``'s for the same recipe and seed on the same device, bit for bit;
+        no model-sized memory is allocated (scratch comes from reused workspaces).
+
+        Args:
+            recipe: the candidate: a ``Recipe`` or mapping with the engine's method, sources, layer ranges and
+                dtypes; only parameters (scalars, gradients, filter lists) may differ. Relative paths in a mapping
+                resolve against the engine recipe's folder.
+            seed: seed of the random drops for this candidate (default: the engine's).
+
+        Returns:
+            ``self.model``, its parameters overwritten (output dtype, on the engine's device).
+
+        Raises:
+            EvomergeError: the recipe changes more than parameters, or a parameter value is invalid (checked for
+                every tensor before any weight is written, so a failed call leaves the model unchanged).
+        """
         if recipe is None:
             recipe = self.recipe
         elif not isinstance(recipe, Recipe):
@@ -190,6 +251,7 @@ class MergeEngine:
         params = [resolve_job_parameters(self.plan, recipe, job) for job in self.plan.jobs]  # fail before writing
 
         def work(index: int) -> None:
+            """Merge job ``index`` into its model parameter."""
             job, prepared, target = self.plan.jobs[index], self._prepared[index], self._targets[index]
             if prepared is None:
                 raw = self._raw_first[index]
@@ -249,7 +311,22 @@ class MergeEngine:
 
     def save(self, out_dir: str | Path, recipe: Recipe | None = None, *, overwrite: bool = False,
              max_shard_size: str | int = "2GB") -> Path:
-        """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would."""
+        """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would.
+
+        Args:
+            out_dir: the checkpoint folder to create (written atomically: a temporary folder renamed at the end).
+            recipe: a candidate, materialized first; without one the model is written as it is now (the last
+                candidate materialized), with the engine's own recipe in ``recipe.yaml`` and the model card.
+            overwrite: replace an existing ``out_dir``.
+            max_shard_size: largest safetensors shard, bytes or a string such as ``"2GB"``.
+
+        Returns:
+            ``out_dir`` as a ``Path``.
+
+        Raises:
+            EvomergeError: ``out_dir`` exists (without ``overwrite``) or cannot be written, or ``recipe`` is not a
+                valid candidate for this engine.
+        """
         if recipe is not None:
             self.materialize(recipe)
         recipe = recipe or self.recipe

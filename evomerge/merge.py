@@ -62,6 +62,8 @@ class TensorJob:
 
 @dataclass
 class MergePlan:
+    """A recipe laid out for merging: its opened sources, one job per output tensor, the output config."""
+
     recipe: Recipe
     spec: MethodSpec
     models: list[Path]
@@ -75,6 +77,7 @@ class MergePlan:
     structure: tuple = field(default=())
 
     def out_dtype_for(self, job: TensorJob) -> torch.dtype:
+        """The dtype job's tensor is written in: ``out_dtype`` for floating tensors, else its own."""
         if not job.floating:
             return job.compute_dtype
         return self.out_dtype or job.compute_dtype
@@ -99,6 +102,11 @@ def recipe_structure(recipe: Recipe) -> tuple:
 
 
 def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[Path], list[Checkpoint]]:
+    """Every model of the recipe (``Recipe.model_paths`` order), opened (headers only) and checked compatible.
+
+    Raises:
+        EvomergeError: a folder cannot be opened, or architectures / vocabulary sizes differ.
+    """
     paths = recipe.model_paths()
     checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     _check_compatible(paths, checkpoints)
@@ -107,6 +115,7 @@ def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[P
 
 def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
     def arch(c: Checkpoint) -> str:
+        """The checkpoint's architecture name (else its model type)."""
         archs = c.config.get("architectures") or []
         return str(archs[0]) if archs else str(c.config.get("model_type"))
 
@@ -334,6 +343,7 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
 
 
 def resolve_all(plan: MergePlan, recipe: Recipe) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """``resolve_job_parameters`` for every job, in plan order (raises on the first invalid value)."""
     return [resolve_job_parameters(plan, recipe, job) for job in plan.jobs]
 
 
@@ -352,6 +362,7 @@ def merge_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], shar
 
 
 def job_generator(spec: MethodSpec, job: TensorJob, seed: int, device: torch.device) -> torch.Generator | None:
+    """The random generator of one job's drops (seeded by ``tensor_seed``), or None for deterministic methods."""
     if not spec.random:
         return None
     generator = torch.Generator(device=device)
@@ -366,6 +377,7 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
     local = threading.local()
 
     def work(index: int, tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
+        """(name, merged tensor in its output dtype, on CPU) of job ``index``."""
         job = plan.jobs[index]
         ws = getattr(local, "ws", None)
         if ws is None:
@@ -417,6 +429,11 @@ def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str,
 
 
 def check_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device``.
+
+    Raises:
+        EvomergeError: the name is not a device, is neither CPU nor CUDA, or CUDA is not available.
+    """
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -433,7 +450,31 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
               threads: int | None = None) -> Path:
     """Merge ``recipe`` into a checkpoint folder at ``out_dir`` (written atomically); returns it.
 
-    ``threads``: tensors merged in parallel on CPU (default: torch's thread count). Results do not depend on it.
+    Per-tensor methods stream: one output tensor's sources are read (memory-mapped), merged in the recipe's
+    compute ``dtype`` (default: the sources' own, promoted) and written in ``out_dtype`` (default: the compute
+    dtype), so peak memory is a few tensors, not a model. Data-aware methods (fisher, regmean) load each model
+    whole and run its calibration texts. The folder gets ``config.json`` (layer count and dtype updated), the
+    safetensors shards and index, the tokenizer files, ``recipe.yaml`` and a model card.
+
+    Args:
+        recipe: a validated recipe (``Recipe.load``).
+        out_dir: the checkpoint folder to create.
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``: where tensors are merged (CPU and CUDA random drops differ).
+        seed: seed of the random drops (DARE, DELLA) and calibration sampling; each tensor's generator is
+            seeded from it and the tensor name.
+        overwrite: replace an existing ``out_dir``.
+        allow_pickle: also read ``.bin`` (pickle) weights, with ``torch.load(weights_only=True)``.
+        shard_size: largest safetensors shard, bytes or a string such as ``"2GB"`` / ``"500MB"``.
+        progress: show a progress bar on stderr.
+        threads: tensors merged in parallel on CPU (default: torch's thread count); results do not depend on it.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        EvomergeError: ``out_dir`` exists without ``overwrite``, the device is unknown or unavailable, the sources
+            cannot be merged (see ``plan_merge``), or a parameter value is invalid for some tensor (checked for
+            every tensor before anything is computed or written). Nothing is left at ``out_dir`` on failure.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

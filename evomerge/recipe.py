@@ -73,7 +73,15 @@ class Slice:
 
 @dataclass
 class Recipe:
-    """A parsed, validated recipe. Build with ``load``, ``from_yaml`` or ``from_dict``; ``validate`` after edits."""
+    """A parsed, validated recipe. Build with ``load``, ``from_yaml`` or ``from_dict``; ``validate`` after edits.
+
+    Fields mirror mergekit 0.1.5's YAML: ``merge_method``; ``models`` (entries with per-model ``parameters``)
+    or ``slices`` (sources with ``layer_range``, layers ``[start, end)``); ``base_model``; global
+    ``parameters`` (each value a scalar, a gradient list or a filter list, see ``resolve_setting``); ``dtype``
+    (compute dtype) and ``out_dtype`` (written dtype), each one of float32 / float16 / bfloat16 / float64;
+    ``tokenizer_source`` (``base`` or a model path); ``calibration`` (fisher / regmean only). Model paths are
+    kept as written; ``root`` is the folder they resolve against.
+    """
 
     merge_method: str
     models: list[ModelEntry] = field(default_factory=list)
@@ -90,6 +98,12 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
+        """Read and validate a recipe YAML file; relative model paths resolve against its folder.
+
+        Raises:
+            EvomergeError: the file cannot be read, is not valid YAML, or the recipe is invalid (see
+                ``from_dict`` and ``validate``).
+        """
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -99,6 +113,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, root: str | Path | None = None, source: str = "recipe") -> Recipe:
+        """Parse (safe YAML loading) and validate a recipe's text.
+
+        Args:
+            text: the YAML document.
+            root: the folder relative model paths resolve against (default: the current folder at use).
+            source: how error messages name the recipe (e.g. its file name).
+
+        Raises:
+            EvomergeError: invalid YAML, or an invalid recipe (see ``from_dict``).
+        """
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -108,6 +132,21 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, root: str | Path | None = None, source: str = "recipe") -> Recipe:
+        """Build and validate a recipe from its mergekit mapping (what ``yaml.safe_load`` returns).
+
+        Args:
+            data: the mapping; parameter values are deep-copied.
+            root: the folder relative model paths resolve against.
+            source: how error messages name the recipe.
+
+        Returns:
+            The validated recipe.
+
+        Raises:
+            EvomergeError: one line naming the first problem: not a mapping, an unknown or unsupported key, a
+                wrong type, an unknown merge method (the message lists every method), or anything ``validate``
+                rejects.
+        """
         if not isinstance(data, Mapping):
             raise EvomergeError(f"{source} must be a mapping with at least 'merge_method'")
         data = dict(data)
@@ -165,9 +204,11 @@ class Recipe:
         return out
 
     def to_yaml(self) -> str:
+        """The recipe as mergekit YAML text (``to_dict``; number lists inline); ``from_yaml`` reads it back."""
         return yaml.dump(self.to_dict(), Dumper=_FlowListDumper, sort_keys=False, default_flow_style=False)
 
     def save(self, path: str | Path) -> Path:
+        """Write ``to_yaml()`` to ``path`` (UTF-8); returns it as a ``Path``. Raises ``OSError`` if unwritable."""
         path = Path(path)
         path.write_text(self.to_yaml(), encoding="utf-8")
         return path
@@ -183,10 +224,12 @@ class Recipe:
 
     @property
     def is_data_aware(self) -> bool:
+        """Whether the method is a data-aware one (fisher, regmean): whole models plus calibration data."""
         return is_data_aware(self.merge_method)
 
     @property
     def method(self) -> MethodSpec:
+        """The per-tensor method's spec (``EvomergeError`` for a data-aware or unknown method)."""
         return get_method(self.merge_method)
 
     def model_paths(self) -> list[Path]:
@@ -214,7 +257,17 @@ class Recipe:
     # ------------------------------------------------------------------ validation
 
     def validate(self, source: str = "recipe") -> None:
-        """Check structure, method and parameters; raises EvomergeError naming the first problem."""
+        """Check structure, method and parameters (call after editing a recipe).
+
+        Args:
+            source: how error messages name the recipe.
+
+        Raises:
+            EvomergeError: one line naming the first problem: both or neither of models/slices, an unknown dtype,
+                an unknown method (every known method listed), a missing or superfluous base_model, a parameter
+                the method does not take, a value of the wrong type or out of range (e.g. density outside
+                (0, 1]), too few or too many models, or a data-aware recipe with unknown keys.
+        """
         if bool(self.models) == bool(self.slices):
             raise EvomergeError(f"{source}: give exactly one of 'models' or 'slices'")
         for key in ("dtype", "out_dtype"):
@@ -329,7 +382,20 @@ class Recipe:
 
 
 def resolve_setting(setting: Any, tensor_name: str, t: float, kind: type = float) -> Any:
-    """A parameter setting's value for one tensor at gradient position t (None when no filter matches)."""
+    """A parameter setting's value for one tensor at gradient position t (None when no filter matches).
+
+    Args:
+        setting: a scalar, a gradient list, a ``{filter, value}`` mapping or a list of them (mergekit's forms).
+        tensor_name: the tensor the value is for (filters match substrings of it).
+        t: the tensor's gradient position in [0, 1] (layer ``i`` of ``L``: ``i / (L - 1)``; 0 outside layers).
+        kind: the parameter's type (float values are interpolated linearly; other lists pick an element).
+
+    Returns:
+        The value (a float for float parameters), or None when no filter matches.
+
+    Raises:
+        EvomergeError: a setting of none of these forms.
+    """
     if isinstance(setting, Mapping):
         setting = [setting]
     if _is_scalar(setting):
@@ -367,7 +433,11 @@ def setting_values(setting: Any) -> list[Any]:
 
 
 def check_value(name: str, value: Any, where: str = "") -> None:
-    """Range checks that apply to a resolved value (also used per tensor by the planner)."""
+    """Range checks that apply to a resolved value (also used per tensor by the planner).
+
+    Raises:
+        EvomergeError: density outside (0, 1], gamma or epsilon outside [0, 1), or a non-finite float.
+    """
     prefix = f"{where}: " if where else ""
     if name == "density" and not (0 < value <= 1):
         raise EvomergeError(f"{prefix}density must be in (0, 1], got {value}")

@@ -12,6 +12,7 @@ from evomerge.errors import EvomergeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `evomerge eval` (see ``run``)."""
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder (safetensors)")
     parser.add_argument("--evaluator", "-e", required=True, metavar="SPEC",
                         help="mgsm:LANG, gsm8k[:SPLIT], lm_eval:TASK[,METRIC], perplexity:PATH, "
@@ -60,6 +61,11 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "auto"):
 
 
 def run(args: argparse.Namespace) -> int:
+    """`evomerge eval`: build the evaluator, load the model, print its metrics (``--json``: one object); 0.
+
+    Raises:
+        EvomergeError: a bad evaluator spec or option, or a model folder that cannot be loaded.
+    """
     # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     from evomerge.evaluators import build_evaluator
 

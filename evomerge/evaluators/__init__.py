@@ -50,8 +50,22 @@ def build_evaluator(spec: str | dict | os.PathLike, limit: int | None = None, se
                     base_dir: str | os.PathLike | None = None, **options: Any) -> Evaluator:
     """Build an evaluator once (expensive setup here); then call ``.evaluate(model, tokenizer)`` many times.
 
-    ``base_dir``: the folder relative paths in the spec are resolved against (e.g. the experiment YAML's
-    folder); default the current folder. Paths inside an evaluator YAML are relative to that YAML.
+    Args:
+        spec: what to evaluate (see the module docstring): a spec string such as ``"mgsm:ja"``,
+            ``"lm_eval:TASK"``, ``"perplexity:PATH"``, ``"custom:pkg.mod:fn"``, a YAML path, or a mapping.
+        limit: evaluate a seeded subsample of this many items (the same items for every candidate).
+        seed: seed of that subsample.
+        base_dir: the folder relative paths in the spec are resolved against (e.g. the experiment YAML's
+            folder); default the current folder. Paths inside an evaluator YAML are relative to that YAML.
+        **options: override the evaluator YAML's keys (``split``, ``batch_size``, ``max_new_tokens``,
+            ``stop``, ``fewshot``, ``template``...); None values are ignored.
+
+    Returns:
+        The evaluator; its ``metric_names`` are the keys ``evaluate`` returns.
+
+    Raises:
+        EvomergeError: an unknown spec or evaluator type, a missing file, an unknown key, or an invalid
+            ``limit``.
     """
     config, base_dir = _resolve_spec(spec, Path(base_dir) if base_dir is not None else Path.cwd())
     config = _apply_options(config, options)

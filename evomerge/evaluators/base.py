@@ -23,7 +23,23 @@ class Evaluator:
     metric_names: tuple[str, ...] = ()
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
-        """Metrics of the model as it is now (call again after its weights change)."""
+        """Metrics of the model as it is now (call again after its weights change).
+
+        Args:
+            model: a ``transformers`` causal LM (``torch.nn.Module``) on any device, any floating dtype; it is
+                only read (eval mode, no gradients), never modified.
+            tokenizer: its tokenizer (``transformers`` ``PreTrainedTokenizerBase``).
+
+        Returns:
+            ``{metric name: value}`` with exactly the keys ``metric_names``: accuracies as fractions in [0, 1],
+            perplexity as exp(mean negative log-likelihood per token) (>= 1, lower is better), custom metrics as
+            their function returns them.
+
+        Raises:
+            EvomergeError: the model or tokenizer does not fit the evaluator (e.g. a custom function's wrong
+                return). Any other exception (NaN logits, out of memory) propagates: the search records a
+                failed trial.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:

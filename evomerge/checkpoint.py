@@ -336,9 +336,11 @@ class Checkpoint:
     # -- tensors
 
     def shape(self, name: str) -> list[int]:
+        """The shape of tensor ``name`` (from the file headers; no data read)."""
         return list(self._lookup(name)[0])
 
     def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name`` (from the file headers; no data read)."""
         return self._lookup(name)[1]
 
     def _lookup(self, name: str) -> tuple[list[int], torch.dtype]:
@@ -414,6 +416,7 @@ class Checkpoint:
             yield name, self.get(name, device=device, dtype=dtype)
 
     def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files present in the folder (``TOKENIZER_FILES`` order)."""
         return find_tokenizer_files(self.path)
 
     @property
@@ -477,6 +480,7 @@ class _ShardWriter:
         self._data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor to the current shard (a new shard starts when it would pass the limit)."""
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"write_checkpoint expects (name: str, tensor: torch.Tensor) pairs, got {type(name)}, "
                             f"{type(tensor)}")
@@ -555,6 +559,7 @@ class _ShardWriter:
         return {name: names[number] for name, number in self.weight_map.items()}
 
     def abort(self) -> None:
+        """Close the open shard file, if any (the temporary folder is removed by the caller)."""
         if self._file is not None:
             self._file.close()
             self._file = None

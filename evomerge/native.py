@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$EVOMERGE_CACHE/kernels`` (default ``~/.cache/evomerge/kernels``)."""
     root = os.environ.get("EVOMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "evomerge")
     return Path(root) / "kernels"
 
@@ -68,6 +69,7 @@ class Kernel:
         self._failed = False
 
     def load(self):
+        """The compiled module (built on first use, then imported from the cache), or None where it cannot be built."""
         if self._module is not None or self._failed:
             return self._module
         with self._lock:
@@ -85,6 +87,7 @@ class Kernel:
         return self._module
 
     def available(self) -> bool:
+        """Whether the kernel loads on this machine."""
         return self.load() is not None
 
     def _build_or_import(self):

@@ -50,6 +50,7 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
 def make_config(arch: str = "llama", vocab_size: int = 300, hidden_size: int = 64, num_layers: int = 4,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                 max_position_embeddings: int = 512, tie_word_embeddings: bool = False, **extra):
+    """A tiny ``transformers`` config of ``arch`` (llama, mistral, qwen2...); ``extra`` overrides any field."""
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {sorted(_ARCH_CONFIGS)}")
     config_cls = getattr(transformers, _ARCH_CONFIGS[arch][0])

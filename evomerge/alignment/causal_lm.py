@@ -44,6 +44,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, allow_p
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a local folder (no hub, no remote code); ``EvomergeError`` when it cannot be loaded."""
     import transformers  # deferred: seconds to import, and `evomerge merge` reaches this module without using it
 
     try:

@@ -73,6 +73,7 @@ class PermutationSpec:
 
 
 def identity_perms(spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """The identity permutation (``arange(n)``, int64) of every permutation group of ``spec``."""
     return {name: torch.arange(n) for name, n in spec.sizes.items()}
 
 
@@ -101,6 +102,7 @@ def apply_permutation(spec: PermutationSpec, perms: dict[str, torch.Tensor],
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation (``inv[perm[i]] = i``), same dtype and length."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(len(perm))
     return inv
@@ -234,6 +236,7 @@ def llama_permutation_spec(config, param_names: list[str] | set[str], prefix: st
     p = prefix
 
     def have(name: str) -> bool:
+        """Whether the checkpoint has tensor ``name``."""
         return name in names
 
     res: list[Axis] = [Axis(f"{p}embed_tokens.weight", 1)]

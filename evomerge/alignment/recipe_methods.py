@@ -99,6 +99,7 @@ def merge_data_aware(method: str, base_path: str | Path | None, model_paths: Seq
     tied = bool(ckpts[0].config.get("tie_word_embeddings", False))
 
     def batches_for(p: dict[str, Any]):
+        """One model's tokenized calibration batches, on ``device``."""
         path = p["calibration"] if p["calibration"] is not None else calib["path"]
         texts = load_texts(path, field=calib["field"], samples=int(calib["samples"]), seed=seed)
         out = tokenized_batches(texts, tokenizer, max_length=int(calib["max_length"]),

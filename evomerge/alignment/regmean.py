@@ -45,7 +45,9 @@ def linear_input_grams(model: nn.Module, batches: Iterable[Any], forward: Callab
     current: dict[str, Any] = {}
 
     def hook(name):
+        """A forward pre-hook accumulating the Gram matrix of layer ``name``'s inputs."""
         def fn(module, args):
+            """Add ``x^T x`` of this call's (unpadded) inputs to the layer's Gram."""
             x = args[0].detach()
             mask = current.get("mask")
             if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:

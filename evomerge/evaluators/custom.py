@@ -78,6 +78,7 @@ class CustomEvaluator(Evaluator):
         self.metric_names = tuple(str(m) for m in declared)
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """The user function's metrics: ``{name: float}`` (``EvomergeError`` when it returns anything else)."""
         result = self.function(model, tokenizer, **self.kwargs)
         if not isinstance(result, dict):
             raise EvomergeError(f"custom evaluator {self.target} returned {type(result).__name__}, expected a dict")

@@ -226,6 +226,7 @@ def _stop_check(tokenizer, settings: GenerationSettings, tail_window: int):
     may_end = _tokens_that_may_end_a_stop_string(tokenizer, stop)
 
     def finished(sequences: list[list[int]]) -> list[bool]:
+        """Per sequence (token ids), whether a stop string appears in its decoded tail."""
         hits = [False] * len(sequences)
         check = [k for k, seq in enumerate(sequences)
                  if may_end is None or not 0 <= seq[-1] < len(may_end) or may_end[seq[-1]]]
@@ -278,6 +279,7 @@ class _KVBuffers:
         self.values: list[torch.Tensor | None] = [None] * n_layers
 
     def layer(self, index: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Layer ``index``'s key and value buffers, allocated on its first call."""
         if self.keys[index] is None:
             self.keys[index] = key_states.new_zeros((self.rows, key_states.shape[1], self.columns,
                                                      key_states.shape[3]))
@@ -286,6 +288,7 @@ class _KVBuffers:
         return self.keys[index], self.values[index]
 
     def allocated(self) -> bool:
+        """Whether every layer's buffers exist."""
         return all(k is not None for k in self.keys)
 
     def buffers(self) -> list[torch.Tensor]:
@@ -323,9 +326,11 @@ def _region_cache(buffers: _KVBuffers, region: _Region, n_layers: int):
             self.is_initialized = True
 
         def lazy_initialization(self, key_states, value_states) -> None:
+            """Nothing to allocate: the buffers are shared and preallocated."""
             pass
 
         def update(self, key_states, value_states, *args, **kwargs):
+            """Write the new keys/values at the region's end; return the region's keys and values."""
             keys, values = buffers.layer(self.index, key_states, value_states)
             end = region.hi + key_states.shape[-2]
             keys[region.row0:region.row1, :, region.hi:end] = key_states
@@ -337,9 +342,11 @@ def _region_cache(buffers: _KVBuffers, region: _Region, n_layers: int):
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
+            """Tokens cached in the region."""
             return region.hi - region.lo
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            """(key length, offset) of the attention mask for ``query_length`` new tokens."""
             return region.hi - region.lo + query_length, 0
 
     cache = DynamicCache()  # a DynamicCache (models may check the type) whose layers are ours

@@ -153,6 +153,7 @@ class LmEvalEvaluator(Evaluator):
         return self._lm
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """The task's metrics (lm-eval's values: accuracies as fractions) on the in-memory model."""
         from lm_eval import evaluator  # deferred: heavy (see TaskManager above)
 
         lm = self._wrapper(model, tokenizer)

@@ -264,6 +264,8 @@ class MathWordEvaluator(Evaluator):
         return results
 
     def summarize(self, results: list[ItemResult]) -> dict[str, float]:
+        """``acc``, ``answered`` and, with a language gate, ``acc_lang`` (fractions of the items), as in
+        ``metric_names``."""
         n = max(len(results), 1)
         metrics = {"acc": sum(r.correct for r in results) / n,
                    "answered": sum(r.predicted is not None for r in results) / n}
@@ -273,4 +275,5 @@ class MathWordEvaluator(Evaluator):
         return {k: float(metrics[k]) for k in self.metric_names}
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """Greedy answers to every item, scored: see ``summarize`` for the metrics (fractions in [0, 1])."""
         return self.summarize(self.run(model, tokenizer))

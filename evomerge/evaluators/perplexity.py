@@ -105,6 +105,8 @@ class PerplexityEvaluator(Evaluator):
 
     @torch.inference_mode()
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """``perplexity`` (exp of the mean negative log-likelihood per scored token, >= 1) and ``nll`` (nats per
+        token), those of ``metric_names``."""
         max_length, stride = self._window_sizes(model)
         pieces: list[tuple[list[int], int]] = []  # (input ids of the window, index of the first scored target)
         for ids in self._tokens(tokenizer):

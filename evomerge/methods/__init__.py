@@ -53,6 +53,7 @@ class ParamSpec:
 
     @property
     def required(self) -> bool:
+        """Whether the parameter has no default (a recipe must give it)."""
         return self.default is REQUIRED
 
 
@@ -75,17 +76,21 @@ class MethodSpec:
 
     @property
     def random(self) -> bool:
+        """Whether the method draws random drops (needs a generator per tensor)."""
         return self.sparsify in ("random", "della_magprune")
 
     def param(self, name: str) -> ParamSpec | None:
+        """The parameter called ``name``, or None."""
         return next((p for p in self.params if p.name == name), None)
 
     @property
     def global_params(self) -> tuple[ParamSpec, ...]:
+        """The parameters given once for the merge."""
         return tuple(p for p in self.params if not p.per_model)
 
     @property
     def per_model_params(self) -> tuple[ParamSpec, ...]:
+        """The parameters given per model (with a global fallback)."""
         return tuple(p for p in self.params if p.per_model)
 
 

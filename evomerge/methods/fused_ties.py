@@ -172,6 +172,7 @@ _KERNEL = _kernel()
 
 
 def available() -> bool:
+    """Whether the fused C++ TIES kernel is built (or can be) on this machine."""
     return _KERNEL.available()
 
 

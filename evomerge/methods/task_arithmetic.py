@@ -124,6 +124,7 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
 
     def rows_of_scaled(index: int, start: int, rows: torch.Tensor, parts: Sequence[torch.Tensor],
                        tmp: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+        """Chunk ``index``'s slice of the prepared rows (views, nothing copied)."""
         view = scaled[:, start:start + rows.shape[1]]
         return view, view.unbind(0)
 
@@ -146,6 +147,7 @@ class _Combination:
     @classmethod
     def of(cls, settings: TaskArithmeticSettings, count: int, flat_base: torch.Tensor) -> _Combination:
         # mergekit multiplies by a weight tensor in the deltas' dtype: use the weights rounded to it.
+        """The combination of ``count`` task vectors for ``settings`` (weights rounded to the dtype)."""
         weights = torch.tensor([float(w) for w in settings.weights], dtype=flat_base.dtype).tolist()
         divisor = None
         if settings.normalize and not settings.consensus:
@@ -207,6 +209,7 @@ def _thresholded_rows(flat_deltas: Sequence[torch.Tensor], thresholds: Sequence[
               for t in thresholds]
 
     def fill(index: int, start: int, rows: torch.Tensor, parts: Sequence[torch.Tensor], tmp: torch.Tensor):
+        """Fill ``parts`` with chunk ``index``'s thresholded, weighted deltas; return ``rows``, ``parts``."""
         for i, threshold in enumerate(thresholds):
             src, row = pieces[i][index], parts[i]
             if threshold is None:
@@ -249,6 +252,7 @@ class _ChunkBuffers:
 
     @classmethod
     def of(cls, dtype: torch.dtype, combine: _Combination, ws: Workspace) -> _ChunkBuffers:
+        """The buffers a combination needs (from ``ws``: reused across calls)."""
         count, chunk, consensus = combine.count, combine.chunk, combine.consensus
         acc_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         rounded = acc_dtype != dtype

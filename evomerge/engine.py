@@ -97,7 +97,7 @@ class MergeEngine:
         self._schedule = sorted(range(len(self.plan.jobs)), key=lambda i: -math.prod(self.plan.jobs[i].shape))
         self.model = self._build_model()
         self._targets = self._bind_targets()
-        self._tokenizer = None
+        self._tokenizer: Any = None  # loaded on first use (the `tokenizer` property)
         self.materialize(recipe)
 
     # ------------------------------------------------------------------ construction

@@ -5,7 +5,8 @@ inside functions count as much as module-level ones. A module depends on every e
 statements name: ``import a.b.c`` -> ``a.b.c``; ``from a.b import c`` -> ``a.b`` (its ``__init__`` runs and
 provides ``c``), and also ``a.b.c`` when ``c`` is a submodule; relative imports resolve against the module's
 package. The implicit import of a module's parent packages is not an edge (it would make every package that
-imports its own submodules a cycle).
+imports its own submodules a cycle). Imports under ``if TYPE_CHECKING:`` count too: a type-only cycle is still
+two modules that each depend on the other.
 """
 
 from __future__ import annotations

@@ -36,10 +36,18 @@ from tqdm.auto import tqdm
 
 from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.alignment.recipe_methods import merge_data_aware
-from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
+from evomerge.checkpoint import (
+    Checkpoint,
+    dtype_name,
+    find_generation_config,
+    model_card,
+    parse_dtype,
+    write_checkpoint,
+)
 from evomerge.errors import EvomergeError
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe, check_value, resolve_setting
+from evomerge.tensor_sets import SourceTensors, compare_sources
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -75,6 +83,7 @@ class MergePlan:
     num_layers: int
     tokenizer_dir: Path
     structure: tuple = field(default=())
+    generation_config: Path | None = None  # generation_config.json carried into the output (tokenizer source's)
 
     def out_dtype_for(self, job: TensorJob) -> torch.dtype:
         """The dtype job's tensor is written in: ``out_dtype`` for floating tensors, else its own."""
@@ -110,6 +119,7 @@ def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[P
     paths = recipe.model_paths()
     checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     _check_compatible(paths, checkpoints)
+    compare_sources(paths, checkpoints)  # the same tensors in every source (tied heads resolved), else one error
     return paths, checkpoints
 
 
@@ -141,25 +151,28 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         output order, and the output's ``config.json`` (layer count, ``layer_types`` and dtype updated).
 
     Raises:
-        EvomergeError: a source cannot be opened, the sources' architectures or vocabulary sizes differ, a
-            slice's sources span different numbers of layers or layers a model lacks, a tensor is missing from a
-            source, or tensor shapes differ.
+        EvomergeError: a source cannot be opened, the sources' architectures, vocabulary sizes or tensor sets
+            differ, a slice's sources span different numbers of layers or layers a model lacks, a tensor is
+            missing from a source, or tensor shapes differ.
     """
     spec = recipe.method
     paths, checkpoints = open_checkpoints(recipe, allow_pickle)
+    tensor_sets = compare_sources(paths, checkpoints)
     index_of = {p: i for i, p in enumerate(paths)}
     base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
     slices = _plan_slices(recipe, spec.needs_base, checkpoints, index_of, base_index)
     _check_slices(slices, paths, checkpoints)
     reference = checkpoints[base_index if base_index is not None else slices[0][0].model]
     ctx = _PlanContext(spec=spec, paths=paths, checkpoints=checkpoints, base_index=base_index,
-                       compute=parse_dtype(recipe.dtype), slices=slices, reference=reference)
+                       compute=parse_dtype(recipe.dtype), slices=slices, reference=reference, tensor_sets=tensor_sets)
     jobs, num_layers = _plan_jobs(ctx)
     out_dtype = parse_dtype(recipe.out_dtype)
     config = _output_config(ctx, num_layers, out_dtype or ctx.compute)
+    tokenizer_dir = recipe.tokenizer_path()
     return MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
                      jobs=jobs, config=config, out_dtype=out_dtype, num_layers=num_layers,
-                     tokenizer_dir=recipe.tokenizer_path(), structure=recipe_structure(recipe))
+                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe),
+                     generation_config=find_generation_config(tokenizer_dir, reference.path))
 
 
 class _PlanSource(NamedTuple):
@@ -181,6 +194,7 @@ class _PlanContext:
     compute: torch.dtype | None
     slices: list[list[_PlanSource]]
     reference: Checkpoint  # the base (else the first source): its non-layer tensors and config are the output's
+    tensor_sets: SourceTensors  # the sources' tensor sets compared (tied heads resolved per source)
 
 
 def _plan_slices(recipe: Recipe, needs_base: bool, checkpoints: list[Checkpoint], index_of: dict[Path, int],
@@ -213,7 +227,8 @@ def _check_slices(slices: list[list[_PlanSource]], paths: list[Path], checkpoint
 def _plan_jobs(ctx: _PlanContext) -> tuple[list[TensorJob], int]:
     """The jobs in output order (embeddings, the slices' layers, then the other non-layer tensors) and the
     number of output layers."""
-    outer = [name for name in ctx.reference.tensor_names if not _LAYER.match(name)]
+    names = _output_names(ctx.reference.tensor_names, ctx.tensor_sets)
+    outer = [name for name in names if not _LAYER.match(name)]
     first, last = ctx.slices[0], ctx.slices[-1]
     jobs = [_plan_job(ctx, name, 0, [name] * len(first), 0.0) for name in outer if "embed" in name]
     out_layer = 0
@@ -243,12 +258,11 @@ def _layer_template(ctx: _PlanContext, model: int, layer: int) -> list[tuple[str
 def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: float) -> TensorJob:
     """The job of one output tensor from its source tensor names (one per source of slice ``si``)."""
     sources = ctx.slices[si]
-    refs = [(source.model, name) for source, name in zip(sources, names)]
+    refs = [(source.model, ctx.tensor_sets.resolve(source.model, name)) for source, name in zip(sources, names)]
     shapes = []
     for m, n in refs:
         if n not in ctx.checkpoints[m]:
-            raise EvomergeError(f"tensor {n!r} is missing from {ctx.paths[m]} (its architecture differs from "
-                                f"{ctx.reference.path})")
+            raise EvomergeError(f"tensor {n!r} is missing from {ctx.paths[m]}")
         shapes.append(tuple(ctx.checkpoints[m].shape(n)))
     if len(set(shapes)) != 1:
         detail = ", ".join(f"{ctx.paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
@@ -270,6 +284,8 @@ def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: fl
 def _output_config(ctx: _PlanContext, num_layers: int, final_dtype: torch.dtype | None) -> dict[str, Any]:
     """The reference's config with the output's layer count, per-layer lists and dtype."""
     config = dict(ctx.reference.config)
+    if ctx.tensor_sets.untied and ctx.tensor_sets.heads:
+        config["tie_word_embeddings"] = False  # a source has its own head: the output keeps one (as mergekit)
     if isinstance(config.get("num_hidden_layers"), int):
         config["num_hidden_layers"] = num_layers
     # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
@@ -286,6 +302,14 @@ def _output_config(ctx: _PlanContext, num_layers: int, final_dtype: torch.dtype 
         if "torch_dtype" in config:
             config["torch_dtype"] = dtype_name(final_dtype)
     return config
+
+
+def _output_names(reference_names: list[str], tensor_sets: SourceTensors) -> list[str]:
+    """The reference's tensor names, with the tied heads added when the output is untied and dropped when tied."""
+    names = [n for n in reference_names if tensor_sets.untied or n not in tensor_sets.heads]
+    if tensor_sets.untied:
+        names += sorted(tensor_sets.heads - set(names))
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ parameters
@@ -337,7 +361,7 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
                                 f"by (set normalize: false or change the weights)")
     if spec.sparsify == "della_magprune":
         for p in per_model:
-            if p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
+            if 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
                 raise EvomergeError(f"{spec.name}: density +- epsilon must lie in (0, 1) for {job.name} "
                                     f"(density {p['density']}, epsilon {p['epsilon']})")
 
@@ -490,7 +514,7 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
     return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
                             tokenizer_dir=plan.tokenizer_dir, recipe_yaml=recipe_yaml,
                             model_card=model_card(recipe_yaml, sources, recipe.merge_method),
-                            max_shard_size=shard_size, overwrite=overwrite)
+                            max_shard_size=shard_size, overwrite=overwrite, generation_config=plan.generation_config)
 
 
 def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: int, overwrite: bool,
@@ -517,4 +541,5 @@ def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: i
                for name, t in merged.items())
     return write_checkpoint(out_dir, tensors, config, tokenizer_dir=recipe.tokenizer_path(), recipe_yaml=recipe_yaml,
                             model_card=model_card(recipe_yaml, [str(p) for p in paths], recipe.merge_method),
-                            max_shard_size=shard_size, overwrite=overwrite)
+                            max_shard_size=shard_size, overwrite=overwrite,
+                            generation_config=find_generation_config(recipe.tokenizer_path(), reference.path))

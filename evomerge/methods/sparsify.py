@@ -227,7 +227,7 @@ class Sparsification:
     """How one task vector is sparsified: mergekit 0.1.5's ``sparsify`` arguments (plus ``rescale_mode``)."""
 
     method: str  # one of SPARSIFY_METHODS
-    density: float  # fraction of the elements kept (expected fraction for random / della_magprune), in (0, 1]
+    density: float  # fraction of the elements kept (expected fraction for random / della_magprune), in [0, 1]
     rescale: bool  # rescale the kept elements (see ``rescale_mode``)
     rescale_mode: str = "l1"  # one of RESCALE_MODES
     gamma: float = 0.0  # magnitude_outliers: fraction of the largest |delta| dropped, in [0, 1)
@@ -302,7 +302,7 @@ def _random_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out
     else:
         mask = torch.bernoulli(torch.full_like(src, how.density), generator=generator)
     torch.mul(src, mask, out=target)
-    if how.rescale:
+    if how.rescale and how.density > 0:  # density 0 kept nothing (the draw still advances the stream, as mergekit's)
         _rescale(target, stats.l1, how.rescale_mode, how.density, ws)
     if target is not out:
         out.copy_(target)

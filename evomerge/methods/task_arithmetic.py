@@ -61,7 +61,7 @@ class TaskArithmeticSettings:
     """One tensor's resolved parameters for the task-arithmetic family (per model: one entry per delta)."""
 
     weights: Sequence[float]  # per model: scale of its task vector (applied before sign election)
-    densities: Sequence[float]  # per model: fraction of its task vector kept, in (0, 1]
+    densities: Sequence[float]  # per model: fraction of its task vector kept, in [0, 1]
     sparsify: str | None  # one of sparsify.SPARSIFY_METHODS, or None (no sparsification)
     consensus: bool  # TIES sign election
     normalize: bool  # divide by the sum of the (agreeing) weights
@@ -181,8 +181,8 @@ def _sparsified_rows(dtype: torch.dtype, deltas: Sequence[torch.Tensor], stats: 
 def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[Threshold | None] | None:
     if sparsify is None:
         return [None] * len(flat_deltas)
-    if sparsify != "magnitude":
-        return None
+    if sparsify != "magnitude" or any(d <= 0 for d in densities):
+        return None  # density 0 drops the whole task vector: the general path zeroes it (top-k keeps at least 1)
     if rescale and any(d < 1 for d in densities):
         return None  # the L1 rescale needs the kept tensor's norm first
     return [magnitude_threshold(d, s, density) for d, s, density in zip(flat_deltas, stats, densities)]

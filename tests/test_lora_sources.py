@@ -8,8 +8,8 @@ update vanish), saved with ``save_pretrained``, and the same recipe is merged by
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch

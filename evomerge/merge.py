@@ -3,9 +3,10 @@
 Planning (``plan_merge``) opens every source checkpoint (headers only), checks that they can be merged (same
 architecture, same vocabulary size, matching tensor shapes, layer ranges that exist) and lays out one
 ``TensorJob`` per output tensor, the way mergekit 0.1.5 plans a merge: recipes with ``models:`` become one
-slice spanning every layer (the base is added as a source when it is not listed); non-layer tensors whose
-name contains ``embed`` come from the first slice's sources, the other non-layer tensors (final norm, head)
-from the last slice's; a layer at position ``i`` of a slice of ``L`` layers has gradient position
+slice spanning every layer (the base is added as a source when it is not listed); the input embeddings
+(``evomerge.architecture``: ``embed_tokens``, GPT-2's ``wte``/``wpe``, GPT-NeoX's ``embed_in``) come from the
+first slice's sources, the other non-layer tensors (final norm, head, GPT-NeoX's ``embed_out``) from the last
+slice's, as mergekit's pre_weights / post_weights; a layer at position ``i`` of a slice of ``L`` layers has gradient position
 ``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
 
 Parameters are resolved per job (``resolve_job_parameters``) from, in order of precedence, the source's own
@@ -21,7 +22,6 @@ name, so a merge is reproducible, independent of tensor order, and equal to the 
 
 from __future__ import annotations
 
-import re
 import threading
 import zlib
 from collections import deque
@@ -32,13 +32,11 @@ from typing import Any, Iterator
 
 import torch
 
+from evomerge import architecture
 from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
-
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
-
 
 @dataclass
 class TensorJob:
@@ -146,16 +144,12 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
                                     f"which has {checkpoints[m].num_layers} layers")
 
     reference = checkpoints[base_index if base_index is not None else slices[0][0][0]]
-    layer_names: dict[int, list[tuple[str, str]]] = {}
-    outer: list[str] = []
-    for name in reference.tensor_names:
-        match = _LAYER.match(name)
-        if match:
-            layer_names.setdefault(int(match["index"]), []).append((match["prefix"], match["rest"]))
-        else:
-            outer.append(name)
-    pre = [n for n in outer if "embed" in n]
-    post = [n for n in outer if "embed" not in n]
+    arch = architecture.resolve(reference.config, reference.tensor_names, reference.num_layers)
+    if recipe.slices:
+        arch.require_blocks("slices (layer ranges)")
+    outer = [n for n in reference.tensor_names if arch.split_block(n) is None]
+    pre = [n for n in outer if arch.is_embedding(n)]
+    post = [n for n in outer if not arch.is_embedding(n)]
 
     jobs: list[TensorJob] = []
 
@@ -193,20 +187,20 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         for offset in range(count):
             t = offset / (count - 1) if count > 1 else 1.0
             first_model = checkpoints[sources[0][0]]
-            template = [(m["prefix"], m["rest"]) for m in map(_LAYER.match, first_model.tensor_names)
-                        if m and int(m["index"]) == start0 + offset]
+            template = [block[1] for block in map(arch.split_block, first_model.tensor_names)
+                        if block and block[0] == start0 + offset]
             if not template:
                 raise EvomergeError(f"{paths[sources[0][0]]} has no tensors for layer {start0 + offset}")
-            for prefix, rest in template:
-                names = [f"{prefix}.{rng[0] + offset}.{rest}" for _, rng, _ in sources]
-                add_job(f"{prefix}.{out_layer}.{rest}", si, names, t)
+            for rest in template:
+                names = [arch.block_tensor(rng[0] + offset, rest) for _, rng, _ in sources]
+                add_job(arch.block_tensor(out_layer, rest), si, names, t)
             out_layer += 1
     for name in post:
         add_job(name, len(slices) - 1, [name] * len(slices[-1]), 0.0)
 
     config = dict(reference.config)
-    if isinstance(config.get("num_hidden_layers"), int):
-        config["num_hidden_layers"] = out_layer
+    if isinstance(config.get(arch.num_layers_key), int):
+        config[arch.num_layers_key] = out_layer
     # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
     layer_types = []
     for sources in slices:

@@ -190,5 +190,5 @@ def dataflow_refusal(arch: Architecture, config: Mapping[str, Any]) -> str | Non
     return None
 
 
-__all__ = ["Architecture", "BLOCK_NAME", "KNOWN", "NUM_LAYERS_KEYS", "architecture_name", "checkpoint_tensors", "dataflow_refusal", "infer",
-           "of_checkpoint", "of_model", "resolve"]
+__all__ = ["Architecture", "BLOCK_NAME", "KNOWN", "NUM_LAYERS_KEYS", "architecture_name", "checkpoint_tensors",
+           "dataflow_refusal", "infer", "of_checkpoint", "of_model", "resolve"]

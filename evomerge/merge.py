@@ -6,8 +6,8 @@ architecture, same vocabulary size, matching tensor shapes, layer ranges that ex
 slice spanning every layer (the base is added as a source when it is not listed); the input embeddings
 (``evomerge.architecture``: ``embed_tokens``, GPT-2's ``wte``/``wpe``, GPT-NeoX's ``embed_in``) come from the
 first slice's sources, the other non-layer tensors (final norm, head, GPT-NeoX's ``embed_out``) from the last
-slice's, as mergekit's pre_weights / post_weights; a layer at position ``i`` of a slice of ``L`` layers has gradient position
-``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
+slice's, as mergekit's pre_weights / post_weights; a layer at position ``i`` of a slice of ``L`` layers has
+gradient position ``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
 
 Parameters are resolved per job (``resolve_job_parameters``) from, in order of precedence, the source's own
 parameters, the slice's, the global ones, then the method's default; filters match the source's tensor name

@@ -172,10 +172,38 @@ def of_model(model) -> Architecture:
 def checkpoint_tensors(model) -> dict[str, Any]:
     """The model's parameters and persistent buffers under their CHECKPOINT names (transformers' own reverse of
     its load-time renamings, e.g. GPT-NeoX ``lm_head.weight`` -> ``embed_out.weight``), the same tensor objects
-    as ``model.state_dict(keep_vars=True)``."""
+    as ``model.state_dict(keep_vars=True)``.
+
+    Raises:
+        EvomergeError: transformers stores a tensor in another layout than the checkpoint (e.g. Mixtral's experts,
+            stacked on load), so no model tensor can be written in place under that checkpoint name.
+    """
     from transformers.core_model_loading import revert_weight_conversion
 
-    return dict(revert_weight_conversion(model, dict(model.state_dict(keep_vars=True))))
+    state = model.state_dict(keep_vars=True)
+    own = {id(t) for t in state.values()}
+    named = dict(revert_weight_conversion(model, dict(state)))
+    converted = next((name for name, t in named.items() if id(t) not in own), None)
+    if converted is not None:
+        raise EvomergeError(f"{type(model).__name__}: transformers stores {converted} in another layout than the "
+                            "checkpoint (converted on load), so the in-memory engine cannot write it in place; "
+                            "use `evomerge merge`")
+    return named
+
+
+def check_in_place(path) -> None:
+    """Raises EvomergeError (one line) when the in-memory engine cannot write the checkpoint at ``path`` into a
+    transformers model in place (see ``checkpoint_tensors``); the model is built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise EvomergeError(f"{path}: transformers cannot build this model: {str(exc).splitlines()[0]}") from None
+    checkpoint_tensors(model)
 
 
 def dataflow_refusal(arch: Architecture, config: Mapping[str, Any]) -> str | None:
@@ -190,5 +218,5 @@ def dataflow_refusal(arch: Architecture, config: Mapping[str, Any]) -> str | Non
     return None
 
 
-__all__ = ["Architecture", "BLOCK_NAME", "KNOWN", "NUM_LAYERS_KEYS", "architecture_name", "checkpoint_tensors",
-           "dataflow_refusal", "infer", "of_checkpoint", "of_model", "resolve"]
+__all__ = ["Architecture", "BLOCK_NAME", "KNOWN", "NUM_LAYERS_KEYS", "architecture_name", "check_in_place",
+           "checkpoint_tensors", "dataflow_refusal", "infer", "of_checkpoint", "of_model", "resolve"]

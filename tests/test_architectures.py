@@ -262,6 +262,7 @@ def test_search_ps_then_dfs_exports_rescore_to_the_trial(family, ray_address, tm
 def _run_exit(tmp_path: Path, exp: dict, capsys) -> tuple[int, str]:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    capsys.readouterr()  # what building the models printed
     code = main(["run", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     return code, err
@@ -302,7 +303,39 @@ def test_unsearchable_models_are_refused_up_front(tmp_path, tokenizer, capsys):
     recipe = tmp_path / "slices.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(odd / "m1"), "layer_range": [0, 1]}]}]}))
+    capsys.readouterr()
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "ToyForCausalLM" in err and "slices" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layout_transformers_converts_is_merged_on_disk_and_refused_by_the_engine(tmp_path, tokenizer, capsys):
+    """Mixtral's experts are stacked by transformers on load: `evomerge merge` merges the checkpoint tensors
+    (the output loads cleanly), while the in-memory engine, which writes model tensors in place, refuses with
+    one line naming the architecture, and so does a PS search, before any run folder exists."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from evomerge.errors import EvomergeError
+
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, num_local_experts=2, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    paths = {}
+    for i, name in enumerate(("base", "model_1")):
+        torch.manual_seed(i)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    recipe = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32",
+              "models": [{"model": str(paths["model_1"]), "parameters": {"density": 0.5, "weight": 1.0}}]}
+    _load_clean(_merge(tmp_path, recipe, "merged"))
+    capsys.readouterr()
+    with pytest.raises(EvomergeError, match="MixtralForCausalLM.*cannot write it in place"):
+        MergeEngine(recipe)
+    exp = {"models": {"base": str(paths["base"]), "sources": [str(paths["model_1"])]}, "search_space": "ps_ties_dare",
+           "evaluators": [{"name": "e", "spec": helpers.evaluator("logit_std")}],
+           "objectives": [{"metric": "e/std"}], "budget": {"trials": 2}}
+    code, err = _run_exit(tmp_path, exp, capsys)
+    assert code == 2 and "MixtralForCausalLM" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

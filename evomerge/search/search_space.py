@@ -227,11 +227,14 @@ def dataflow_architecture(a: str | Path, b: str | Path) -> architecture.Architec
 
 def check_space_models(definition: dict[str, Any], models: dict[str, Any]) -> None:
     """Refuse up front (one EvomergeError line) a search the models' architecture cannot run: PS layer groups
-    without a known block list, a data-flow search on an architecture it does not support."""
+    without a known block list, a model the in-memory engine cannot write in place, a data-flow search on an
+    architecture it does not support."""
     kind = definition["kind"]
     ps = definition["ps"] if kind == "ps_dfs" else definition if kind == "ps" else None
     if ps is not None and ps["group_size"] != "model":
         architecture.of_checkpoint(models["base"]).require_blocks("PS layer groups (group_size)")
+    if ps is not None:
+        architecture.check_in_place(models["base"])
     if kind == "dfs":
         dataflow_architecture(models["a"], models["b"])
     if kind == "ps_dfs":

@@ -152,6 +152,9 @@ def test_frankenmerge_equals_mergekit(arch_name, tmp_path, tokenizer):
     a, b = _tensors(ours), _tensors(tmp_path / "mk")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    key = architecture.of_checkpoint(fam["base"]).num_layers_key  # n_layer for GPT-2
+    ours_cfg, their_cfg = (json.loads((folder / "config.json").read_text()) for folder in (ours, tmp_path / "mk"))
+    assert ours_cfg[key] == their_cfg[key] == 5
 
 
 def test_gpt_neox_frankenmerge_head_is_the_last_slices_as_in_mergekit(tmp_path, tokenizer):

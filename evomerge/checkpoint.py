@@ -35,6 +35,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from evomerge.architecture import BLOCK_NAME, NUM_LAYERS_KEYS
 from evomerge.errors import EvomergeError
 from evomerge.tensor_sets import check_written_tensors, source_tied_heads
 
@@ -87,7 +88,7 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER_NAME = BLOCK_NAME  # model.layers.N., transformer.h.N., gpt_neox.layers.N.
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -633,16 +634,16 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
 
     ``tensors`` is a dict or an iterable of (name, tensor), consumed once and streamed to disk (one tensor in
     memory at a time). Writes ``model.safetensors`` or shards + ``model.safetensors.index.json``,
-    ``config.json`` (``dtype`` set from the floating tensors written, ``num_hidden_layers`` from the
-    ``model.layers.N.`` names when they disagree, e.g. after stacking layers; everything else as given), the
-    tokenizer files of ``tokenizer_dir`` (chat template included), a copy of the ``generation_config`` file
-    (``generation_config.json``: EOS ids, decoding defaults), ``recipe.yaml`` and ``README.md``. ``dtype`` casts
-    floating tensors. When the config names an architecture transformers knows, the tensors written must be
-    exactly the ones transformers expects for the written config (``tensor_sets.check_written_tensors``): a
-    missing or extra tensor is an ``EvomergeError`` and nothing is written.
-    All of it goes to a temporary folder next to ``out_dir`` first: on any exception the temporary folder is
-    removed and ``out_dir`` is untouched; an existing ``out_dir`` is an error unless ``overwrite``, and is then
-    replaced only after the new folder is complete.
+    ``config.json`` (``dtype`` set from the floating tensors written, ``num_hidden_layers`` / ``n_layer`` from
+    the block names (``model.layers.N.``, ``transformer.h.N.``, ...) when they disagree, e.g. after stacking
+    layers; everything else as given), the tokenizer files of ``tokenizer_dir`` (chat template included), a copy
+    of the ``generation_config`` file (``generation_config.json``: EOS ids, decoding defaults), ``recipe.yaml``
+    and ``README.md``. ``dtype`` casts floating tensors. When the config names an architecture transformers
+    knows, the tensors written must be exactly the ones transformers expects for the written config
+    (``tensor_sets.check_written_tensors``): a missing or extra tensor is an ``EvomergeError`` and nothing is
+    written. All of it goes to a temporary folder next to ``out_dir`` first: on any exception the temporary
+    folder is removed and ``out_dir`` is untouched; an existing ``out_dir`` is an error unless ``overwrite``,
+    and is then replaced only after the new folder is complete.
     """
     out_dir = Path(out_dir)
     cast = parse_dtype(dtype)
@@ -692,10 +693,11 @@ def _output_config(config: Mapping[str, Any], writer: _ShardWriter) -> dict[str,
         out["dtype"] = name
         if "torch_dtype" in out:
             out["torch_dtype"] = name
-    if writer.layer_indices and isinstance(out.get("num_hidden_layers"), int):
+    key = next((k for k in NUM_LAYERS_KEYS if isinstance(out.get(k), int)), None)
+    if writer.layer_indices and key is not None:
         layers = max(writer.layer_indices) + 1
-        if out["num_hidden_layers"] != layers:
-            out["num_hidden_layers"] = layers
+        if out[key] != layers:
+            out[key] = layers
             layer_types = out.get("layer_types")
             if isinstance(layer_types, list) and layer_types and len(set(layer_types)) == 1:
                 out["layer_types"] = [layer_types[0]] * layers

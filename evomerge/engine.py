@@ -181,7 +181,9 @@ class MergeEngine:
         return max(set(floating), key=floating.count) if floating else torch.float32
 
     def _bind_targets(self) -> list[torch.Tensor]:
-        state = self.model.state_dict(keep_vars=True)
+        from evomerge.architecture import checkpoint_tensors
+
+        state = checkpoint_tensors(self.model)  # checkpoint names (GPT-NeoX: embed_out is the lm_head module)
         targets = []
         for job in self.plan.jobs:
             target = state.get(job.name)

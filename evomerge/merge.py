@@ -3,10 +3,11 @@
 Planning (``plan_merge``) opens every source checkpoint (headers only), checks that they can be merged (same
 architecture, same vocabulary size, matching tensor shapes, layer ranges that exist) and lays out one
 ``TensorJob`` per output tensor, the way mergekit 0.1.5 plans a merge: recipes with ``models:`` become one
-slice spanning every layer (the base is added as a source when it is not listed); non-layer tensors whose
-name contains ``embed`` come from the first slice's sources, the other non-layer tensors (final norm, head)
-from the last slice's; a layer at position ``i`` of a slice of ``L`` layers has gradient position
-``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
+slice spanning every layer (the base is added as a source when it is not listed); the input embeddings
+(``evomerge.architecture``: ``embed_tokens``, GPT-2's ``wte``/``wpe``, GPT-NeoX's ``embed_in``) come from the
+first slice's sources, the other non-layer tensors (final norm, head, GPT-NeoX's ``embed_out``) from the last
+slice's, as mergekit's pre_weights / post_weights; a layer at position ``i`` of a slice of ``L`` layers has
+gradient position ``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
 
 Parameters are resolved per job (``resolve_job_parameters``) from, in order of precedence, the source's own
 parameters, the slice's, the global ones, then the method's default; filters match the source's tensor name
@@ -21,7 +22,6 @@ name, so a merge is reproducible, independent of tensor order, and equal to the 
 
 from __future__ import annotations
 
-import re
 import threading
 import zlib
 from collections import deque
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from evomerge import architecture
 from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.alignment.recipe_methods import merge_data_aware
 from evomerge.checkpoint import (
@@ -50,8 +51,6 @@ from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, r
 from evomerge.recipe import Recipe, check_value, resolve_setting
 from evomerge.tensor_sets import SourceTensors, compare_sources
 from evomerge.vocabulary import TokenizerPlan, VocabularyPlan, plan_tokenizer, tokenizer_folder
-
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 @dataclass
@@ -169,7 +168,10 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     slices = _plan_slices(recipe, spec.needs_base, checkpoints, index_of, base_index)
     _check_slices(slices, paths, checkpoints)
     reference = checkpoints[base_index if base_index is not None else slices[0][0].model]
-    ctx = _PlanContext(spec=spec, paths=paths, checkpoints=checkpoints, base_index=base_index,
+    arch = architecture.resolve(reference.config, reference.tensor_names, reference.num_layers)
+    if recipe.slices:
+        arch.require_blocks("slices (layer ranges)")
+    ctx = _PlanContext(arch=arch, spec=spec, paths=paths, checkpoints=checkpoints, base_index=base_index,
                        compute=parse_dtype(recipe.dtype), slices=slices, reference=reference, tensor_sets=tensor_sets,
                        vocabulary=tokenizer.vocabulary)
     jobs, num_layers = _plan_jobs(ctx)
@@ -193,6 +195,7 @@ class _PlanSource(NamedTuple):
 class _PlanContext:
     """What every step of planning reads: the method, the opened sources, the slices and the compute dtype."""
 
+    arch: architecture.Architecture  # where the reference's blocks, embeddings and head are
     spec: MethodSpec
     paths: list[Path]
     checkpoints: list[Checkpoint]
@@ -235,28 +238,29 @@ def _plan_jobs(ctx: _PlanContext) -> tuple[list[TensorJob], int]:
     """The jobs in output order (embeddings, the slices' layers, then the other non-layer tensors) and the
     number of output layers."""
     names = _output_names(ctx.reference.tensor_names, ctx.tensor_sets)
-    outer = [name for name in names if not _LAYER.match(name)]
+    outer = [name for name in names if ctx.arch.split_block(name) is None]
     first, last = ctx.slices[0], ctx.slices[-1]
-    jobs = [_plan_job(ctx, name, 0, [name] * len(first), 0.0) for name in outer if "embed" in name]
+    # embeddings from the first slice, every other non-block tensor (final norm, head) from the last (as mergekit)
+    jobs = [_plan_job(ctx, name, 0, [name] * len(first), 0.0) for name in outer if ctx.arch.is_embedding(name)]
     out_layer = 0
     for si, sources in enumerate(ctx.slices):
         start0, end0 = sources[0].layers
         count = end0 - start0
         for offset in range(count):
             t = offset / (count - 1) if count > 1 else 1.0
-            for prefix, rest in _layer_template(ctx, sources[0].model, start0 + offset):
-                names = [f"{prefix}.{source.layers[0] + offset}.{rest}" for source in sources]
-                jobs.append(_plan_job(ctx, f"{prefix}.{out_layer}.{rest}", si, names, t))
+            for rest in _layer_template(ctx, sources[0].model, start0 + offset):
+                names = [ctx.arch.block_tensor(source.layers[0] + offset, rest) for source in sources]
+                jobs.append(_plan_job(ctx, ctx.arch.block_tensor(out_layer, rest), si, names, t))
             out_layer += 1
     jobs += [_plan_job(ctx, name, len(ctx.slices) - 1, [name] * len(last), 0.0)
-             for name in outer if "embed" not in name]
+             for name in outer if not ctx.arch.is_embedding(name)]
     return jobs, out_layer
 
 
-def _layer_template(ctx: _PlanContext, model: int, layer: int) -> list[tuple[str, str]]:
-    """(prefix, rest) of every tensor name of one layer of a model, e.g. ("model.layers", "mlp.up_proj.weight")."""
-    matches = map(_LAYER.match, ctx.checkpoints[model].tensor_names)
-    template = [(m["prefix"], m["rest"]) for m in matches if m and int(m["index"]) == layer]
+def _layer_template(ctx: _PlanContext, model: int, layer: int) -> list[str]:
+    """The in-block name of every tensor of one layer of a model, e.g. "mlp.up_proj.weight"."""
+    blocks = map(ctx.arch.split_block, ctx.checkpoints[model].tensor_names)
+    template = [block[1] for block in blocks if block and block[0] == layer]
     if not template:
         raise EvomergeError(f"{ctx.paths[model]} has no tensors for layer {layer}")
     return template
@@ -272,7 +276,7 @@ def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: fl
             raise EvomergeError(f"tensor {n!r} is missing from {ctx.paths[m]}")
         shapes.append(tuple(ctx.checkpoints[m].shape(n)))
     vocabulary = ctx.vocabulary
-    vocab = (vocabulary is not None and not _LAYER.match(out_name) and len(shapes[0]) == 2
+    vocab = (vocabulary is not None and ctx.arch.split_block(out_name) is None and len(shapes[0]) == 2
              and all(s[0] == vocabulary.vocab_sizes[ctx.paths[m]] for (m, _), s in zip(refs, shapes)))
     if vocab:
         shapes = [(vocabulary.size, *s[1:]) for s in shapes]
@@ -299,8 +303,8 @@ def _output_config(ctx: _PlanContext, num_layers: int, final_dtype: torch.dtype 
     config = dict(ctx.reference.config)
     if ctx.tensor_sets.untied and ctx.tensor_sets.heads:
         config["tie_word_embeddings"] = False  # a source has its own head: the output keeps one (as mergekit)
-    if isinstance(config.get("num_hidden_layers"), int):
-        config["num_hidden_layers"] = num_layers
+    if isinstance(config.get(ctx.arch.num_layers_key), int):
+        config[ctx.arch.num_layers_key] = num_layers
     # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
     layer_types = []
     for sources in ctx.slices:

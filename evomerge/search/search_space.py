@@ -9,7 +9,8 @@ Kinds:
   ``group_size: model`` is one group per model (the paper's 6 genes for 3 models); an integer k groups k
   consecutive transformer blocks; ``embeddings: separate`` makes the input embedding (``embed``) and the output
   head with the final norm (``head``) groups of their own. Per-group values become the recipe's
-  ``[{filter, value}]`` lists (``layers.I.`` filters), so `evomerge merge` reproduces the candidate exactly.
+  ``[{filter, value}]`` lists (block filters from evomerge.architecture: ``layers.I.``, GPT-2's
+  ``transformer.h.I.``), so `evomerge merge` reproduces the candidate exactly.
   Weights are not normalised: their sum may exceed 1 (the paper's evolved weights summed to about 2).
 - ``dfs``: indicator genes over T = M x r slots and scalings (an M x M matrix or a small feed-forward net of
   (i, j, t)) -> a ``DataflowPath`` (see dataflow.py).
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from evomerge import architecture
 from evomerge.errors import EvomergeError, check_keys
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -213,6 +215,35 @@ def read_num_layers(model_dir: str | Path) -> int:
     return n
 
 
+def dataflow_architecture(a: str | Path, b: str | Path) -> architecture.Architecture:
+    """The common architecture of DFS models A and B; raises EvomergeError (one line naming the architecture
+    and the reason) when a data-flow search cannot run on them."""
+    arch_a, arch_b = architecture.of_checkpoint(a), architecture.of_checkpoint(b)
+    if arch_a.name != arch_b.name:
+        raise _err(f"data-flow models A and B must share an architecture: A is {arch_a.name}, B is {arch_b.name}")
+    cfg = json.loads((Path(a) / "config.json").read_text())
+    reason = architecture.dataflow_refusal(arch_a, cfg.get("text_config", cfg))
+    if reason:
+        raise _err(reason)
+    return arch_a
+
+
+def check_space_models(definition: dict[str, Any], models: dict[str, Any]) -> None:
+    """Refuse up front (one EvomergeError line) a search the models' architecture cannot run: PS layer groups
+    without a known block list, a model the in-memory engine cannot write in place, a data-flow search on an
+    architecture it does not support."""
+    kind = definition["kind"]
+    ps = definition["ps"] if kind == "ps_dfs" else definition if kind == "ps" else None
+    if ps is not None and ps["group_size"] != "model":
+        architecture.of_checkpoint(models["base"]).require_blocks("PS layer groups (group_size)")
+    if ps is not None:
+        architecture.check_in_place(models["base"])
+    if kind == "dfs":
+        dataflow_architecture(models["a"], models["b"])
+    if kind == "ps_dfs":
+        dataflow_architecture(models["base"], models["b"])
+
+
 class SearchSpace:
     """Genes + the mapping from a unit-cube genome to a candidate description."""
 
@@ -248,6 +279,7 @@ class PSSpace(SearchSpace):
         self.sources = dict(sources)
         self.dtype = dtype
         self.num_layers = read_num_layers(base)
+        self.arch = architecture.of_checkpoint(base)
         self.groups = self._layer_groups()
         self.genes = []
         for alias in self.sources:
@@ -261,18 +293,20 @@ class PSSpace(SearchSpace):
         size = self.definition["group_size"]
         if size == "model":
             return [("all", None)]
+        self.arch.require_blocks("PS layer groups (group_size)")
         size = 1 if size == "block" else int(size)
         n = self.num_layers
         blocks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
         groups: list[tuple[str, list[str] | None]] = []
         separate = self.definition["embeddings"] == "separate"
+        embed = self.arch.embedding_filters()
         if separate:
-            groups.append(("embed", ["embed_tokens"]))
+            groups.append(("embed", embed))
         for i, blk in enumerate(blocks):
             name = f"layers_{blk[0]}" if len(blk) == 1 else f"layers_{blk[0]}-{blk[-1]}"
-            filters = [f"layers.{j}." for j in blk]
+            filters = [self.arch.block_filter(j) for j in blk]
             if not separate and i == 0:
-                filters.append("embed_tokens")
+                filters += embed
             groups.append((name, filters))
         if separate:
             groups.append(("head", []))  # the fallback: lm_head, the final norm, anything else
@@ -313,6 +347,7 @@ class DFSSpace(SearchSpace):
     def __init__(self, definition: dict[str, Any], a: str, b: str):
         self.definition = definition
         self.a, self.b = a, b
+        self.arch = dataflow_architecture(a, b)
         self.n_a, self.n_b = read_num_layers(a), read_num_layers(b)
         if self.n_a < 2:
             raise _err("model A needs at least 2 layers (its first and last are the fixed ends of the path)")

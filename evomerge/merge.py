@@ -128,7 +128,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     if recipe.models:
         sources = [(index_of[recipe.resolve_path(m.model)], (0, checkpoints[index_of[recipe.resolve_path(m.model)]]
                                                                .num_layers), i) for i, m in enumerate(recipe.models)]
-        if spec.needs_base and base_index not in [s[0] for s in sources]:
+        if spec.uses_base and base_index is not None and base_index not in [s[0] for s in sources]:
             sources.append((base_index, (0, checkpoints[base_index].num_layers), None))
         slices.append(sources)
     else:
@@ -179,7 +179,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         if compute is not None and floating:
             job_dtype = compute
         base_pos = None
-        if spec.needs_base:
+        if spec.uses_base and base_index is not None:
             base_pos = next(i for i, (m, _) in enumerate(refs) if m == base_index)
         jobs.append(TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[r for _, _, r in sources],
                               base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating))
@@ -244,7 +244,7 @@ def _resolve(param: ParamSpec, scopes: list[dict[str, Any]], tensor_name: str, t
         if param.name in scope:
             value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
             if value is not None:
-                if param.kind is float:
+                if param.kind in (float, int):
                     check_value(param.name, value, where)
                 return value
     if param.required:
@@ -275,6 +275,10 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
         if shared.get("normalize") and abs(sum(p["weight"] for p in per_model)) < 1e-8:
             raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize cannot divide "
                                 f"by (set normalize: false or change the weights)")
+    if spec.family == "multislerp" and shared["normalize_weights"] and len(per_model) > 1:
+        if abs(sum(p["weight"] for p in per_model)) < 1e-8:
+            raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize_weights cannot "
+                                f"divide by (set normalize_weights: false or change the weights)")
     if spec.sparsify == "della_magprune":
         for p in per_model:
             if p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):

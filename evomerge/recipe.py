@@ -242,7 +242,7 @@ class Recipe:
         base = self.resolve_path(self.base_model) if self.base_model is not None else None
         if spec.needs_base and base is None:
             raise EvomergeError(f"{source}: merge method {spec.name} needs a base_model")
-        if not spec.needs_base and base is not None:
+        if not spec.uses_base and base is not None:
             listed = {self.resolve_path(m.model) for m in self.models}
             listed |= {self.resolve_path(src.model) for s in self.slices for src in s.sources}
             if base not in listed:
@@ -269,12 +269,12 @@ class Recipe:
         groups: list[tuple[str, list[Path]]] = []
         if self.models:
             paths = [self.resolve_path(m.model) for m in self.models]
-            if spec.needs_base and base not in paths:
+            if spec.uses_base and base is not None and base not in paths:
                 paths.append(base)
             groups.append(("models", paths))
         for i, s in enumerate(self.slices):
             paths = [self.resolve_path(src.model) for src in s.sources]
-            if spec.needs_base and base not in paths:
+            if spec.uses_base and base is not None and base not in paths:
                 raise EvomergeError(f"{source}: slices[{i}] must include the base_model among its sources "
                                     f"for {spec.name}")
             groups.append((f"slices[{i}]", paths))
@@ -282,6 +282,12 @@ class Recipe:
             if len(set(paths)) != len(paths):
                 raise EvomergeError(f"{source}: {where} lists the same model twice")
             count = len(paths)
+            non_base = count - int(spec.uses_base and base in paths)
+            if non_base < spec.min_non_base or (spec.max_non_base is not None and non_base > spec.max_non_base):
+                what = (f"exactly {spec.min_non_base}" if spec.max_non_base == spec.min_non_base
+                        else f"at least {spec.min_non_base}")
+                raise EvomergeError(f"{source}: {spec.name} takes {what} models besides the base in {where}; "
+                                    f"got {non_base}")
             if count < spec.min_inputs:
                 raise EvomergeError(f"{source}: {spec.name} needs at least {spec.min_inputs} models "
                                     f"(base included) in {where}; got {count}")
@@ -347,13 +353,14 @@ def resolve_setting(setting: Any, tensor_name: str, t: float, kind: type = float
             return None
         if all(_is_scalar(v) for v in setting):
             values = [_coerce(v, kind) for v in setting]
-            if kind is not float:
+            if kind not in (float, int):
                 return values[int(t * (len(values) - 1))]
             scaled = t * (len(values) - 1)
             i0 = int(scaled)
             i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * values[i0] + frac * values[i1]
+            value = (1 - frac) * values[i0] + frac * values[i1]
+            return _coerce(value, int) if kind is int else value
         for cond in setting:
             filt = cond.get("filter")
             if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
@@ -383,6 +390,10 @@ def check_value(name: str, value: Any, where: str = "") -> None:
         raise EvomergeError(f"{prefix}gamma must be in [0, 1), got {value}")
     if name == "epsilon" and not (0 <= value < 1):
         raise EvomergeError(f"{prefix}epsilon must be in [0, 1), got {value}")
+    if name == "select_topk" and not (0 <= value <= 1):
+        raise EvomergeError(f"{prefix}select_topk must be in [0, 1], got {value}")
+    if name in ("tol", "max_iter") and value < 0:
+        raise EvomergeError(f"{prefix}{name} must not be negative, got {value}")
     if isinstance(value, float) and not math.isfinite(value):
         raise EvomergeError(f"{prefix}{name} must be finite, got {value}")
 
@@ -396,6 +407,11 @@ def _check_setting(setting: Any, param: ParamSpec, where: str, source: str) -> N
                     continue
                 raise EvomergeError(f"{source}: {where} must be a number, got {value!r}")
             check_value(param.name, float(value), f"{source}: {where}")
+        elif param.kind is int:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or float(value) != int(value)):
+                raise EvomergeError(f"{source}: {where} must be a whole number, got {value!r}")
+            check_value(param.name, int(value), f"{source}: {where}")
         elif param.kind is bool:
             if not isinstance(value, bool):
                 raise EvomergeError(f"{source}: {where} must be true or false, got {value!r}")
@@ -434,6 +450,10 @@ def _is_scalar(value: Any) -> bool:
 def _coerce(value: Any, kind: type) -> Any:
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or float(value) != int(value):
+            raise EvomergeError(f"expected a whole number, got {value}")
+        return int(value)
     return value
 
 

@@ -387,28 +387,38 @@ def test_every_new_method_has_example_doc_and_readme_row():
 
 
 def test_search_space_searches_sce_select_topk_and_nuslerp_weights(llama_family):
-    """A PS space may name any numeric parameter of its method: global ones become one gene per layer group
-    (filters in the recipe's `parameters`), per-model ones a gene per model per group."""
-    from evomerge.search.search_space import PSSpace, load_space_definition
+    """A PS space may name any numeric parameter of its method: a global one (sce's select_topk) becomes one gene
+    per layer group (filters in the recipe's `parameters`), a per-model one a gene per model per group. Through
+    the experiment's validation and the engine: a group's gene moves exactly that group's tensors."""
+    from evomerge.search.experiment import validate_experiment
+    from evomerge.search.search_space import build_space, load_space_definition
 
     sources = {"m1": str(llama_family["model_1"]), "m2": str(llama_family["model_2"])}
-    sce = load_space_definition({"kind": "ps", "merge_method": "sce", "group_size": 2,
-                                 "genes": {"select_topk": {"low": 0.1, "high": 0.9, "init": 0.5}}})
-    space = PSSpace(sce, str(llama_family["base"]), sources)
+    exp = validate_experiment({
+        "models": {"base": str(llama_family["base"]), "sources": sources},
+        "search_space": {"kind": "ps", "merge_method": "sce", "group_size": 2,
+                         "genes": {"select_topk": {"low": 0.05, "high": 1.0, "init": 0.5}}},
+        "evaluators": [{"name": "e", "spec": "custom:search_helpers:logit_std"}],
+        "objectives": [{"metric": "e/std", "direction": "maximize"}], "budget": {"trials": 2}})
+    space = build_space(exp.space, exp.models, exp.dtype)
     assert space.names == ["embed.select_topk", "layers_0-1.select_topk", "layers_2-3.select_topk",
                            "head.select_topk"]
-    values = space.values([0.0, 0.5, 1.0, 0.25])
-    candidate = space.candidate(values)
-    topk = candidate["parameters"]["select_topk"]
-    assert {"filter": "layers.3.", "value": pytest.approx(0.9)} in topk
-    assert all("parameters" not in m for m in candidate["models"])
-    engine = MergeEngine(candidate)
-    out = engine.materialize(space.candidate(space.values([1.0, 0.0, 0.0, 1.0])))
-    assert out is engine.model
+    low = space.candidate(space.values([1.0, 0.0, 1.0, 1.0]))
+    assert {"filter": "layers.1.", "value": pytest.approx(0.05)} in low["parameters"]["select_topk"]
+    assert all("parameters" not in m for m in low["models"])
+    engine = MergeEngine(low)
+    before = {k: t.detach().clone() for k, t in engine.tensors()}
+    engine.materialize(space.candidate(space.values([1.0, 1.0, 1.0, 1.0])))
+    changed = {k for k, t in engine.tensors() if not torch.equal(t, before[k])}
+    assert changed and all(".layers.0." in k or ".layers.1." in k for k in changed), changed
+    assert any("mlp" in k for k in changed)
+
     nuslerp = load_space_definition({"kind": "ps", "merge_method": "nuslerp"})
     assert set(nuslerp["genes"]) == {"weight"}
-    space = PSSpace(nuslerp, str(llama_family["base"]), sources)
+    space = build_space(nuslerp, exp.models)
     assert space.names == ["m1.all.weight", "m2.all.weight"]
     MergeEngine(space.candidate(space.values(space.x0())))
     with pytest.raises(EvomergeError, match="select_topk"):
         load_space_definition({"kind": "ps", "merge_method": "nuslerp", "genes": {"select_topk": {}}})
+    with pytest.raises(EvomergeError, match="has no parameter to search"):
+        load_space_definition({"kind": "ps", "merge_method": "arcee_fusion"})

@@ -122,6 +122,22 @@ RECIPES: dict[str, dict] = {
             "models": [{"model": "model_1"}, {"model": "model_2"}]},
     "sce_default_int8": {"merge_method": "sce", "base_model": "base", "parameters": {"int8_mask": True},
                          "models": [{"model": "model_1"}, {"model": "model_2"}]},
+    "sce_slices": {"merge_method": "sce", "base_model": "base", "parameters": {"select_topk": 0.4},
+                   "slices": [{"sources": [{"model": "base", "layer_range": [0, 4]},
+                                           {"model": "model_1", "layer_range": [0, 4]},
+                                           {"model": "model_2", "layer_range": [0, 4]}]}]},
+    "karcher_stacked": {"merge_method": "karcher",
+                        "slices": [{"sources": [{"model": "model_1", "layer_range": [0, 2]},
+                                                {"model": "model_2", "layer_range": [0, 2]}]},
+                                   {"sources": [{"model": "model_1", "layer_range": [1, 4]},
+                                                {"model": "model_2", "layer_range": [1, 4]}]}]},
+    "nuslerp_slices": {"merge_method": "nuslerp", "base_model": "base",
+                       "slices": [{"sources": [{"model": "base", "layer_range": [0, 4]},
+                                               {"model": "model_1", "layer_range": [0, 4],
+                                                "parameters": {"weight": [0.2, 0.8]}},
+                                               {"model": "model_2", "layer_range": [0, 4],
+                                                "parameters": {"weight": 0.5}}],
+                                   "parameters": {"nuslerp_flatten": False}}]},
 }
 F32 = {name: {**recipe, "dtype": "float32"} for name, recipe in RECIPES.items()}
 QWEN_CASES = ["nearswap", "arcee_fusion", "karcher", "multislerp", "nuslerp_rows", "ram", "ramplus_tl", "sce"]
@@ -422,3 +438,26 @@ def test_search_space_searches_sce_select_topk_and_nuslerp_weights(llama_family)
         load_space_definition({"kind": "ps", "merge_method": "nuslerp", "genes": {"select_topk": {}}})
     with pytest.raises(EvomergeError, match="has no parameter to search"):
         load_space_definition({"kind": "ps", "merge_method": "arcee_fusion"})
+
+
+def test_large_tensors_do_not_depend_on_torch_threads(mergekit_api):
+    """A tensor big enough for torch to split whole-tensor reductions over threads (1M elements): our result is
+    the same at 1 and 2 torch threads (the kernels run on one) and equals mergekit's at one thread bit for bit.
+    mergekit's own result depends on the thread count (karcher's dot products: about 1e-6 apart here)."""
+    threads = torch.get_num_threads()
+    try:
+        for case in ("karcher", "multislerp", "nuslerp_flatten", "ramplus_tl", "sce"):
+            name, base_index, count, shared, per = TENSOR_CASES[case]
+            tensors = _inputs((1024, 1024), count, torch.float32, seed=9)
+            torch.set_num_threads(2)
+            two = _ours(name, tensors, base_index, shared, per)
+            theirs_two = _theirs(name, tensors, base_index, shared, per)
+            assert torch.get_num_threads() == 2
+            torch.set_num_threads(1)
+            one = _ours(name, tensors, base_index, shared, per)
+            theirs_one = _theirs(name, tensors, base_index, shared, per)
+            assert torch.equal(one, two), case
+            assert torch.equal(one, theirs_one), case
+            assert (one - theirs_two).abs().max().item() <= 1e-5, case
+    finally:
+        torch.set_num_threads(threads)

@@ -302,7 +302,21 @@ def run_method(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
 
 def _run_more(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
               out: torch.Tensor) -> torch.Tensor:
-    """The kernels of nearswap, arcee_fusion, karcher, multislerp, nuslerp, ram, ramplus_tl and sce."""
+    """The kernels of nearswap, arcee_fusion, karcher, multislerp, nuslerp, ram, ramplus_tl and sce, on one torch
+    thread: their whole-tensor reductions (sums, norms, dot products) round differently when torch splits them
+    over several threads, and a merge must not depend on the thread count."""
+    previous = torch.get_num_threads()
+    if previous != 1:
+        torch.set_num_threads(1)
+    try:
+        return _dispatch_more(spec, inputs, shared, per_model, out)
+    finally:
+        if previous != 1:
+            torch.set_num_threads(previous)
+
+
+def _dispatch_more(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
+                   per_model: list[dict[str, Any]], out: torch.Tensor) -> torch.Tensor:
     family = spec.family
     if family == "nearswap":
         return merge_nearswap(inputs.base, inputs.others[0], out, t=shared["t"])

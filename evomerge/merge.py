@@ -242,7 +242,10 @@ def _entry_parameters(recipe: Recipe, job: TensorJob, ref: int | None) -> dict[s
 def _resolve(param: ParamSpec, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str) -> Any:
     for scope in scopes:
         if param.name in scope:
-            value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            try:
+                value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            except EvomergeError as exc:  # e.g. a whole-number parameter's gradient between two layers
+                raise EvomergeError(f"{where}: {param.name}: {exc}") from None
             if value is not None:
                 if param.kind in (float, int):
                     check_value(param.name, value, where)

@@ -11,7 +11,7 @@ the base model of a method that ignores them) are ``EvomergeError``s naming the 
 
 Parameter values (``resolve_setting``) follow mergekit exactly:
 
-- a scalar;
+- a scalar (a number written as a string, e.g. ``1e-5``, which YAML 1.1 reads as a string, is that number);
 - a list of numbers, a *gradient*: interpolated linearly across the layers of a slice, at
   ``t = layer / (num_layers - 1)``; tensors outside the layers (embeddings, final norm, head) use t = 0;
   lists of booleans or strings pick ``values[int(t * (len - 1))]``;
@@ -401,6 +401,8 @@ def check_value(name: str, value: Any, where: str = "") -> None:
 def _check_setting(setting: Any, param: ParamSpec, where: str, source: str) -> None:
     _check_shape(setting, where, source)
     for value in setting_values(setting):
+        if param.kind in (float, int) and isinstance(value, str):
+            value = _numeric_string(value)  # YAML reads 1e-5 as a string; mergekit parses it as a number
         if param.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 if param.default is None and value is None:
@@ -447,7 +449,17 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
+def _numeric_string(value: str) -> Any:
+    """A number written as a string (``1e-5``, which YAML 1.1 reads as a string), else the string unchanged."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _coerce(value: Any, kind: type) -> Any:
+    if kind in (float, int) and isinstance(value, str):
+        value = _numeric_string(value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool):

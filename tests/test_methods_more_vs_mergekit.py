@@ -416,8 +416,7 @@ def test_search_space_searches_sce_select_topk_and_nuslerp_weights(llama_family)
     sources = {"m1": str(llama_family["model_1"]), "m2": str(llama_family["model_2"])}
     exp = validate_experiment({
         "models": {"base": str(llama_family["base"]), "sources": sources},
-        "search_space": {"kind": "ps", "merge_method": "sce", "group_size": 2,
-                         "genes": {"select_topk": {"low": 0.05, "high": 1.0, "init": 0.5}}},
+        "search_space": "ps_sce",  # search_spaces/ps_sce.yaml: select_topk in [0.05, 1], groups of 2 blocks
         "evaluators": [{"name": "e", "spec": "custom:search_helpers:logit_std"}],
         "objectives": [{"metric": "e/std", "direction": "maximize"}], "budget": {"trials": 2}})
     space = build_space(exp.space, exp.models, exp.dtype)

@@ -37,7 +37,7 @@ SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
 PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "dtype",
-           "name"}
+           "name", "searched"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -149,7 +149,11 @@ def _validate_ps(data: dict) -> dict[str, Any]:
     numeric = _numeric_parameters(method)
     check_keys(f"{where} genes", genes_in, set(PS_GENES) if numeric is None else set(numeric))
     defaults = {"density": {"low": 0.05, "high": 1.0, "init": 0.5}, "weight": {"low": 0.0, "high": 1.0, "init": 0.5}}
-    names = [g for g in PS_GENES if numeric is None or g in numeric] + [g for g in genes_in if g not in PS_GENES]
+    searched = data.get("searched", list(PS_GENES))  # e.g. [weight] for methods without density
+    if not isinstance(searched, list) or not searched or not set(searched) <= set(PS_GENES):
+        raise _err(f"{where}: searched must be a non-empty list of {', '.join(PS_GENES)}, got {searched!r}")
+    names = [g for g in PS_GENES if g in searched and (numeric is None or g in numeric)]
+    names += [g for g in genes_in if g not in PS_GENES]
     if not names:
         raise _err(f"{where}: {method} has no parameter to search; name one under genes")
     unit = {"low": 0.0, "high": 1.0, "init": 0.5}
@@ -159,7 +163,7 @@ def _validate_ps(data: dict) -> dict[str, Any]:
         raise _err(f"{where}: parameters must be a mapping")
     return {"kind": "ps", "name": data.get("name"), "merge_method": method, "parameters": params,
             "group_size": group, "embeddings": embeddings, "genes": genes,
-            "description": data.get("description", "")}
+            "searched": [g for g in PS_GENES if g in searched], "description": data.get("description", "")}
 
 
 def _numeric_parameters(method: str) -> dict[str, bool] | None:

@@ -329,9 +329,9 @@ def _dispatch_more(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, A
                    per_model: list[dict[str, Any]], out: torch.Tensor) -> torch.Tensor:
     family = spec.family
     if family == "nearswap":
-        return merge_nearswap(inputs.base, inputs.others[0], out, t=shared["t"])
+        return merge_nearswap(inputs.base_tensor(), inputs.others[0], out, t=shared["t"])
     if family == "arcee_fusion":
-        return merge_arcee_fusion(inputs.base, inputs.others[0], out)
+        return merge_arcee_fusion(inputs.base_tensor(), inputs.others[0], out)
     if family == "karcher":
         return merge_karcher(inputs.others, out, max_iter=shared["max_iter"], tol=shared["tol"])
     if family == "multislerp":
@@ -342,9 +342,9 @@ def _dispatch_more(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, A
                              row_wise=shared["nuslerp_row_wise"], flatten=shared["nuslerp_flatten"])
     if family == "ram":
         plus = bool(spec.extra.get("plus"))
-        return merge_ram(inputs.base, inputs.deltas, out, epsilon=shared["epsilon"], plus=plus,
+        return merge_ram(inputs.base_tensor(), inputs.deltas, out, epsilon=shared["epsilon"], plus=plus,
                          r=shared.get("r", 0.1), alpha=shared.get("alpha", 0.2))
     if family == "sce":
-        return merge_sce(inputs.base, inputs.deltas, out, select_topk=shared["select_topk"],
+        return merge_sce(inputs.base_tensor(), inputs.deltas, out, select_topk=shared["select_topk"],
                          int8_mask=shared["int8_mask"])
     raise ValueError(f"unknown method family {family!r}")

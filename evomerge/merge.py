@@ -165,7 +165,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     index_of = {p: i for i, p in enumerate(paths)}
     base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
     tokenizer = plan_tokenizer(recipe, paths, [c.config for c in checkpoints])
-    slices = _plan_slices(recipe, spec.needs_base, checkpoints, index_of, base_index)
+    slices = _plan_slices(recipe, spec.uses_base, checkpoints, index_of, base_index)
     _check_slices(slices, paths, checkpoints)
     reference = checkpoints[base_index if base_index is not None else slices[0][0].model]
     arch = architecture.resolve(reference.config, reference.tensor_names, reference.num_layers)
@@ -291,7 +291,7 @@ def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: fl
     if ctx.compute is not None and floating:
         job_dtype = ctx.compute
     base_pos = None
-    if ctx.spec.needs_base:
+    if ctx.spec.uses_base and ctx.base_index is not None:
         base_pos = next(i for i, (m, _) in enumerate(refs) if m == ctx.base_index)
     return TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[s.ref for s in sources],
                      base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating,
@@ -345,9 +345,12 @@ def _entry_parameters(recipe: Recipe, job: TensorJob, ref: int | None) -> dict[s
 def _resolve(param: ParamSpec, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str) -> Any:
     for scope in scopes:
         if param.name in scope:
-            value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            try:
+                value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            except EvomergeError as exc:  # e.g. a whole-number parameter's gradient between two layers
+                raise EvomergeError(f"{where}: {param.name}: {exc}") from None
             if value is not None:
-                if param.kind is float:
+                if param.kind in (float, int):
                     check_value(param.name, value, where)
                 return value
     if param.required:
@@ -378,6 +381,10 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
         if shared.get("normalize") and abs(sum(p["weight"] for p in per_model)) < 1e-8:
             raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize cannot divide "
                                 f"by (set normalize: false or change the weights)")
+    if spec.family == "multislerp" and shared["normalize_weights"] and len(per_model) > 1:
+        if abs(sum(p["weight"] for p in per_model)) < 1e-8:
+            raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize_weights cannot "
+                                f"divide by (set normalize_weights: false or change the weights)")
     if spec.sparsify == "della_magprune":
         for p in per_model:
             if 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):

@@ -12,7 +12,7 @@ the base model of a method that ignores them) are ``EvomergeError``s naming the 
 
 Parameter values (``resolve_setting``) follow mergekit exactly:
 
-- a scalar;
+- a scalar (a number written as a string, e.g. ``1e-5``, which YAML 1.1 reads as a string, is that number);
 - a list of numbers, a *gradient*: interpolated linearly across the layers of a slice, at
   ``t = layer / (num_layers - 1)``; tensors outside the layers (embeddings, final norm, head) use t = 0;
   lists of booleans or strings pick ``values[int(t * (len - 1))]``;
@@ -321,7 +321,7 @@ class Recipe:
         base = self.resolve_path(self.base_model) if self.base_model is not None else None
         if spec.needs_base and base is None:
             raise EvomergeError(f"{source}: merge method {spec.name} needs a base_model")
-        if not spec.needs_base and base is not None:
+        if not spec.uses_base and base is not None:
             listed = {self.resolve_path(m.model) for m in self.models}
             listed |= {self.resolve_path(src.model) for s in self.slices for src in s.sources}
             if base not in listed:
@@ -352,12 +352,12 @@ class Recipe:
         groups: list[tuple[str, list[Path]]] = []
         if self.models:
             paths = [self.resolve_path(m.model) for m in self.models]
-            if spec.needs_base and base is not None and base not in paths:
+            if spec.uses_base and base is not None and base not in paths:
                 paths.append(base)
             groups.append(("models", paths))
         for i, s in enumerate(self.slices):
             paths = [self.resolve_path(src.model) for src in s.sources]
-            if spec.needs_base and base not in paths:
+            if spec.uses_base and base is not None and base not in paths:
                 raise EvomergeError(f"{source}: slices[{i}] must include the base_model among its sources "
                                     f"for {spec.name}")
             groups.append((f"slices[{i}]", paths))
@@ -365,6 +365,12 @@ class Recipe:
             if len(set(paths)) != len(paths):
                 raise EvomergeError(f"{source}: {where} lists the same model twice")
             count = len(paths)
+            non_base = count - int(spec.uses_base and base in paths)
+            if non_base < spec.min_non_base or (spec.max_non_base is not None and non_base > spec.max_non_base):
+                what = (f"exactly {spec.min_non_base}" if spec.max_non_base == spec.min_non_base
+                        else f"at least {spec.min_non_base}")
+                raise EvomergeError(f"{source}: {spec.name} takes {what} models besides the base in {where}; "
+                                    f"got {non_base}")
             if count < spec.min_inputs:
                 raise EvomergeError(f"{source}: {spec.name} needs at least {spec.min_inputs} models "
                                     f"(base included) in {where}; got {count}")
@@ -446,13 +452,14 @@ def resolve_setting(setting: Any, tensor_name: str, t: float, kind: type = float
             return None
         if all(_is_scalar(v) for v in setting):
             values = [_coerce(v, kind) for v in setting]
-            if kind is not float:
+            if kind not in (float, int):
                 return values[int(t * (len(values) - 1))]
             scaled = t * (len(values) - 1)
             i0 = int(scaled)
             i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * values[i0] + frac * values[i1]
+            value = (1 - frac) * values[i0] + frac * values[i1]
+            return _coerce(value, int) if kind is int else value
         for cond in setting:
             filt = cond.get("filter")
             if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
@@ -486,6 +493,10 @@ def check_value(name: str, value: Any, where: str = "") -> None:
         raise EvomergeError(f"{prefix}gamma must be in [0, 1), got {value}")
     if name == "epsilon" and not (0 <= value < 1):
         raise EvomergeError(f"{prefix}epsilon must be in [0, 1), got {value}")
+    if name == "select_topk" and not (0 <= value <= 1):
+        raise EvomergeError(f"{prefix}select_topk must be in [0, 1], got {value}")
+    if name in ("tol", "max_iter") and value < 0:
+        raise EvomergeError(f"{prefix}{name} must not be negative, got {value}")
     if isinstance(value, float) and not math.isfinite(value):
         raise EvomergeError(f"{prefix}{name} must be finite, got {value}")
 
@@ -493,12 +504,19 @@ def check_value(name: str, value: Any, where: str = "") -> None:
 def _check_setting(setting: Any, param: ParamSpec, where: str, source: str) -> None:
     _check_shape(setting, where, source)
     for value in setting_values(setting):
+        if param.kind in (float, int) and isinstance(value, str):
+            value = _numeric_string(value)  # YAML reads 1e-5 as a string; mergekit parses it as a number
         if param.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 if param.default is None and value is None:
                     continue
                 raise EvomergeError(f"{source}: {where} must be a number, got {value!r}")
             check_value(param.name, float(value), f"{source}: {where}")
+        elif param.kind is int:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or float(value) != int(value)):
+                raise EvomergeError(f"{source}: {where} must be a whole number, got {value!r}")
+            check_value(param.name, int(value), f"{source}: {where}")
         elif param.kind is bool:
             if not isinstance(value, bool):
                 raise EvomergeError(f"{source}: {where} must be true or false, got {value!r}")
@@ -534,9 +552,23 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
+def _numeric_string(value: str) -> Any:
+    """A number written as a string (``1e-5``, which YAML 1.1 reads as a string), else the string unchanged."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _coerce(value: Any, kind: type) -> Any:
+    if kind in (float, int) and isinstance(value, str):
+        value = _numeric_string(value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or float(value) != int(value):
+            raise EvomergeError(f"expected a whole number, got {value}")
+        return int(value)
     return value
 
 

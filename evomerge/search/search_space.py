@@ -5,7 +5,10 @@ range (``low + u (high - low)``, or geometrically for ``transform: log``). That 
 "all genes start at 0.5, sigma0 = 1/6" means the same thing for every space and every optimizer.
 
 Kinds:
-- ``ps``: density and weight per source model per layer group -> a mergekit-compatible ``Recipe``.
+- ``ps``: density and weight per source model per layer group -> a mergekit-compatible ``Recipe``. ``genes``
+  may also name any other numeric parameter of the method (e.g. ``sce``'s ``select_topk``, ``nearswap``'s ``t``):
+  a per-model parameter gets a gene per source model per group, a global one a gene per group (the recipe's
+  top-level ``parameters``). density and weight are always searched when the method takes them.
   ``group_size: model`` is one group per model (the paper's 6 genes for 3 models); an integer k groups k
   consecutive transformer blocks; ``embeddings: separate`` makes the input embedding (``embed``) and the output
   head with the final norm (``head``) groups of their own. Per-group values become the recipe's
@@ -145,18 +148,34 @@ def _validate_ps(data: dict) -> dict[str, Any]:
     if embeddings not in ("separate", "with_blocks"):
         raise _err(f"{where}: embeddings must be separate or with_blocks, got {embeddings!r}")
     genes_in = data.get("genes") or {}
-    check_keys(f"{where} genes", genes_in, set(PS_GENES))
+    numeric = _numeric_parameters(method)
+    check_keys(f"{where} genes", genes_in, set(PS_GENES) if numeric is None else set(numeric))
     defaults = {"density": {"low": 0.05, "high": 1.0, "init": 0.5}, "weight": {"low": 0.0, "high": 1.0, "init": 0.5}}
-    genes = {g: _gene_bounds(f"{where} genes.{g}", genes_in.get(g), defaults[g]) for g in PS_GENES}
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise _err(f"{where}: parameters must be a mapping")
     searched = data.get("searched", list(PS_GENES))  # e.g. [weight] for methods without density
     if not isinstance(searched, list) or not searched or not set(searched) <= set(PS_GENES):
         raise _err(f"{where}: searched must be a non-empty list of {', '.join(PS_GENES)}, got {searched!r}")
+    names = [g for g in PS_GENES if g in searched and (numeric is None or g in numeric)]
+    names += [g for g in genes_in if g not in PS_GENES]
+    if not names:
+        raise _err(f"{where}: {method} has no parameter to search; name one under genes")
+    unit = {"low": 0.0, "high": 1.0, "init": 0.5}
+    genes = {g: _gene_bounds(f"{where} genes.{g}", genes_in.get(g), defaults.get(g, unit)) for g in names}
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _err(f"{where}: parameters must be a mapping")
     return {"kind": "ps", "name": data.get("name"), "merge_method": method, "parameters": params,
             "group_size": group, "embeddings": embeddings, "genes": genes,
             "searched": [g for g in PS_GENES if g in searched], "description": data.get("description", "")}
+
+
+def _numeric_parameters(method: str) -> dict[str, bool] | None:
+    """{name: per model?} of the method's numeric parameters; None for a method without a registry entry."""
+    from evomerge.methods import METHODS
+
+    spec = METHODS.get(method)
+    if spec is None:
+        return None
+    return {p.name: p.per_model for p in spec.params if p.kind is float}
 
 
 def _validate_dfs(data: dict) -> dict[str, Any]:
@@ -281,12 +300,19 @@ class PSSpace(SearchSpace):
         self.num_layers = read_num_layers(base)
         self.arch = architecture.of_checkpoint(base)
         self.groups = self._layer_groups()
+        scopes = _numeric_parameters(definition["merge_method"]) or {}
+        self.model_genes = [g for g in definition["genes"] if scopes.get(g, True)]
+        self.global_genes = [g for g in definition["genes"] if not scopes.get(g, True)]
         self.genes = []
         for alias in self.sources:
             for group, _ in self.groups:
-                for g in definition.get("searched", PS_GENES):
+                for g in self.model_genes:
                     b = definition["genes"][g]
                     self.genes.append(Gene(f"{alias}.{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
+        for group, _ in self.groups:
+            for g in self.global_genes:
+                b = definition["genes"][g]
+                self.genes.append(Gene(f"{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
 
     def _layer_groups(self) -> list[tuple[str, list[str] | None]]:
         """(group name, recipe filters) in the order genes are laid out; filters None = the whole model."""
@@ -313,28 +339,31 @@ class PSSpace(SearchSpace):
         # without a separate head group the last block group is the fallback
         return groups
 
-    def _parameter_value(self, alias: str, gene: str, values: dict[str, float]) -> Any:
+    def _parameter_value(self, prefix: str, gene: str, values: dict[str, float]) -> Any:
+        """The recipe value of one parameter: a scalar, or one filter entry per group's layers (``prefix``: the
+        source alias and a dot for per-model genes, empty for global ones)."""
         if self.groups[0][1] is None:
-            return values[f"{alias}.all.{gene}"]
+            return values[f"{prefix}all.{gene}"]
         entries: list[dict[str, Any]] = []
         for group, filters in self.groups:
-            v = values[f"{alias}.{group}.{gene}"]
+            v = values[f"{prefix}{group}.{gene}"]
             entries.extend({"filter": f, "value": v} for f in filters)
         fallback_group = self.groups[-1][0]
-        entries.append({"value": values[f"{alias}.{fallback_group}.{gene}"]})
+        entries.append({"value": values[f"{prefix}{fallback_group}.{gene}"]})
         return entries
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:
         """The recipe (mergekit YAML as a mapping) of this genome."""
         recipe: dict[str, Any] = {"merge_method": self.definition["merge_method"], "base_model": self.base,
                                   "dtype": self.dtype}
-        if self.definition["parameters"]:
-            recipe["parameters"] = copy.deepcopy(self.definition["parameters"])
-        recipe["models"] = [
-            {"model": path, "parameters": {g: self._parameter_value(alias, g, values)
-                                           for g in self.definition.get("searched", PS_GENES)}}
-            for alias, path in self.sources.items()
-        ]
+        parameters = copy.deepcopy(self.definition["parameters"])
+        parameters.update({g: self._parameter_value("", g, values) for g in self.global_genes})
+        if parameters:
+            recipe["parameters"] = parameters
+        recipe["models"] = []
+        for alias, path in self.sources.items():
+            per_model = {g: self._parameter_value(f"{alias}.", g, values) for g in self.model_genes}
+            recipe["models"].append({"model": path, "parameters": per_model} if per_model else {"model": path})
         recipe["tokenizer_source"] = "base"
         return recipe
 

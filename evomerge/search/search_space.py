@@ -23,18 +23,20 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError, check_keys
+from evomerge.recipe import Recipe
+from evomerge.search.candidates import Candidate, LayerPath
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
-PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "dtype",
-           "name"}
+PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "name"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -231,7 +233,22 @@ class SearchSpace:
         return {g.name: g.value(u) for g, u in zip(self.genes, x)}
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:  # pragma: no cover - abstract
+        """The candidate of decoded gene values, as a plain mapping (a recipe mapping or a layer path)."""
         raise NotImplementedError
+
+    def decode(self, x: Sequence[float]) -> Candidate:
+        """The typed candidate of a genome.
+
+        Args:
+            x: the genome, one float in [0, 1] per gene (length ``dim``).
+
+        Returns:
+            A ``Recipe`` (PS) or a ``LayerPath`` (DFS).
+        """
+        mapping = self.candidate(self.values(x))
+        if self.kind == "dfs":
+            return LayerPath.from_dict(mapping)
+        return Recipe.from_dict(mapping, source="the candidate recipe")
 
 
 class PSSpace(SearchSpace):

@@ -1,5 +1,5 @@
 """`evomerge run EXPERIMENT.yaml [--out DIR] [--address ADDR] [--workers N] [--seed S]` and
-`evomerge run --resume DIR`: start or continue an evolutionary merge search (see evomerge/search/loop.py)."""
+`evomerge run --resume DIR`: start or continue an evolutionary merge search (see evomerge/search/driver.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import resume_run, start_run
-    from evomerge.search.report import best_trial
+    """Start or resume a search; print the run folder, the trial counts and the best trial. Returns 0."""
+    # the search stack (Ray, torch, transformers) loads only when this command runs, not for every CLI call
+    from evomerge.search.launch import resume_run, start_run
+    from evomerge.search.objectives import best_trial
 
     if args.resume and args.experiment:
         raise EvomergeError("give either EXPERIMENT.yaml or --resume DIR, not both")
@@ -36,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise EvomergeError("give an experiment YAML (evomerge run EXPERIMENT.yaml) or --resume DIR")
     records = run_folder.trials()
-    best = best_trial(records, None)
-    failed = sum(r["status"] != "ok" for r in records)
+    best = best_trial(records)
+    failed = sum(not r.ok for r in records)
     print(f"run folder: {run_folder.path}")
     print(f"trials: {len(records)} finished, {failed} failed")
-    if best is not None:
-        print(f"best trial {best['trial']}: score {best['score']:.6g} "
-              + " ".join(f"{k}={v:.6g}" for k, v in best["metrics"].items()))
+    if best is not None and best.score is not None:
+        print(f"best trial {best.trial}: score {best.score:.6g} "
+              + " ".join(f"{k}={v:.6g}" for k, v in best.metrics.items() if v is not None))
     print(f"next: evomerge report {run_folder.path}   |   evomerge export {run_folder.path} --out MODEL_DIR")
     return 0

@@ -57,6 +57,9 @@ class Scored(Protocol):
     def objectives(self) -> list[float] | None: ...
 
     @property
+    def score(self) -> float | None: ...
+
+    @property
     def ok(self) -> bool: ...
 
 
@@ -165,3 +168,15 @@ def format_best(score: float | None, objectives: Sequence[Objective]) -> str:
         o = objectives[0]
         return f"{score * o.sign / (o.weight or 1):.4g}"
     return f"{score:.4g} (weighted)"
+
+
+def best_trial(records: Sequence[R], stage: int | None = None) -> R | None:
+    """The successful trial with the highest weighted score (ties: the earliest), of ``stage`` (default: the
+    last stage with a successful trial); None when there is none."""
+    ok = [r for r in records if r.ok and r.score is not None]
+    if stage is None and ok:
+        stage = max(r.stage for r in ok)
+    ok = [r for r in ok if r.stage == stage]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r.score or 0.0, -r.trial))

@@ -13,7 +13,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import time
+from collections.abc import Sequence
+
 from evomerge.search.candidates import Candidate, candidate_from_json, candidate_to_json
+from evomerge.search.objectives import Objective, objective_values, scalarize
+from evomerge.search.search_space import SearchSpace
 
 
 class TrialStatus(str, enum.Enum):
@@ -109,6 +114,36 @@ class TrialRecord:
             seconds=data.get("seconds"), materialize_s=data.get("materialize_s"),
             evaluate_s=data.get("evaluate_s"), attempts=int(data.get("attempts", 1)),
             finished_at=data.get("finished_at"))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a result belongs: the stage (index and name), the genome x, and the attempts it took."""
+
+    stage: int
+    stage_name: str
+    x: list[float]
+    attempts: int = 1
+
+
+def record_of(result: TrialResult, where: Placement, space: SearchSpace, objectives: Sequence[Objective]
+              ) -> TrialRecord:
+    """The record of a worker's result: params and candidate decoded from x, objectives and score from the
+    metrics (a result without an objective's metric becomes a failed trial)."""
+    status, error = result.status, result.error
+    values, score = None, None
+    if status == TrialStatus.OK:
+        values, error = objective_values(result.metrics, objectives)
+        if values is None:
+            status = TrialStatus.FAILED
+        else:
+            score = scalarize(values, objectives)
+    return TrialRecord(
+        trial=result.trial, stage=where.stage, stage_name=where.stage_name, status=status, x=list(where.x),
+        params=space.values(where.x), candidate=space.decode(where.x), metrics=dict(result.metrics),
+        objectives=values, score=score, error=error, worker=result.worker, host=result.host, pid=result.pid,
+        seconds=result.seconds, materialize_s=result.materialize_s, evaluate_s=result.evaluate_s,
+        attempts=where.attempts, finished_at=time.time())
 
 
 def json_safe(value: Any) -> Any:

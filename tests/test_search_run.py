@@ -137,7 +137,7 @@ def test_resume_tells_a_finished_but_untold_trial_from_its_line(resumed_runs, ra
     part = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
     assert [t.x for t in part.trials()] == [t.x for t in straight[:7]]
     with open(part.path / "trials.jsonl", "a") as f:  # trial 7 finished; its tell never reached the state
-        f.write(json.dumps(straight[7]) + "\n")
+        f.write(json.dumps(straight[7].to_json()) + "\n")
     config = part.config()
     config["budget"]["trials"] = 10
     part.update_config(config)

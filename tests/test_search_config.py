@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.search.experiment import load_experiment
-from evomerge.search.experiment import OptimizerConfig
+from evomerge.search.experiment import OptimizerConfig, load_experiment
 from evomerge.search.objectives import Objective, pareto_front
 from evomerge.search.optimizers import Problem, build_optimizer, default_population
 from evomerge.search.records import TrialRecord

@@ -10,7 +10,7 @@ reads a trial's candidate instead of rebuilding it from the genome.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from evomerge.recipe import Recipe
 
@@ -44,7 +44,7 @@ class LayerPath:
                    [float(s) for s in data["scales"]])
 
 
-Candidate = Union[Recipe, LayerPath]
+Candidate = Recipe | LayerPath
 
 
 def candidate_to_json(candidate: Candidate) -> dict[str, Any]:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from evomerge.errors import EvomergeError
 
@@ -37,10 +39,11 @@ class _PositionCache:
         self._cache = cache
         self._position = position
 
-    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None = None,
+               *args: Any, **kwargs: Any) -> Any:
         return self._cache.update(key_states, value_states, self._position, *args, **kwargs)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
 
 
@@ -54,7 +57,7 @@ class PathLayer(nn.Module):
         self.scale = float(scale)
         self.attention_type = getattr(layer, "attention_type", None)
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         for key in ("cache", "past_key_values", "past_key_value"):
@@ -64,9 +67,10 @@ class PathLayer(nn.Module):
 
 
 def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the decoder module, its layer list) of a causal LM."""
     inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     layers = getattr(inner, "layers", None) if inner is not None else None
-    if not isinstance(layers, nn.ModuleList):
+    if inner is None or not isinstance(layers, nn.ModuleList):
         raise EvomergeError(f"{type(model).__name__}: data-flow merging needs a decoder with model.layers "
                             "(Llama, Mistral, Qwen2 and similar)")
     return inner, layers
@@ -75,7 +79,7 @@ def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
 class DataflowCandidate:
     """Model A's shell over the layers of A and B; ``set_path`` rewires it in place and returns the model."""
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module):
+    def __init__(self, model_a: PreTrainedModel, model_b: PreTrainedModel):
         inner_a, layers_a = _decoder_parts(model_a)
         _, layers_b = _decoder_parts(model_b)
         if model_a.config.hidden_size != model_b.config.hidden_size:
@@ -102,10 +106,20 @@ class DataflowCandidate:
         shell.config = config
         inner.config = config
         shell.generation_config = copy.deepcopy(model_a.generation_config)
-        self.model = shell.eval()
+        shell.train(False)  # evaluation mode
+        self.model: nn.Module = shell
+        self.config = config  # the shell's config object (its layer count follows the path)
         self.inner = inner
 
     def set_path(self, layers: Sequence[int], scales: Sequence[float] | None = None) -> nn.Module:
+        """Rewire the shell to ``layers`` (combined indices: A's 0..n_a-1, then B's) with input ``scales``.
+
+        Returns:
+            The candidate model (the same module object every call).
+
+        Raises:
+            EvomergeError: an empty path. ValueError: a layer index out of range or a scale count mismatch.
+        """
         if not layers:
             raise EvomergeError("a data-flow path needs at least one layer")
         scales = list(scales) if scales is not None else [1.0] * len(layers)
@@ -116,13 +130,14 @@ class DataflowCandidate:
             raise ValueError(f"path layer out of range 0..{m - 1}")
         self.inner.layers = nn.ModuleList(
             PathLayer(self.source_layers[i], p, s) for p, (i, s) in enumerate(zip(layers, scales)))
-        self.model.config.num_hidden_layers = len(layers)
+        self.config.num_hidden_layers = len(layers)
         if self.layer_types:
-            self.model.config.layer_types = [self.layer_types[i] for i in layers]
+            self.config.layer_types = [self.layer_types[i] for i in layers]
         return self.model
 
 
-def path_state_dict(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+def path_state_dict(model_a: PreTrainedModel, model_b: PreTrainedModel, layers: Sequence[int]
+                    ) -> dict[str, torch.Tensor]:
     """A standard state dict with the path's layers laid out in order (copies: a file has no sharing)."""
     _, layers_a = _decoder_parts(model_a)
     _, layers_b = _decoder_parts(model_b)
@@ -138,7 +153,8 @@ def path_state_dict(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int
     return out
 
 
-def path_config(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int]):
+def path_config(model_a: PreTrainedModel, model_b: PreTrainedModel, layers: Sequence[int]) -> PretrainedConfig:
+    """Model A's config with the path's number of layers (and layer types, when both models declare them)."""
     config = copy.deepcopy(model_a.config)
     config.num_hidden_layers = len(layers)
     types_a = list(getattr(model_a.config, "layer_types", None) or [])
@@ -168,7 +184,6 @@ def apply_dataflow_scales(model: nn.Module, folder: str | Path) -> nn.Module:
 def load_dataflow_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Load an exported DFS checkpoint: a standard transformers model, its layers wrapped with their input
     scales when ``evomerge_dataflow.json`` is present (a checkpoint with all scales 1 needs none of this)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype or "auto", use_safetensors=True)
+    auto: Any = AutoModelForCausalLM  # transformers' stubs mistype from_pretrained's first argument
+    model = auto.from_pretrained(Path(path), dtype=dtype or "auto", use_safetensors=True)
     return apply_dataflow_scales(model.to(device), path).eval()

@@ -86,7 +86,8 @@ def export_trial(run: RunFolder, exp: Experiment, record: TrialRecord, out: str 
     staging = staging_root / "ckpt"
     try:
         if isinstance(cand, LayerPath):
-            _write_dataflow(cand, staging, getattr(torch, exp.dtype), _model_card("dfs", record, run, _scale_note(cand)))
+            card = _model_card("dfs", record, run, _scale_note(cand))
+            _write_dataflow(cand, staging, getattr(torch, exp.dtype), card)
         else:
             MergeEngine(cand, device="cpu").save(staging, cand)  # exactly what `evomerge merge` writes
         info: dict[str, Any] = {

@@ -88,7 +88,7 @@ def read_legacy_state(path: Path) -> dict[str, Any]:
                "asked": f.get("asked", 0), "losses": dict(f.get("losses") or {}), "count": f.get("count", 0)}
     return {"stage": int(data["stage"]), "next_trial": int(data["next_trial"]),
             "pending": {int(t): dict(p) for t, p in data["pending"].items()},
-            "elapsed_s": float(data.get("elapsed_s_saved", data.get("elapsed_s", 0.0))), "optimizer": opt}
+            "elapsed_s": float(data.get("elapsed_s_saved") or data.get("elapsed_s") or 0.0), "optimizer": opt}
 
 
 def legacy_key(optimizer: Optimizer, key: Any) -> Any:

@@ -160,7 +160,8 @@ class CMAESOptimizer(Optimizer):
             self.rng_state = np.random.get_state()
         finally:
             np.random.set_state(saved)
-        self.population = int(self.es.popsize)
+        self.popsize = int(self.es.popsize)
+        self.population = self.popsize
         self.generation: list[Any] = []  # the current generation's members (unbounded coordinates)
         self.asked = 0  # members of the current generation handed out
         self.losses: dict[int, float | None] = {}  # told members of the current generation (None = failed)
@@ -190,10 +191,10 @@ class CMAESOptimizer(Optimizer):
             return None  # barrier: the rest of the generation is still being evaluated
         i = self.asked
         self.asked += 1
-        return len(self.told) * self.population + i, [reflect_unit(float(v)) for v in self.generation[i]]
+        return len(self.told) * self.popsize + i, [reflect_unit(float(v)) for v in self.generation[i]]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
-        gen, i = divmod(int(key), self.population or 1)
+        gen, i = divmod(int(key), self.popsize)
         if gen != len(self.told):
             return  # a stale key (cannot happen in a consistent state)
         self.losses[i] = None if values is None else -self.score(values)
@@ -268,39 +269,38 @@ class OptunaOptimizer(Optimizer):
 
     def __init__(self, problem: Problem, run_dir: str, study_name: str):
         super().__init__(problem)
-        # Optuna (and its SQLAlchemy) is imported with its optimizers only
-        import optuna
-        from optuna.distributions import FloatDistribution
-
+        optuna = _optuna()
         self.name = problem.options.name
         if self.name not in ("tpe", "optuna_cmaes", "nsga2"):  # pragma: no cover - validated earlier
             raise EvomergeError(f"unknown optuna optimizer {self.name}")
         if self.name == "optuna_cmaes" and problem.pareto:
             raise EvomergeError("optuna_cmaes optimizes one objective; use nsga2 or multi_objective: weighted_sum")
         pop = problem.options.population
-        self.population = {"tpe": pop, "optuna_cmaes": pop or default_population(problem.dim),
-                           "nsga2": pop or 50}[self.name]
+        self.popsize = pop or (50 if self.name == "nsga2" else default_population(problem.dim))
+        self.population = pop if self.name == "tpe" else self.popsize  # TPE has no generations of its own
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study_name = study_name
-        directions = [o.direction for o in problem.objectives] if problem.pareto else ["maximize"]
+        maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+        directions = [maximize if o.sign > 0 else minimize for o in problem.objectives] if problem.pareto else [
+            maximize]
         self.study = optuna.create_study(storage=f"sqlite:///{run_dir}/optuna.db", study_name=study_name,
                                          sampler=self._sampler(0), directions=directions, load_if_exists=True)
-        self.distributions = {n: FloatDistribution(0.0, 1.0) for n in problem.names}
+        self.distributions: dict[str, Any] = {
+            n: optuna.distributions.FloatDistribution(0.0, 1.0) for n in problem.names}
 
     def _sampler(self, n_trials: int) -> Any:
         """A fresh sampler seeded with ``seed + n_trials``: the proposals are a function of the study alone."""
-        import optuna
-
+        optuna = _optuna()
         seed = self.problem.seed + n_trials
         if self.name == "tpe":
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         if self.name == "nsga2":
-            return optuna.samplers.NSGAIISampler(population_size=self.population, seed=seed)
+            return optuna.samplers.NSGAIISampler(population_size=self.popsize, seed=seed)
         x0 = dict(zip(self.problem.names, self.problem.x0))
         with warnings.catch_warnings():  # x0 / sigma0 are deprecated in Optuna 4.9 but still honoured
             warnings.simplefilter("ignore", FutureWarning)
             return optuna.samplers.CmaEsSampler(x0=x0, sigma0=float(self.problem.options.sigma0), seed=seed,
-                                                popsize=self.population, warn_independent_sampling=False)
+                                                popsize=self.popsize, warn_independent_sampling=False)
 
     def ask(self) -> tuple[Key, list[float]] | None:
         self.study.sampler = self._sampler(len(self.study.get_trials(deepcopy=False)))
@@ -308,8 +308,7 @@ class OptunaOptimizer(Optimizer):
         return trial.number, [float(trial.params[n]) for n in self.problem.names]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
-        from optuna.trial import TrialState
-
+        TrialState = _optuna().trial.TrialState
         # skip_if_finished: told before a crash, after which the driver's checkpoint did not record it
         if values is None or not all(math.isfinite(v) for v in values):
             self.study.tell(int(key), state=TrialState.FAIL, skip_if_finished=True)
@@ -327,11 +326,17 @@ class OptunaOptimizer(Optimizer):
             raise EvomergeError(f"optimizer state of study {state['study_name']!r}, not {self.study_name!r}")
 
     def resolve_orphans(self, known_keys: set[Key]) -> None:
-        from optuna.trial import TrialState
-
+        TrialState = _optuna().trial.TrialState
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             if t.number not in known_keys:
                 self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _optuna() -> Any:
+    # Optuna (and its SQLAlchemy) loads with the Optuna optimizers only: a cmaes or random run never needs it
+    import optuna
+
+    return optuna
 
 
 def build_optimizer(problem: Problem, run_dir: str, study_name: str) -> Optimizer:

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import ray
 
@@ -56,7 +56,7 @@ class Died:
     error: str
 
 
-Event = Union[Ready, Lost, Done, Died]
+Event = Ready | Lost | Done | Died
 
 
 class WorkerPool:

@@ -77,7 +77,8 @@ def start_ray(address: str | None, exp: Experiment) -> subprocess.Popen[bytes] |
     # the embedded Ray lives on loopback: nothing of it listens on or talks to other addresses
     context = ray.init(num_cpus=max(1, math.ceil(w.count * w.cpus_per_worker)), num_gpus=num_gpus,
                        _temp_dir=os.environ["RAY_TMPDIR"], _node_ip_address="127.0.0.1", **kwargs)
-    return start_reaper(str(context.address_info["session_dir"]))
+    info: dict[str, Any] = getattr(context, "address_info", {})  # ray.init returns a RayContext
+    return start_reaper(str(info["session_dir"]))
 
 
 def start_reaper(session_dir: str) -> subprocess.Popen[bytes]:
@@ -107,7 +108,11 @@ def sigterm_as_interrupt() -> Callable[[], None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous) and None
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def gpus_per_worker(exp: Experiment) -> float:
@@ -117,7 +122,8 @@ def gpus_per_worker(exp: Experiment) -> float:
         return float(w.gpus_per_worker)
     if w.device == "cpu":
         return 0.0
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return 1.0 if resources.get("GPU", 0) > 0 else 0.0
 
 
 def put_source_blobs(paths: list[str]) -> dict[str, Any]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
-from typing import Any
-
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from evomerge.search.candidates import Candidate, candidate_from_json, candidate_to_json
 from evomerge.search.objectives import Objective, objective_values, scalarize

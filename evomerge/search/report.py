@@ -133,7 +133,8 @@ def _failures(records: Sequence[TrialRecord]) -> list[str]:
             reasons[str(r.error)] = reasons.get(str(r.error), 0) + 1
     if not reasons:
         return []
-    return ["", "## Failures", "", *(f"- {n} x {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))]
+    ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
+    return ["", "## Failures", "", *(f"- {n} x {reason}" for reason, n in ranked)]
 def _pyplot() -> Any:
     # matplotlib is only needed for the plots: imported when a report is made, not with the package
     import matplotlib

@@ -21,12 +21,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError, check_keys
@@ -103,7 +102,7 @@ def load_space_definition(spec: Any, overrides: dict[str, Any] | None = None,
     return _validate_ps_dfs(data, base_dir)
 
 
-def _deep_update(base: dict, over: dict) -> dict:
+def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -113,8 +112,8 @@ def _deep_update(base: dict, over: dict) -> dict:
     return out
 
 
-def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, Any]:
-    spec = dict(default, **check_keys(where, spec if spec is not None else {}, GENE_KEYS))
+def _gene_bounds(where: str, given: Any, default: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = dict(default, **check_keys(where, given if given is not None else {}, GENE_KEYS))
     for k in ("low", "high", "init"):
         v = spec.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -132,7 +131,7 @@ def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, An
     return spec
 
 
-def _validate_ps(data: dict) -> dict[str, Any]:
+def _validate_ps(data: dict[str, Any]) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, PS_KEYS)
     method = data.get("merge_method", "dare_ties")
@@ -156,7 +155,7 @@ def _validate_ps(data: dict) -> dict[str, Any]:
             "description": data.get("description", "")}
 
 
-def _validate_dfs(data: dict) -> dict[str, Any]:
+def _validate_dfs(data: dict[str, Any]) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, DFS_KEYS)
     repeats = data.get("repeats", 2)
@@ -183,7 +182,7 @@ def _validate_dfs(data: dict) -> dict[str, Any]:
             "description": data.get("description", "")}
 
 
-def _validate_ps_dfs(data: dict, base_dir: str | Path) -> dict[str, Any]:
+def _validate_ps_dfs(data: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, PS_DFS_KEYS)
     ps = load_space_definition(data.get("ps", "ps_ties_dare"), {}, base_dir)
@@ -226,10 +225,12 @@ class SearchSpace:
     def names(self) -> list[str]:
         return [g.name for g in self.genes]
 
-    def x0(self) -> np.ndarray:
-        return np.array([g.unit(g.init) for g in self.genes], dtype=float)
+    def x0(self) -> list[float]:
+        """The starting genome: every gene's ``init`` in unit coordinates (length ``dim``)."""
+        return [float(g.unit(g.init)) for g in self.genes]
 
-    def values(self, x: Any) -> dict[str, float]:
+    def values(self, x: Sequence[float]) -> dict[str, float]:
+        """The decoded gene values {name: value in its declared range} of a genome x (n floats in [0, 1])."""
         return {g.name: g.value(u) for g, u in zip(self.genes, x)}
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:  # pragma: no cover - abstract
@@ -299,7 +300,7 @@ class PSSpace(SearchSpace):
         entries: list[dict[str, Any]] = []
         for group, filters in self.groups:
             v = values[f"{alias}.{group}.{gene}"]
-            entries.extend({"filter": f, "value": v} for f in filters)
+            entries.extend({"filter": f, "value": v} for f in filters or [])
         fallback_group = self.groups[-1][0]
         entries.append({"value": values[f"{alias}.{fallback_group}.{gene}"]})
         return entries
@@ -341,15 +342,15 @@ class DFSSpace(SearchSpace):
             self.genes.append(Gene(f"I.{s}", ind["low"], ind["high"], init))
         sc = definition["scaling"]
         if sc == "matrix":
-            b = definition["scale"]
-            self.genes += [Gene(f"W.{i}.{j}", b["low"], b["high"], b["init"], b["transform"])
+            bounds = definition["scale"]
+            self.genes += [Gene(f"W.{i}.{j}", bounds["low"], bounds["high"], bounds["init"], bounds["transform"])
                            for i in range(self.m) for j in range(self.m)]
         elif sc == "ffn":
-            b = definition["ffn_weight"]
+            bounds = definition["ffn_weight"]
             h = definition["ffn_hidden"]
             names = [f"ffn.w1.{k}.{c}" for k in range(h) for c in range(3)] + [f"ffn.b1.{k}" for k in range(h)]
             names += [f"ffn.w2.{k}" for k in range(h)] + ["ffn.b2"]
-            self.genes += [Gene(n, b["low"], b["high"], b["init"], b["transform"]) for n in names]
+            self.genes += [Gene(n, bounds["low"], bounds["high"], bounds["init"], bounds["transform"]) for n in names]
 
     def path(self, values: dict[str, float]) -> tuple[list[int], list[int]]:
         """(layers, slots): combined layer indices (A's 0..n_a-1, then B's) along the path, and their slots."""

@@ -12,6 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import transformers
+
+from evomerge import tiny
 from evomerge.search.run_folder import RunFolder
 
 
@@ -49,12 +52,7 @@ def build_models(run: RunFolder, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build(run_path: Path, target: Path, build: dict[str, Any]) -> None:
-    # transformers is heavy and only needed when a family is built: imported here, not with the package
-    import transformers
-
-    from evomerge import tiny
-
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     tmp = Path(tempfile.mkdtemp(prefix=".models-", dir=run_path))
     kwargs = {k: v for k, v in build.items() if k not in ("arch", "n_variants", "seed", "scale")}
     tiny.make_family(tmp, n_variants=build["n_variants"], arch=build["arch"], seed=build["seed"],

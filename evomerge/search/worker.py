@@ -113,7 +113,7 @@ class TrialRunner:
     def _init(self) -> None:
         for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
             os.environ.setdefault(key, "1")
-        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         for p in reversed(self.setup.python_path):
             if p not in sys.path:
                 sys.path.insert(0, p)
@@ -127,8 +127,9 @@ class TrialRunner:
             self.tokenizer = self.engine.tokenizer
         else:
             load: dict[str, Any] = dict(dtype=getattr(torch, self.setup.dtype), use_safetensors=True)
-            model_a = AutoModelForCausalLM.from_pretrained(initial.a, **load).to(self.device).eval()
-            model_b = AutoModelForCausalLM.from_pretrained(initial.b, **load).to(self.device).eval()
+            auto: Any = AutoModelForCausalLM  # transformers' stubs mistype from_pretrained's first argument
+            model_a = auto.from_pretrained(initial.a, **load).to(self.device).eval()
+            model_b = auto.from_pretrained(initial.b, **load).to(self.device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(initial.a)
             self.dataflow = DataflowCandidate(model_a, model_b)
         for ev in self.setup.evaluators:
@@ -226,8 +227,9 @@ def make_worker_class(num_cpus: float, num_gpus: float) -> Any:
     """The Ray actor class with this run's resources (one candidate at a time, never restarted by Ray:
     the driver replaces a dead worker itself and retries its candidate elsewhere)."""
 
-    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)
-    class TrialWorker(TrialRunner):
-        pass
+    remote: Any = ray.remote  # Ray's stubs lack the actor options (max_concurrency)
+    return remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)(TrialWorker)
 
-    return TrialWorker
+
+class TrialWorker(TrialRunner):
+    """The class the Ray actor is made of (named apart from ``TrialRunner`` in Ray's logs and dashboard)."""

@@ -165,9 +165,9 @@ def test_report_writes_pngs_and_tables(resumed_runs, capsys):
     out = capsys.readouterr().out
     records = RunFolder.open(run).trials()
     best = max(records, key=lambda t: t.score)
-    assert f"best trial {best['trial']}: score" in out
+    assert f"best trial {best.trial}: score" in out
     text = (run / "report" / "report.md").read_text()
-    assert "## Pareto front" in text and f"| {best['trial']} | {best['objectives'][0]:.4g} |" in text
+    assert "## Pareto front" in text and f"| {best.trial} | {best.objectives[0]:.4g} |" in text
     assert text.count("\n| ") >= 10  # ranked trials + front + genome rows
     for png in ("objectives.png", "pareto.png"):
         data = (run / "report" / png).read_bytes()
@@ -183,7 +183,7 @@ def test_ps_export_is_the_recipe_and_rescores_to_the_trial(resumed_runs, tmp_pat
     best = max(records, key=lambda t: t.score)
     out = tmp_path / "best"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert f"exported trial {best['trial']}" in capsys.readouterr().out
+    assert f"exported trial {best.trial}" in capsys.readouterr().out
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["models"][0]["parameters"] == {"density": best.params["m1.all.density"],
                                                  "weight": best.params["m1.all.weight"]}

@@ -58,6 +58,7 @@ class PathLayer(nn.Module):
         self.attention_type = getattr(layer, "attention_type", None)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The shared layer on ``hidden_states * scale`` (shape (batch, seq, hidden)), with the path's cache."""
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         for key in ("cache", "past_key_values", "past_key_value"):

@@ -184,6 +184,7 @@ class CMAESOptimizer(Optimizer):
         self.generation, self.asked, self.losses = [], 0, {}
 
     def ask(self) -> tuple[Key, list[float]] | None:
+        """See ``Optimizer.ask``; None while the rest of the generation is out (the barrier)."""
         if not self.generation:
             self.generation = self._pycma(self.es.ask)
             self.asked, self.losses = 0, {}
@@ -194,6 +195,7 @@ class CMAESOptimizer(Optimizer):
         return len(self.told) * self.popsize + i, [reflect_unit(float(v)) for v in self.generation[i]]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
+        """See ``Optimizer.tell``; the generation is told to pycma once all its members are in (failed: last)."""
         gen, i = divmod(int(key), self.popsize)
         if gen != len(self.told):
             return  # a stale key (cannot happen in a consistent state)
@@ -202,6 +204,7 @@ class CMAESOptimizer(Optimizer):
             self._tell_generation([self.losses[k] for k in range(len(self.generation))])
 
     def state_dict(self) -> dict[str, Any]:
+        """``{version, kind, told: [[loss or None per member] per generation], in_generation, asked, losses}``."""
         return {**super().state_dict(), "told": [list(g) for g in self.told],
                 "in_generation": bool(self.generation), "asked": self.asked,
                 "losses": {str(k): v for k, v in self.losses.items()}}
@@ -247,16 +250,20 @@ class RandomOptimizer(Optimizer):
         self.population = problem.options.population
 
     def ask(self) -> tuple[Key, list[float]] | None:
+        """See ``Optimizer.ask``; never None."""
         self.count += 1
         return self.count - 1, [float(v) for v in self.rng.random(self.problem.dim)]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
+        """Nothing to learn from."""
         pass
 
     def state_dict(self) -> dict[str, Any]:
+        """``{version, kind, count, bit_generator}`` (numpy's PCG64 state, plain ints)."""
         return {**super().state_dict(), "count": self.count, "bit_generator": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See ``Optimizer.load_state_dict``."""
         super().load_state_dict(state)
         self.count = int(state["count"])
         self.rng.bit_generator.state = state["bit_generator"]
@@ -303,11 +310,13 @@ class OptunaOptimizer(Optimizer):
                                                 popsize=self.popsize, warn_independent_sampling=False)
 
     def ask(self) -> tuple[Key, list[float]] | None:
+        """See ``Optimizer.ask``; adds a RUNNING trial to the study (``persistent_ask``)."""
         self.study.sampler = self._sampler(len(self.study.get_trials(deepcopy=False)))
         trial = self.study.ask(fixed_distributions=self.distributions)
         return trial.number, [float(trial.params[n]) for n in self.problem.names]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
+        """See ``Optimizer.tell``; a trial already finished in the study is left as it is."""
         TrialState = _optuna().trial.TrialState
         # skip_if_finished: told before a crash, after which the driver's checkpoint did not record it
         if values is None or not all(math.isfinite(v) for v in values):
@@ -318,14 +327,17 @@ class OptunaOptimizer(Optimizer):
             self.study.tell(int(key), self.score(values), skip_if_finished=True)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{version, kind, study_name}``: everything else is in the study."""
         return {**super().state_dict(), "study_name": self.study_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See ``Optimizer.load_state_dict``; the study names must match."""
         super().load_state_dict(state)
         if state["study_name"] != self.study_name:
             raise EvomergeError(f"optimizer state of study {state['study_name']!r}, not {self.study_name!r}")
 
     def resolve_orphans(self, known_keys: set[Key]) -> None:
+        """Mark the study's RUNNING/WAITING trials whose keys are not known as FAIL."""
         TrialState = _optuna().trial.TrialState
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             if t.number not in known_keys:

@@ -53,12 +53,14 @@ class Gene:
     transform: str = "linear"
 
     def value(self, u: float) -> float:
+        """The gene's value of unit coordinate ``u`` (clipped to [0, 1]), linear or log between low and high."""
         u = min(1.0, max(0.0, float(u)))
         if self.transform == "log":
             return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
         return float(self.low + u * (self.high - self.low))
 
     def unit(self, value: float) -> float:
+        """Inverse of ``value``: the unit coordinate of a value in [low, high]."""
         if self.transform == "log":
             return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
         return (value - self.low) / (self.high - self.low)
@@ -200,6 +202,11 @@ def _validate_ps_dfs(data: dict[str, Any], base_dir: str | Path) -> dict[str, An
 # concrete spaces (definition + the actual models)
 
 def read_num_layers(model_dir: str | Path) -> int:
+    """The number of decoder layers a model folder's config.json declares.
+
+    Raises:
+        EvomergeError: no readable config.json, or no layer count in it.
+    """
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -219,10 +226,12 @@ class SearchSpace:
 
     @property
     def dim(self) -> int:
+        """Number of genes n."""
         return len(self.genes)
 
     @property
     def names(self) -> list[str]:
+        """Gene names in genome order."""
         return [g.name for g in self.genes]
 
     def x0(self) -> list[float]:
@@ -358,6 +367,7 @@ class DFSSpace(SearchSpace):
         return [s % self.m for s in slots], slots
 
     def scale(self, i: int, j: int, t: int, values: dict[str, float]) -> float:
+        """The input scale W[i, j] for the step from layer i to layer j at slot t (unitless, matrix or FFN)."""
         sc = self.definition["scaling"]
         if sc == "none":
             return 1.0

@@ -1,18 +1,14 @@
 """The search driver: optimizer <-> workers, with the run folder as the single source of truth.
 
-Flow of one trial: ``optimizer.ask`` -> state checkpoint -> a free worker materializes and evaluates ->
-the record is appended to trials.jsonl (fsynced) -> ``optimizer.tell`` -> state checkpoint. Workers stay
-busy (scheduler.py: two slots per worker), refilled as soon as the optimizer can propose (Optuna samplers and
-random always can; pycma waits for the rest of its generation). There is no other barrier.
+One trial: ``optimizer.ask`` -> checkpoint -> a worker materializes and evaluates -> the record is appended to
+trials.jsonl (fsynced) -> ``optimizer.tell`` -> checkpoint. Workers are refilled as soon as the optimizer can
+propose (scheduler.py); there is no other barrier. A failed candidate (exception, OOM, NaN) is a failed trial;
+a dead worker is replaced and its trial retried (scheduler.py).
 
-Failures: a candidate that raises, runs out of memory or scores NaN is a failed trial (the optimizer is told
-so) and the search goes on. A worker process that dies mid-trial is replaced, and its candidate is retried
-on another worker up to ``workers.max_retries`` times, then recorded as failed.
-
-Resume (see run_folder.py for the write order): trials already in trials.jsonl are never re-run (told from
-their line if the crash came before the tell was checkpointed); asked-but-unfinished trials are evaluated
-again first, with their recorded genomes; the optimizer continues from its saved state, so with a fixed
-seed and one worker the trials are those of an uninterrupted run. The budget counts every part.
+Resume (see run_folder.py for the write order): trials in trials.jsonl are never re-run (told from their line
+if the crash came before the tell was checkpointed); asked-but-unfinished trials run again first, with their
+recorded genomes; the optimizer continues from its saved state, so with a fixed seed and one worker the trials
+are those of an uninterrupted run. The budget counts every part.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ from evomerge.search.run_folder import DriverState, PendingTrial, RunFolder
 from evomerge.search.scheduler import Scheduler, StageBudget, stage_budget
 from evomerge.search.search_space import SearchSpace
 from evomerge.search.stages import Stage, stage_definitions, stage_space
-from evomerge.search.worker import WorkerInfo
 
 
 @dataclass
@@ -191,7 +186,7 @@ class SearchDriver:
 
     def _handle(self, sr: StageRun, event: Event, scheduler: Scheduler, pool: WorkerPool) -> None:
         if isinstance(event, Ready):
-            self._check_worker(event.info)
+            event.info.check(self.exp.objectives)
             scheduler.worker_ready(event.worker)
         elif isinstance(event, Lost):
             scheduler.worker_lost(event.worker)
@@ -205,14 +200,6 @@ class SearchDriver:
                 error = f"worker died {death.attempts} times: {event.error}"
                 self._finish(sr, TrialResult(death.failed, TrialStatus.FAILED, error=error, worker=event.worker),
                              death.attempts)
-
-    def _check_worker(self, info: WorkerInfo) -> None:
-        if info.error is not None:
-            raise EvomergeError(info.error)
-        missing = [o.metric for o in self.exp.objectives if o.metric not in info.metric_names]
-        if info.metric_names and missing:
-            raise EvomergeError(f"objective {missing[0]} is not a metric of the evaluators "
-                                f"(they report: {', '.join(info.metric_names)})")
 
     def _ask(self, sr: StageRun) -> int | None:
         """A new trial id with its genome in ``pending``, or None (budget spent or generation barrier).

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from evomerge.recipe import Recipe
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import DataflowCandidate
 from evomerge.search.experiment import EvaluatorSpec
+from evomerge.search.objectives import Objective
 from evomerge.search.records import TrialResult, TrialStatus
 
 
@@ -75,6 +77,19 @@ class WorkerInfo:
     pid: int
     host: str
     device: str | None
+
+    def check(self, objectives: Sequence[Objective]) -> None:
+        """Raise when the worker could not be set up, or an objective is not among its metrics.
+
+        Raises:
+            EvomergeError: the setup error, or the first objective whose metric no evaluator reports.
+        """
+        if self.error is not None:
+            raise EvomergeError(self.error)
+        missing = [o.metric for o in objectives if o.metric not in self.metric_names]
+        if self.metric_names and missing:
+            raise EvomergeError(f"objective {missing[0]} is not a metric of the evaluators "
+                                f"(they report: {', '.join(self.metric_names)})")
 
 
 def resolve_device(device: str) -> str:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
+from evomerge.cli import main
 from evomerge.search.launch import resume_run
 from evomerge.search.records import TrialStatus
 from evomerge.search.run_folder import RunFolder
@@ -51,6 +53,14 @@ def test_a_killed_cmaes_run_of_the_previous_release_resumes_to_the_uninterrupted
     # a finished run resumed again does nothing
     resume_run(run, address=ray_address, progress=False)
     assert len(_lines(run / "trials.jsonl")) == 12
+    # export: an old record's candidate is decoded from its genome, a new one's read from the record
+    for trial in (0, 11):
+        out = tmp_path / f"export{trial}"
+        assert main(["export", str(run), "--out", str(out), "--trial", str(trial)]) == 0
+        recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+        params = trials[trial].params
+        assert [m["parameters"] for m in recipe["models"]] == [
+            {"density": params[f"model_{i}.all.density"], "weight": params[f"model_{i}.all.weight"]} for i in (1, 2)]
 
 
 @pytest.mark.slow
@@ -68,4 +78,4 @@ def test_a_killed_optuna_run_of_the_previous_release_resumes(ray_address, tmp_pa
     assert states.count("COMPLETE") == 12 and set(states) <= {"COMPLETE", "FAIL"}
     state = json.loads((run / "state.json").read_text())
     assert state["version"] == 2 and state["optimizer"] == {"version": 2, "kind": "tpe",
-                                                            "study_name": "legacy_tpe-ps"}
+                                                            "study_name": "legacy_tpe-ps", "asks": 12}

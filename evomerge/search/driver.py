@@ -149,7 +149,7 @@ class SearchDriver:
             rec = self.by_id.get(tid)
             if rec is not None:
                 optimizer.tell(pending.pop(tid).key, rec.objectives if rec.ok else None)
-        optimizer.resolve_orphans({p.key for p in pending.values()})
+        optimizer.recover_lost_asks({p.key for p in pending.values()})
         self._checkpoint(sr)
         return sr
 

@@ -8,7 +8,7 @@ strings, lists, dicts, tuples) is used. The optimizer is then rebuilt from that 
 - ``cmaes``: the told generations are replayed from the seed, each member's loss read from trials.jsonl by its
   genome (exact floats), then the current generation's asks and tells are restored;
 - ``random``: a fresh generator asked as many times as the old one was;
-- Optuna optimizers: nothing to restore (their study is in optuna.db).
+- Optuna optimizers: their study is in optuna.db; the count of asks is its number of trials.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.search.optimizers import CMAESOptimizer, Optimizer, RandomOptimizer
+from evomerge.search.optimizers import CMAESOptimizer, Optimizer, OptunaOptimizer, RandomOptimizer
 from evomerge.search.records import TrialRecord
 
 LEGACY_VERSION = 1
@@ -112,6 +112,8 @@ def upgrade_optimizer(optimizer: Optimizer, state: dict[str, Any], records: Sequ
     if isinstance(optimizer, RandomOptimizer):
         for _ in range(int(state["count"])):
             optimizer.ask()
+    if isinstance(optimizer, OptunaOptimizer):  # every ask of the old run has its row in the study
+        optimizer.asks = len(optimizer.study.get_trials(deepcopy=False))
     if not isinstance(optimizer, CMAESOptimizer):
         return
     by_x = {tuple(r.x): r for r in records}

@@ -11,8 +11,10 @@ resume exact (same proposals as an uninterrupted run). No object is pickled.
   replaying the told generations rebuilds the strategy exactly (Hansen, "The CMA Evolution Strategy: A
   Tutorial", 2016, for the algorithm). Generational: a generation is told at once, failed members ranked last.
 - ``optuna_cmaes`` / ``tpe`` / ``nsga2``: Optuna samplers over a study stored in SQLite in the run folder
-  (optuna-dashboard can open it); asynchronous tells. Every ask uses a fresh sampler seeded with
-  ``seed + number of trials in the study``, so the study is the whole state.
+  (optuna-dashboard can open it); asynchronous tells. Ask number k uses a fresh sampler seeded with
+  ``seed + k``, so the study and the count of checkpointed asks are the whole state: an ask lost in a crash
+  (its SQLite row made, the checkpoint not) goes back to WAITING on resume and the next ask takes it up under
+  its own number (Optuna's samplers seed with the trial number too), as an uninterrupted run would have.
 - ``random``: uniform in the cube, seeded numpy generator (its bit-generator state is saved).
 
 Several objectives are either scalarised (objectives.scalarize) or, with ``multi_objective: pareto``, told as a
@@ -114,8 +116,12 @@ class Optimizer:
             raise EvomergeError(f"optimizer state of {state.get('kind')!r} version {state.get('version')!r} "
                                 f"does not fit optimizer {self.name!r} version {STATE_VERSION}")
 
+    def recover_lost_asks(self, known_keys: set[Key]) -> None:
+        """On resume: proposals recorded outside the state (Optuna's SQLite rows) whose keys the checkpoint does
+        not know were made after it; the next asks must make them again."""
+
     def resolve_orphans(self, known_keys: set[Key]) -> None:
-        """After a crash: forget proposals made after the last checkpoint (their keys are not in known_keys)."""
+        """At the end of a stage: forget proposals that will never run (their keys are not in known_keys)."""
 
     def close(self) -> None:
         """Release external resources (the Optuna study's database connection)."""
@@ -287,18 +293,20 @@ class OptunaOptimizer(Optimizer):
         self.population = pop if self.name == "tpe" else self.popsize  # TPE has no generations of its own
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study_name = study_name
+        self.asks = 0  # asks made (and checkpointed: every Optuna ask is)
         maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
         directions = [maximize if o.sign > 0 else minimize for o in problem.objectives] if problem.pareto else [
             maximize]
-        self.study = optuna.create_study(storage=f"sqlite:///{run_dir}/optuna.db", study_name=study_name,
+        self.storage_url = f"sqlite:///{run_dir}/optuna.db"
+        self.study = optuna.create_study(storage=self.storage_url, study_name=study_name,
                                          sampler=self._sampler(0), directions=directions, load_if_exists=True)
         self.distributions: dict[str, Any] = {
             n: optuna.distributions.FloatDistribution(0.0, 1.0) for n in problem.names}
 
-    def _sampler(self, n_trials: int) -> Any:
-        """A fresh sampler seeded with ``seed + n_trials``: the proposals are a function of the study alone."""
+    def _sampler(self, ask: int) -> Any:
+        """A fresh sampler for ask number ``ask``, seeded with ``seed + ask``."""
         optuna = _optuna()
-        seed = self.problem.seed + n_trials
+        seed = self.problem.seed + ask
         if self.name == "tpe":
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         if self.name == "nsga2":
@@ -311,8 +319,9 @@ class OptunaOptimizer(Optimizer):
 
     def ask(self) -> tuple[Key, list[float]] | None:
         """See ``Optimizer.ask``; adds a RUNNING trial to the study (``persistent_ask``)."""
-        self.study.sampler = self._sampler(len(self.study.get_trials(deepcopy=False)))
+        self.study.sampler = self._sampler(self.asks)
         trial = self.study.ask(fixed_distributions=self.distributions)
+        self.asks += 1
         return trial.number, [float(trial.params[n]) for n in self.problem.names]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
@@ -327,14 +336,26 @@ class OptunaOptimizer(Optimizer):
             self.study.tell(int(key), self.score(values), skip_if_finished=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{version, kind, study_name}``: everything else is in the study."""
-        return {**super().state_dict(), "study_name": self.study_name}
+        """``{version, kind, study_name, asks}``: everything else is in the study."""
+        return {**super().state_dict(), "study_name": self.study_name, "asks": self.asks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """See ``Optimizer.load_state_dict``; the study names must match."""
         super().load_state_dict(state)
         if state["study_name"] != self.study_name:
             raise EvomergeError(f"optimizer state of study {state['study_name']!r}, not {self.study_name!r}")
+        self.asks = int(state["asks"])
+
+    def recover_lost_asks(self, known_keys: set[Key]) -> None:
+        """Put the study's RUNNING trials whose keys are not known back to WAITING (storage API: the study has
+        no public way to do it), so that the next ask takes each up again under its number."""
+        optuna = _optuna()
+        storage = optuna.storages.RDBStorage(self.storage_url)
+        study_id = storage.get_study_id_from_name(self.study_name)
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in known_keys:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.WAITING)
 
     def resolve_orphans(self, known_keys: set[Key]) -> None:
         """Mark the study's RUNNING/WAITING trials whose keys are not known as FAIL."""

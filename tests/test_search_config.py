@@ -301,3 +301,27 @@ def test_an_optuna_ask_lost_in_a_crash_is_made_again(name, tmp_path):
     assert xs_a == xs_b
     trials = crashed.study.get_trials()
     assert [t.number for t in trials] == list(range(10)) and {t.state.name for t in trials} == {"COMPLETE"}
+
+
+@pytest.mark.parametrize("name", ["optuna_cmaes", "nsga2", "cmaes"])
+def test_generational_optimizers_do_not_depend_on_completion_order(name, tmp_path):
+    """Several workers finish in any order: a generation is asked only when the previous one is all told, so the
+    next generation is the same whatever the order of the tells."""
+    dim = 3
+    problem = Problem([f"g{i}" for i in range(dim)], [0.5] * dim, [Objective("m", "maximize", 1.0)], seed=2,
+                      options=OptimizerConfig(name=name, population=4))
+
+    def run(order, folder):
+        folder.mkdir()
+        opt = build_optimizer(problem, str(folder), "s")
+        xs = []
+        for _ in range(3):
+            asked = [opt.ask() for _ in range(4)]
+            assert opt.ask() is None  # the barrier
+            xs += [x for _, x in asked]
+            for i in order:
+                key, x = asked[i]
+                opt.tell(key, [-float(np.sum((np.asarray(x) - 0.3) ** 2))])
+        return xs
+
+    assert run([0, 1, 2, 3], tmp_path / "a") == run([3, 1, 0, 2], tmp_path / "b")

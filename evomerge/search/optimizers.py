@@ -294,6 +294,11 @@ class OptunaOptimizer(Optimizer):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study_name = study_name
         self.asks = 0  # asks made (and checkpointed: every Optuna ask is)
+        # optuna_cmaes and nsga2 are asked a generation at a time: the next generation only when this one is all
+        # told, so what the sampler sees at an ask does not depend on the order in which workers finish
+        self.generational = self.name in ("optuna_cmaes", "nsga2")
+        self.members: list[int] = []  # trial numbers asked in the current generation
+        self.untold: set[int] = set()  # of them, those not told yet
         maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
         directions = [maximize if o.sign > 0 else minimize for o in problem.objectives] if problem.pareto else [
             maximize]
@@ -318,15 +323,24 @@ class OptunaOptimizer(Optimizer):
                                                 popsize=self.popsize, warn_independent_sampling=False)
 
     def ask(self) -> tuple[Key, list[float]] | None:
-        """See ``Optimizer.ask``; adds a RUNNING trial to the study (``persistent_ask``)."""
+        """See ``Optimizer.ask``; adds a RUNNING trial to the study (``persistent_ask``); optuna_cmaes and nsga2
+        return None while their generation is not all told."""
+        if self.generational and len(self.members) >= self.popsize:
+            if self.untold:
+                return None  # barrier: the rest of the generation is still being evaluated
+            self.members = []
         self.study.sampler = self._sampler(self.asks)
         trial = self.study.ask(fixed_distributions=self.distributions)
         self.asks += 1
+        if self.generational:
+            self.members.append(trial.number)
+            self.untold.add(trial.number)
         return trial.number, [float(trial.params[n]) for n in self.problem.names]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
         """See ``Optimizer.tell``; a trial already finished in the study is left as it is."""
         TrialState = _optuna().trial.TrialState
+        self.untold.discard(int(key))
         # skip_if_finished: told before a crash, after which the driver's checkpoint did not record it
         if values is None or not all(math.isfinite(v) for v in values):
             self.study.tell(int(key), state=TrialState.FAIL, skip_if_finished=True)
@@ -336,8 +350,9 @@ class OptunaOptimizer(Optimizer):
             self.study.tell(int(key), self.score(values), skip_if_finished=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{version, kind, study_name, asks}``: everything else is in the study."""
-        return {**super().state_dict(), "study_name": self.study_name, "asks": self.asks}
+        """``{version, kind, study_name, asks, members, untold}``: everything else is in the study."""
+        return {**super().state_dict(), "study_name": self.study_name, "asks": self.asks,
+                "members": list(self.members), "untold": sorted(self.untold)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """See ``Optimizer.load_state_dict``; the study names must match."""
@@ -345,6 +360,8 @@ class OptunaOptimizer(Optimizer):
         if state["study_name"] != self.study_name:
             raise EvomergeError(f"optimizer state of study {state['study_name']!r}, not {self.study_name!r}")
         self.asks = int(state["asks"])
+        self.members = [int(k) for k in state["members"]]
+        self.untold = {int(k) for k in state["untold"]}
 
     def recover_lost_asks(self, known_keys: set[Key]) -> None:
         """Put the study's RUNNING trials whose keys are not known back to WAITING (storage API: the study has
@@ -363,6 +380,7 @@ class OptunaOptimizer(Optimizer):
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             if t.number not in known_keys:
                 self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        self.untold &= set(known_keys)
 
 
 def _optuna() -> Any:

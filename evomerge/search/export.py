@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from evomerge.checkpoint import write_checkpoint
+from evomerge.checkpoint import find_generation_config, write_checkpoint
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError
 from evomerge.search.candidates import Candidate, LayerPath
@@ -119,7 +119,7 @@ def _write_dataflow(path: LayerPath, staging: Path, dtype: torch.dtype, card: st
     if getattr(a.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     write_checkpoint(staging, tensors, path_config(a, b, path.layers).to_dict(), tokenizer_dir=path.a,
-                     model_card=card)
+                     model_card=card, generation_config=find_generation_config(path.a))
     if any(s != 1.0 for s in path.scales):
         (staging / SCALES_FILE).write_text(json.dumps({"input_scales": path.scales}, indent=1))
 

@@ -93,7 +93,7 @@ class WorkerPool:
         return not self.inflight and not self.starting
 
     def wait(self) -> Event:
-        """Block until the next event (see module docstring)."""
+        """Block until the next event (see module docstring); one worker's results come in submission order."""
         ready, _ = ray.wait([*self.inflight, *self.starting], num_returns=1)
         ref = ready[0]
         if ref in self.starting:
@@ -103,6 +103,10 @@ class WorkerPool:
             except ray.exceptions.RayActorError:
                 self.actors.pop(w, None)
                 return Lost(w)
+        # a worker runs its trials in the order they were submitted: take its oldest result first (done too, if a
+        # newer one is), so that one worker's trials are recorded and told in the same order every run
+        worker = self.inflight[ref][1]
+        ref = next(r for r, (_, w) in self.inflight.items() if w == worker)
         trial, w = self.inflight.pop(ref)
         try:
             return Done(w, ray.get(ref))

@@ -79,4 +79,4 @@ def test_a_killed_optuna_run_of_the_previous_release_resumes(ray_address, tmp_pa
     state = json.loads((run / "state.json").read_text())
     assert state["version"] == 2 and state["optimizer"] == {"version": 2, "kind": "tpe",
                                                             "study_name": "legacy_tpe-ps", "asks": 12,
-                                                            "members": [], "untold": []}
+                                                            "members": [], "untold": [], "queued": []}

@@ -294,11 +294,12 @@ class OptunaOptimizer(Optimizer):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study_name = study_name
         self.asks = 0  # asks made (and checkpointed: every Optuna ask is)
-        # optuna_cmaes and nsga2 are asked a generation at a time: the next generation only when this one is all
-        # told, so what the sampler sees at an ask does not depend on the order in which workers finish
+        # optuna_cmaes and nsga2 ask a whole generation at once, and the next one only when this one is all told:
+        # what the sampler sees at an ask then does not depend on the order in which workers finish
         self.generational = self.name in ("optuna_cmaes", "nsga2")
         self.members: list[int] = []  # trial numbers asked in the current generation
         self.untold: set[int] = set()  # of them, those not told yet
+        self.queued: list[tuple[int, list[float]]] = []  # of them, those asked but not handed out yet
         maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
         directions = [maximize if o.sign > 0 else minimize for o in problem.objectives] if problem.pareto else [
             maximize]
@@ -325,16 +326,21 @@ class OptunaOptimizer(Optimizer):
     def ask(self) -> tuple[Key, list[float]] | None:
         """See ``Optimizer.ask``; adds a RUNNING trial to the study (``persistent_ask``); optuna_cmaes and nsga2
         return None while their generation is not all told."""
-        if self.generational and len(self.members) >= self.popsize:
+        if not self.generational:
+            return self._ask_one()
+        if not self.queued:
             if self.untold:
                 return None  # barrier: the rest of the generation is still being evaluated
-            self.members = []
+            self.queued = [self._ask_one() for _ in range(self.popsize)]
+            self.members = [k for k, _ in self.queued]
+            self.untold = set(self.members)
+        key, x = self.queued.pop(0)
+        return key, x
+
+    def _ask_one(self) -> tuple[int, list[float]]:
         self.study.sampler = self._sampler(self.asks)
         trial = self.study.ask(fixed_distributions=self.distributions)
         self.asks += 1
-        if self.generational:
-            self.members.append(trial.number)
-            self.untold.add(trial.number)
         return trial.number, [float(trial.params[n]) for n in self.problem.names]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
@@ -350,9 +356,10 @@ class OptunaOptimizer(Optimizer):
             self.study.tell(int(key), self.score(values), skip_if_finished=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{version, kind, study_name, asks, members, untold}``: everything else is in the study."""
+        """``{version, kind, study_name, asks, members, untold, queued}``: everything else is in the study."""
         return {**super().state_dict(), "study_name": self.study_name, "asks": self.asks,
-                "members": list(self.members), "untold": sorted(self.untold)}
+                "members": list(self.members), "untold": sorted(self.untold),
+                "queued": [[k, list(x)] for k, x in self.queued]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """See ``Optimizer.load_state_dict``; the study names must match."""
@@ -362,6 +369,7 @@ class OptunaOptimizer(Optimizer):
         self.asks = int(state["asks"])
         self.members = [int(k) for k in state["members"]]
         self.untold = {int(k) for k in state["untold"]}
+        self.queued = [(int(k), [float(v) for v in x]) for k, x in state["queued"]]
 
     def recover_lost_asks(self, known_keys: set[Key]) -> None:
         """Put the study's RUNNING trials whose keys are not known back to WAITING (storage API: the study has
@@ -369,8 +377,9 @@ class OptunaOptimizer(Optimizer):
         optuna = _optuna()
         storage = optuna.storages.RDBStorage(self.storage_url)
         study_id = storage.get_study_id_from_name(self.study_name)
+        known = set(known_keys) | {k for k, _ in self.queued}  # asked with the generation, not handed out yet
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.number not in known_keys:
+            if t.number not in known:
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
                 storage.set_trial_state_values(trial_id, optuna.trial.TrialState.WAITING)
 
@@ -381,6 +390,7 @@ class OptunaOptimizer(Optimizer):
             if t.number not in known_keys:
                 self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         self.untold &= set(known_keys)
+        self.queued = [(k, x) for k, x in self.queued if k in known_keys]
 
 
 def _optuna() -> Any:

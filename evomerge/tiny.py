@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -23,9 +26,6 @@ _ARCH_CONFIGS = {
 
 def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
     """A byte-level BPE tokenizer: pure bytes (259 tokens + specials) or trained on ``corpus``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -50,8 +50,7 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
 def make_config(arch: str = "llama", vocab_size: int = 300, hidden_size: int = 64, num_layers: int = 4,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                 max_position_embeddings: int = 512, tie_word_embeddings: bool = False, **extra):
-    import transformers
-
+    """A tiny ``transformers`` config of ``arch`` (llama, mistral, qwen2...); ``extra`` overrides any field."""
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {sorted(_ARCH_CONFIGS)}")
     config_cls = getattr(transformers, _ARCH_CONFIGS[arch][0])
@@ -73,8 +72,6 @@ def make_config(arch: str = "llama", vocab_size: int = 300, hidden_size: int = 6
 
 def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
     """A randomly initialised causal LM (seeded) from a tiny config."""
-    import transformers
-
     config = make_config(arch, **config_kwargs)
     model_cls = getattr(transformers, _ARCH_CONFIGS[arch][1])
     with torch.random.fork_rng(devices=[]):

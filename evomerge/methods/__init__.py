@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
 from evomerge.methods.linear import merge_linear
 from evomerge.methods.model_stock import merge_model_stock
 from evomerge.methods.passthrough import merge_passthrough
 from evomerge.methods.slerp import merge_slerp
 from evomerge.methods.sparsify import RESCALE_MODES, DeltaStats, prepare_stats
-from evomerge.methods.task_arithmetic import merge_task_arithmetic
+from evomerge.methods.task_arithmetic import TaskArithmeticSettings, merge_task_arithmetic
 from evomerge.methods.workspace import Workspace
 
-__all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "get_method",
-           "prepare_inputs", "run_method"]
+__all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "prepare_inputs",
+           "run_method"]
 
 
 class _Required:
@@ -54,6 +53,7 @@ class ParamSpec:
 
     @property
     def required(self) -> bool:
+        """Whether the parameter has no default (a recipe must give it)."""
         return self.default is REQUIRED
 
 
@@ -76,24 +76,29 @@ class MethodSpec:
 
     @property
     def random(self) -> bool:
+        """Whether the method draws random drops (needs a generator per tensor)."""
         return self.sparsify in ("random", "della_magprune")
 
     def param(self, name: str) -> ParamSpec | None:
+        """The parameter called ``name``, or None."""
         return next((p for p in self.params if p.name == name), None)
 
     @property
     def global_params(self) -> tuple[ParamSpec, ...]:
+        """The parameters given once for the merge."""
         return tuple(p for p in self.params if not p.per_model)
 
     @property
     def per_model_params(self) -> tuple[ParamSpec, ...]:
+        """The parameters given per model (with a global fallback)."""
         return tuple(p for p in self.params if p.per_model)
 
 
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str,
          reference: str) -> MethodSpec:
     params = [
-        ParamSpec("weight", float, per_model=True, doc="scale of this model's task vector (applied before sign election)"),
+        ParamSpec("weight", float, per_model=True,
+                  doc="scale of this model's task vector (applied before sign election)"),
         ParamSpec("density", float, 1.0, per_model=True, doc="fraction of the task vector kept, in [0, 1]"),
         ParamSpec("normalize", bool, normalize, doc="divide by the sum of the (agreeing) weights"),
         ParamSpec("rescale", bool, rescale, doc="rescale the kept elements after sparsification"),
@@ -113,6 +118,8 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
                       min_inputs=1, sparsify=sparsify, consensus=consensus, doc=doc, reference=reference)
 
 
+#: The per-tensor methods by name; a new method is one entry here (``evomerge.method_registry`` adds the
+#: data-aware ones and is where callers look a name up).
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         name="linear", family="linear", needs_base=False, per_model_scope="input",
@@ -152,17 +159,11 @@ METHODS: dict[str, MethodSpec] = {
         reference="https://arxiv.org/abs/2403.19522"),
     "passthrough": MethodSpec(
         name="passthrough", family="passthrough", needs_base=False, max_inputs=1, per_model_scope="input",
-        params=(ParamSpec("scale", float, None, per_model=True, doc="multiply the copied tensor (default: no scaling)"),),
+        params=(ParamSpec("scale", float, None, per_model=True,
+                          doc="multiply the copied tensor (default: no scaling)"),),
         doc="Copy tensors from one model; with slices, stack layer ranges of several models (frankenmerge).",
         reference=""),
 }
-
-
-def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise EvomergeError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
 @dataclass
@@ -174,8 +175,15 @@ class PreparedInputs:
     deltas: list[torch.Tensor] = field(default_factory=list)  # task-arithmetic family: theta_i - base
     stats: list[DeltaStats | None] = field(default_factory=list)
 
+    def base_tensor(self) -> torch.Tensor:
+        """The base tensor of a method that merges against one (ValueError for linear / passthrough)."""
+        if self.base is None:
+            raise ValueError("these inputs have no base tensor (a method without a base prepared them)")
+        return self.base
+
     @property
     def nbytes(self) -> int:
+        """Bytes held by the prepared tensors (base, raw inputs, deltas and their sort orders / ranks)."""
         tensors = ([self.base] if self.base is not None else []) + self.others + self.deltas
         total = sum(t.numel() * t.element_size() for t in tensors)
         for s in self.stats:
@@ -194,6 +202,8 @@ def prepare_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_pos: 
     """
     if spec.family in ("linear", "passthrough"):
         return PreparedInputs(base=None, others=list(tensors))
+    if base_pos is None:
+        raise ValueError(f"{spec.name} merges against a base: base_pos must say which tensor it is")
     base = tensors[base_pos]
     rest = [t for i, t in enumerate(tensors) if i != base_pos]
     if spec.family == "task_arithmetic":
@@ -210,21 +220,21 @@ def run_method(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
     family = spec.family
     if family == "task_arithmetic":
         sparsify = spec.sparsify
-        return merge_task_arithmetic(
-            inputs.base, inputs.deltas, inputs.stats, out,
+        settings = TaskArithmeticSettings(
             weights=[p["weight"] for p in per_model], densities=[p["density"] for p in per_model],
             sparsify=sparsify, consensus=spec.consensus, normalize=shared["normalize"], rescale=shared["rescale"],
             lambda_=shared["lambda"], rescale_mode=shared.get("rescale_mode", "l1"),
             gammas=[p["gamma"] for p in per_model] if sparsify == "magnitude_outliers" else None,
-            epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None,
-            generator=generator, ws=ws)
+            epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None)
+        return merge_task_arithmetic(inputs.base_tensor(), inputs.deltas, inputs.stats, out, settings,
+                                     generator=generator, ws=ws)
     if family == "linear":
         return merge_linear(inputs.others, out, weights=[p["weight"] for p in per_model],
                             normalize=shared["normalize"], ws=ws)
     if family == "slerp":
-        return merge_slerp(inputs.base, inputs.others[0], out, t=shared["t"])
+        return merge_slerp(inputs.base_tensor(), inputs.others[0], out, t=shared["t"])
     if family == "model_stock":
-        return merge_model_stock(inputs.base, inputs.others, out, filter_wise=shared["filter_wise"])
+        return merge_model_stock(inputs.base_tensor(), inputs.others, out, filter_wise=shared["filter_wise"])
     if family == "passthrough":
         return merge_passthrough(inputs.others[0], out, scale=per_model[0]["scale"])
     raise ValueError(f"unknown method family {family!r}")

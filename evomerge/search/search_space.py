@@ -35,7 +35,8 @@ from evomerge.search.candidates import Candidate, LayerPath
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
-PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "name"}
+PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "name",
+           "searched"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -152,9 +153,12 @@ def _validate_ps(data: dict[str, Any]) -> dict[str, Any]:
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise _err(f"{where}: parameters must be a mapping")
+    searched = data.get("searched", list(PS_GENES))  # e.g. [weight] for methods without density
+    if not isinstance(searched, list) or not searched or not set(searched) <= set(PS_GENES):
+        raise _err(f"{where}: searched must be a non-empty list of {', '.join(PS_GENES)}, got {searched!r}")
     return {"kind": "ps", "name": data.get("name"), "merge_method": method, "parameters": params,
             "group_size": group, "embeddings": embeddings, "genes": genes,
-            "description": data.get("description", "")}
+            "searched": [g for g in PS_GENES if g in searched], "description": data.get("description", "")}
 
 
 def _validate_dfs(data: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +280,7 @@ class PSSpace(SearchSpace):
         self.genes = []
         for alias in self.sources:
             for group, _ in self.groups:
-                for g in PS_GENES:
+                for g in definition.get("searched", PS_GENES):
                     b = definition["genes"][g]
                     self.genes.append(Gene(f"{alias}.{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
 
@@ -321,7 +325,8 @@ class PSSpace(SearchSpace):
         if self.definition["parameters"]:
             recipe["parameters"] = copy.deepcopy(self.definition["parameters"])
         recipe["models"] = [
-            {"model": path, "parameters": {g: self._parameter_value(alias, g, values) for g in PS_GENES}}
+            {"model": path, "parameters": {g: self._parameter_value(alias, g, values)
+                                           for g in self.definition.get("searched", PS_GENES)}}
             for alias, path in self.sources.items()
         ]
         recipe["tokenizer_source"] = "base"

@@ -151,17 +151,6 @@ def resolve(config: Mapping[str, Any], tensor_names: Iterable[str], num_layers: 
     return infer(name, tensor_names, num_layers)
 
 
-def of_checkpoint(path) -> Architecture:
-    """The architecture of the checkpoint folder ``path`` (reads config.json and the safetensors headers)."""
-    from evomerge.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(path)
-    try:
-        return resolve(ckpt.config, ckpt.tensor_names, ckpt.num_layers)
-    finally:
-        ckpt.close()
-
-
 def of_model(model) -> Architecture:
     """The architecture of a loaded transformers model (its config; its module names when outside the table:
     the block list's checkpoint prefix is also its module path)."""
@@ -219,4 +208,4 @@ def dataflow_refusal(arch: Architecture, config: Mapping[str, Any]) -> str | Non
 
 
 __all__ = ["Architecture", "BLOCK_NAME", "KNOWN", "NUM_LAYERS_KEYS", "architecture_name", "check_in_place",
-           "checkpoint_tensors", "dataflow_refusal", "infer", "of_checkpoint", "of_model", "resolve"]
+           "checkpoint_tensors", "dataflow_refusal", "infer", "of_model", "resolve"]

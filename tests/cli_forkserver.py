@@ -37,13 +37,15 @@ class ForkServer:
 
 
 def _serve() -> None:
-    import evomerge.cli  # noqa: F401  the imports every child needs, done once here
-    import evomerge.commands.run  # noqa: F401
-    import evomerge.search.launch  # noqa: F401
-    import evomerge.search.worker  # noqa: F401
+    # the imports every child needs, done once here
     import optuna  # noqa: F401
     import ray  # noqa: F401
     import transformers  # noqa: F401
+
+    import evomerge.cli
+    import evomerge.commands.run  # noqa: F401
+    import evomerge.search.launch  # noqa: F401
+    import evomerge.search.worker  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print("ready", flush=True)

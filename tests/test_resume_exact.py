@@ -17,8 +17,8 @@ found finished but untold, before that checkpoint reached the disk. The pipe is 
 leaves at most a partial temporary file, which the next write truncates).
 
 Each optimizer's run (population 4, 12 trials) is killed at some of these points in turn (KILL_POINTS), then
-resumed to the end; the points are spread over the optimizers so that every optimizer is killed at least twice
-and every kind of point is taken by at least two optimizers (the full cross product took minutes more). The
+resumed to the end; the points are spread over the optimizers so that every optimizer is killed twice and every
+kind of point is taken by two optimizers (the full cross product took minutes more). The
 narrowest windows are pinned at the optimizer, deterministically, at the end of this file: a CMA-ES state_dict
 saved mid-generation in one process and told in other processes (other hash salts), an Optuna ask committed to
 SQLite but lost with its checkpoint. With two workers, the optimizers whose asks do not depend on completion
@@ -64,13 +64,13 @@ STATE_WRITE = "state write"
 # kill points (trials on disk when killed), one run killed at each in turn, then resumed to the end. With a
 # population of 4: 2 = first generation, 6 = mid-generation, 8 = the trial that closes a generation (its tell
 # is CMA-ES's update; Optuna's generational samplers then ask the next generation), 11 = the last trial running.
-# Each kind is taken by two optimizers at least, not the full cross product (each kill costs a driver and a worker
+# Each kind is taken by two optimizers, not the full cross product (each kill costs a driver and a worker
 # started, seconds on a 2-core CI machine); CMA-ES is killed after every trial at the optimizer (end of the file).
 KILL_POINTS = {
-    "cmaes": [6, STATE_WRITE, 8],  # the case: mid-generation
-    "optuna_cmaes": [2, 8, STATE_WRITE],  # the resumed driver writing its state after putting lost asks back
-    "nsga2": [2, 8],
-    "tpe": [6, STATE_WRITE, BUDGET - 1],
+    "cmaes": [6, 8],  # the case (mid-generation), then the tell that updates the strategy
+    "optuna_cmaes": [8, STATE_WRITE],  # the next generation asked (SQLite rows), then the resumed driver's write
+    "nsga2": [2, BUDGET - 1],
+    "tpe": [6, STATE_WRITE],
     "random": [2, BUDGET - 1],
 }
 # what must be equal between the resumed and the uninterrupted run (not who ran it, when, or how fast)

@@ -13,19 +13,19 @@ exact from wherever it landed. The kill during a state write is made determinist
 the checkpoint's temporary file goes (run_folder.atomic_write_bytes writes ``.state.json.tmp``): opening it for
 writing blocks until a reader comes, which none does; the test kills the driver once the kernel reports it
 waiting there (``/proc/PID/wchan`` is ``wait_for_partner``), i.e. after the resumed driver told the trials it
-found finished but untold, before that checkpoint reached the disk. The pipe is then removed (a real crash
-leaves at most a partial temporary file, which the next write truncates).
+found finished but untold (and put the Optuna asks its checkpoint lacks back to WAITING), before that checkpoint
+reached the disk. The pipe is then removed (a real crash leaves at most a partial temporary file, which the next
+write truncates; a kill in the middle of a write leaves one, which the pipe replaces).
 
-Each optimizer's run (population 4, 12 trials) is killed at some of these points in turn (KILL_POINTS), then
-resumed to the end; the points are spread over the optimizers so that every optimizer is killed twice and every
-kind of point is taken by two optimizers (the full cross product took minutes more). The
-narrowest windows are pinned at the optimizer, deterministically, at the end of this file: a CMA-ES state_dict
-saved mid-generation in one process and told in other processes (other hash salts), an Optuna ask committed to
-SQLite but lost with its checkpoint. With two workers, the optimizers whose asks do not depend on completion
-order (cmaes, optuna_cmaes, nsga2: whole generations asked at once behind a barrier; random) give the one-worker
-run's trials; it is run, killed and resumed for cmaes and optuna_cmaes here (test_search_config.py tells
-nsga2's and the others' generations in a shuffled order without Ray). TPE's asks see whichever trials finished
-first, so it is checked with one worker only.
+Each optimizer's run (population 4, 12 trials) is killed at two of these points in turn (KILL_POINTS), then
+resumed to the end; every kind of point is taken by two optimizers (the full cross product took minutes more).
+The narrowest windows are pinned at the optimizer, deterministically, at the end of this file: a CMA-ES
+state_dict saved mid-generation in one process and told in other processes (other hash salts), an Optuna ask
+committed to SQLite but lost with its checkpoint. With two workers, the optimizers whose asks do not depend on
+completion order (cmaes, optuna_cmaes, nsga2: whole generations asked at once behind a barrier; random: tells
+are ignored) give the one-worker run's trials; a two-worker run is killed and resumed here for cmaes and
+optuna_cmaes (test_search_config.py tells generations of cmaes, optuna_cmaes and nsga2 out of order, without
+Ray). TPE's asks see whichever trials finished first, so it is checked with one worker only.
 """
 
 from __future__ import annotations

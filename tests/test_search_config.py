@@ -216,7 +216,7 @@ def test_smoke_experiment_is_valid():
     assert exp.kind == "ps" and exp.models.build is not None and exp.models.build["n_variants"] == 2
     assert exp.evaluators[0].spec["base_dir"] == str(REPO / "experiments")
     for name in ("ps_ties_dare", "dfs", "ps_dfs"):
-        assert load_space_definition(name)["kind"] == name.replace("_ties_dare", "")
+        assert load_space_definition(name).kind == name.replace("_ties_dare", "")
 
 
 def test_budget_counts_trials_generations_and_wall_time_of_every_part(llama_family, tmp_path):

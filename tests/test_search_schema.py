@@ -7,6 +7,7 @@ value (optimizer.seed, workers.device, workers.threads, models.build) are follow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -19,7 +20,15 @@ from evomerge.search.experiment import validate_experiment
 from evomerge.search.objectives import Objective
 from evomerge.search.optimizers import Problem, build_optimizer
 from evomerge.search.run_folder import RunFolder
-from evomerge.search.search_space import PS_KEYS, load_space_definition
+from evomerge.search.search_space import (
+    PS_KEYS,
+    DFSSpaceDef,
+    GeneBounds,
+    IndicatorBounds,
+    PSDFSSpaceDef,
+    PSSpaceDef,
+    load_space_definition,
+)
 from evomerge.search.stages import stage_space
 from evomerge.search.tiny_family import build_models
 from evomerge.search.worker import TrialRunner, WorkerSetup
@@ -69,9 +78,29 @@ def test_every_search_space_key_is_kept():
     definition = load_space_definition({"kind": "ps", "name": "x", "description": "d", "merge_method": "ties",
                                         "parameters": {"normalize": True}, "group_size": "block",
                                         "embeddings": "with_blocks", "genes": {"weight": {"high": 2.0}}})
-    assert PS_KEYS <= set(definition)
+    assert PS_KEYS <= set(definition.to_dict())
     with pytest.raises(EvomergeError, match="unknown key 'dtype'"):  # was accepted and dropped
         load_space_definition({"kind": "ps", "dtype": "float16"})
+
+
+def test_space_definitions_are_typed_and_round_trip():
+    """Validated definitions are frozen dataclasses; to_dict() is the resolved YAML mapping (key order included,
+    as config.yaml is written unsorted) and reading it back gives the same definition."""
+    ps_dfs = load_space_definition("ps_dfs", {"ps_share": 0.25})
+    assert isinstance(ps_dfs, PSDFSSpaceDef) and ps_dfs.ps_share == 0.25
+    assert isinstance(ps_dfs.ps, PSSpaceDef) and isinstance(ps_dfs.dfs, DFSSpaceDef)
+    assert ps_dfs.ps.genes["density"] == GeneBounds(0.05, 1.0, 0.5, "linear")
+    assert ps_dfs.dfs.indicator == IndicatorBounds(-1.0, 1.0, 0.5, -0.5)
+    resolved = ps_dfs.to_dict()
+    assert list(resolved) == ["kind", "name", "ps", "dfs", "ps_share", "description"]
+    assert list(resolved["ps"]) == ["kind", "name", "merge_method", "parameters", "group_size", "embeddings",
+                                    "genes", "searched", "description"]
+    assert list(resolved["dfs"]["scale"]) == ["low", "high", "init", "transform"]
+    assert load_space_definition(resolved) == ps_dfs and load_space_definition(resolved).to_dict() == resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ps_dfs.ps.group_size = 2  # type: ignore[misc]
+    with pytest.raises(EvomergeError, match="indicator.low must be a number"):
+        load_space_definition("dfs", {"indicator": {"low": "a"}})
 
 
 def test_optimizer_seed_seeds_the_optimizer(llama_family, tmp_path):

@@ -45,7 +45,7 @@ import yaml
 
 from evomerge.errors import EvomergeError, check_keys
 from evomerge.search.objectives import Direction, Objective
-from evomerge.search.search_space import check_space_models, load_space_definition
+from evomerge.search.search_space import SpaceDef, check_space_models, load_space_definition
 
 OPTIMIZERS = ("cmaes", "optuna_cmaes", "tpe", "nsga2", "random")
 MULTI_OBJECTIVE = ("weighted_sum", "pareto")
@@ -135,7 +135,7 @@ class Experiment:
     seed: int
     out: Path | None
     models: ModelsConfig
-    space: dict[str, Any]
+    space: SpaceDef
     evaluators: list[EvaluatorSpec]
     objectives: list[Objective]
     optimizer: OptimizerConfig
@@ -150,7 +150,7 @@ class Experiment:
     @property
     def kind(self) -> str:
         """The search space's kind: ``ps``, ``dfs`` or ``ps_dfs``."""
-        return str(self.space["kind"])
+        return self.space.kind
 
     @property
     def pareto(self) -> bool:
@@ -250,7 +250,7 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
         raise _err("no search_space given (e.g. search_space: ps_ties_dare)")
     space = load_space_definition(data["search_space"], data.get("space") or {}, base_dir)
 
-    models = _validate_models(data.get("models"), space["kind"], base_dir, check_models)
+    models = _validate_models(data.get("models"), space.kind, base_dir, check_models)
     if check_models and models.build is None:
         check_space_models(space, models.to_dict())  # an architecture that cannot run this search: refused here
 
@@ -286,7 +286,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         "out": str(exp.out) if exp.out else None,
         "description": exp.description,
         "models": exp.models.to_dict(),
-        "search_space": copy.deepcopy(exp.space),
+        "search_space": exp.space.to_dict(),
         "evaluators": [{"name": e.name, "spec": e.spec, "limit": e.limit, "seed": e.seed} for e in exp.evaluators],
         "objectives": [o.to_dict() for o in exp.objectives],
         "optimizer": dataclasses.asdict(exp.optimizer),

@@ -28,7 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -48,6 +48,7 @@ PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
 GENE_KEYS = {"low", "high", "init", "transform"}
+INDICATOR_KEYS = {"low", "high", "init_on", "init_off"}
 
 
 @dataclass(frozen=True)
@@ -81,23 +82,129 @@ def _err(msg: str) -> EvomergeError:
 # ----------------------------------------------------------------------------------------------------------
 # definitions (YAML) and their validation
 
+@dataclass(frozen=True)
+class GeneBounds:
+    """A searched parameter's declared range: ``low < high``, ``init`` in [low, high], ``transform`` linear or
+    log (log needs ``low > 0``). Units are the parameter's own (a density, a weight, a scale)."""
+
+    low: float
+    high: float
+    init: float
+    transform: str = "linear"
+
+    def gene(self, name: str) -> Gene:
+        """The gene ``name`` with these bounds."""
+        return Gene(name, self.low, self.high, self.init, self.transform)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form ``{low, high, init, transform}``."""
+        return {"low": self.low, "high": self.high, "init": self.init, "transform": self.transform}
+
+
+@dataclass(frozen=True)
+class IndicatorBounds:
+    """DFS layer-indicator genes: range [low, high] straddling 0 (a slot is on when its gene is > 0), and the
+    starting values of model A's slots (``init_on``) and of every other slot (``init_off``)."""
+
+    low: float = -1.0
+    high: float = 1.0
+    init_on: float = 0.5
+    init_off: float = -0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form ``{low, high, init_on, init_off}``."""
+        return {"low": self.low, "high": self.high, "init_on": self.init_on, "init_off": self.init_off}
+
+
+@dataclass(frozen=True)
+class PSSpaceDef:
+    """A validated ``ps`` definition (parameter space; see the module docstring for the fields' meaning).
+
+    ``group_size`` is ``"model"``, ``"block"`` or a positive block count; ``embeddings`` is ``separate`` or
+    ``with_blocks``; ``genes`` maps each searched parameter, in genome order, to its bounds; ``searched`` lists
+    which of density and weight mergekit-evolve asked for.
+    """
+
+    name: str | None
+    merge_method: str
+    parameters: dict[str, Any]
+    group_size: str | int
+    embeddings: str
+    genes: dict[str, GeneBounds]
+    searched: tuple[str, ...]
+    description: str | None = ""
+    kind: ClassVar[str] = "ps"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved YAML mapping (what a run folder's config.yaml keeps under ``search_space``)."""
+        return {"kind": self.kind, "name": self.name, "merge_method": self.merge_method,
+                "parameters": copy.deepcopy(self.parameters), "group_size": self.group_size,
+                "embeddings": self.embeddings, "genes": {g: b.to_dict() for g, b in self.genes.items()},
+                "searched": list(self.searched), "description": self.description}
+
+
+@dataclass(frozen=True)
+class DFSSpaceDef:
+    """A validated ``dfs`` definition (data-flow space): ``repeats`` r, the ``scaling`` kind (matrix, ffn or
+    none) with ``ffn_hidden`` units for ffn, the indicator bounds and the scale / FFN-weight gene bounds."""
+
+    name: str | None
+    repeats: int
+    scaling: str
+    ffn_hidden: int
+    indicator: IndicatorBounds
+    scale: GeneBounds
+    ffn_weight: GeneBounds
+    description: str | None = ""
+    kind: ClassVar[str] = "dfs"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved YAML mapping (what a run folder's config.yaml keeps under ``search_space``)."""
+        return {"kind": self.kind, "name": self.name, "repeats": self.repeats, "scaling": self.scaling,
+                "ffn_hidden": self.ffn_hidden, "indicator": self.indicator.to_dict(),
+                "scale": self.scale.to_dict(), "ffn_weight": self.ffn_weight.to_dict(),
+                "description": self.description}
+
+
+@dataclass(frozen=True)
+class PSDFSSpaceDef:
+    """A validated ``ps_dfs`` definition: a PS stage, then a DFS stage; ``ps_share`` in (0, 1) is the PS
+    stage's share of every budget."""
+
+    name: str | None
+    ps: PSSpaceDef
+    dfs: DFSSpaceDef
+    ps_share: float
+    description: str | None = ""
+    kind: ClassVar[str] = "ps_dfs"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved YAML mapping (what a run folder's config.yaml keeps under ``search_space``)."""
+        return {"kind": self.kind, "name": self.name, "ps": self.ps.to_dict(), "dfs": self.dfs.to_dict(),
+                "ps_share": self.ps_share, "description": self.description}
+
+
+SpaceDef = PSSpaceDef | DFSSpaceDef | PSDFSSpaceDef
+StageSpaceDef = PSSpaceDef | DFSSpaceDef
+
+
 def load_space_definition(spec: Any, overrides: dict[str, Any] | None = None,
-                          base_dir: str | Path = ".") -> dict[str, Any]:
+                          base_dir: str | Path = ".") -> SpaceDef:
     """A search-space definition from a name in search_spaces/, a YAML path, or an inline mapping, with the
-    experiment's ``space:`` overrides applied; validated and with defaults filled in."""
-    if isinstance(spec, str):
-        candidates = [Path(base_dir) / spec, SPACES_DIR / f"{spec}.yaml", SPACES_DIR / spec]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-            raise _err(f"unknown search space {spec!r} (known: {', '.join(known)}; or give a YAML path)")
-        data = yaml.safe_load(path.read_text()) or {}
-        data.setdefault("name", path.stem)
-    elif isinstance(spec, dict):
-        data = copy.deepcopy(spec)
-        data.setdefault("name", "inline")
-    else:
-        raise _err(f"search_space must be a name, a path or a mapping, got {type(spec).__name__}")
+    experiment's ``space:`` overrides applied; validated and with defaults filled in.
+
+    Args:
+        spec: a name in search_spaces/, a YAML path (relative to ``base_dir``), or an inline mapping.
+        overrides: the experiment's ``space:`` mapping, merged into the definition (nested mappings merged).
+        base_dir: the folder a relative path resolves against.
+
+    Returns:
+        A ``PSSpaceDef``, ``DFSSpaceDef`` or ``PSDFSSpaceDef``; its ``to_dict()`` is the resolved mapping.
+
+    Raises:
+        EvomergeError: an unknown space or key, or an invalid value (one line naming it).
+    """
+    data = _read_definition(spec, base_dir)
     overrides = {} if overrides is None else overrides
     if not isinstance(overrides, dict):
         raise _err("space (the search-space overrides) must be a mapping")
@@ -105,11 +212,34 @@ def load_space_definition(spec: Any, overrides: dict[str, Any] | None = None,
     kind = data.get("kind")
     if kind not in KINDS:
         raise _err(f"search space {data.get('name')!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    for key in ("name", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise _err(f"search space {data.get('name')!r}: {key} must be a string")
     if kind == "ps":
         return _validate_ps(data)
     if kind == "dfs":
         return _validate_dfs(data)
     return _validate_ps_dfs(data, base_dir)
+
+
+def _read_definition(spec: Any, base_dir: str | Path) -> dict[str, Any]:
+    """The raw mapping of a space name, YAML path or inline mapping, with ``name`` defaulted."""
+    if isinstance(spec, str):
+        candidates = [Path(base_dir) / spec, SPACES_DIR / f"{spec}.yaml", SPACES_DIR / spec]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+            raise _err(f"unknown search space {spec!r} (known: {', '.join(known)}; or give a YAML path)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise _err(f"search space {path} must be a mapping, got {type(data).__name__}")
+        data.setdefault("name", path.stem)
+        return data
+    if isinstance(spec, dict):
+        data = copy.deepcopy(spec)
+        data.setdefault("name", "inline")
+        return data
+    raise _err(f"search_space must be a name, a path or a mapping, got {type(spec).__name__}")
 
 
 def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -122,26 +252,28 @@ def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _gene_bounds(where: str, given: Any, default: dict[str, Any]) -> dict[str, Any]:
+def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _gene_bounds(where: str, given: Any, default: dict[str, float]) -> GeneBounds:
     spec: dict[str, Any] = dict(default, **check_keys(where, given if given is not None else {}, GENE_KEYS))
-    for k in ("low", "high", "init"):
-        v = spec.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _err(f"{where}.{k} must be a number, got {v!r}")
-        spec[k] = float(v)
-    if not spec["low"] < spec["high"]:
-        raise _err(f"{where}: inverted bounds (low {spec['low']} must be below high {spec['high']})")
-    if not spec["low"] <= spec["init"] <= spec["high"]:
-        raise _err(f"{where}.init {spec['init']} is outside [{spec['low']}, {spec['high']}]")
-    if spec.get("transform", "linear") not in TRANSFORMS:
-        raise _err(f"{where}.transform must be linear or log, got {spec.get('transform')!r}")
-    spec["transform"] = spec.get("transform", "linear")
-    if spec["transform"] == "log" and spec["low"] <= 0:
+    low, high, init = (_number(f"{where}.{k}", spec.get(k)) for k in ("low", "high", "init"))
+    if not low < high:
+        raise _err(f"{where}: inverted bounds (low {low} must be below high {high})")
+    if not low <= init <= high:
+        raise _err(f"{where}.init {init} is outside [{low}, {high}]")
+    transform = spec.get("transform", "linear")
+    if transform not in TRANSFORMS:
+        raise _err(f"{where}.transform must be linear or log, got {transform!r}")
+    if transform == "log" and low <= 0:
         raise _err(f"{where}: a log transform needs low > 0")
-    return spec
+    return GeneBounds(low, high, init, str(transform))
 
 
-def _validate_ps(data: dict[str, Any]) -> dict[str, Any]:
+def _validate_ps(data: dict[str, Any]) -> PSSpaceDef:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, PS_KEYS)
     method = data.get("merge_method", "dare_ties")
@@ -169,9 +301,9 @@ def _validate_ps(data: dict[str, Any]) -> dict[str, Any]:
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise _err(f"{where}: parameters must be a mapping")
-    return {"kind": "ps", "name": data.get("name"), "merge_method": method, "parameters": params,
-            "group_size": group, "embeddings": embeddings, "genes": genes,
-            "searched": [g for g in PS_GENES if g in searched], "description": data.get("description", "")}
+    return PSSpaceDef(name=data.get("name"), merge_method=method, parameters=params, group_size=group,
+                      embeddings=embeddings, genes=genes, searched=tuple(g for g in PS_GENES if g in searched),
+                      description=data.get("description", ""))
 
 
 def _numeric_parameters(method: str) -> dict[str, bool] | None:
@@ -182,7 +314,19 @@ def _numeric_parameters(method: str) -> dict[str, bool] | None:
     return {p.name: p.per_model for p in spec.params if p.kind is float}
 
 
-def _validate_dfs(data: dict[str, Any]) -> dict[str, Any]:
+def _indicator(where: str, given: Any) -> IndicatorBounds:
+    ind = dict(IndicatorBounds().to_dict(), **check_keys(f"{where} indicator", given or {}, INDICATOR_KEYS))
+    low, high, init_on, init_off = (_number(f"{where} indicator.{k}", ind[k])
+                                    for k in ("low", "high", "init_on", "init_off"))
+    if not low < 0 < high:
+        raise _err(f"{where}: indicator bounds must straddle 0 (a slot is on when its gene is > 0)")
+    for k, v in (("init_on", init_on), ("init_off", init_off)):
+        if not low <= v <= high:
+            raise _err(f"{where}: indicator.{k} is outside the indicator bounds")
+    return IndicatorBounds(low, high, init_on, init_off)
+
+
+def _validate_dfs(data: dict[str, Any]) -> DFSSpaceDef:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, DFS_KEYS)
     repeats = data.get("repeats", 2)
@@ -194,33 +338,25 @@ def _validate_dfs(data: dict[str, Any]) -> dict[str, Any]:
     hidden = data.get("ffn_hidden", 4)
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise _err(f"{where}: ffn_hidden must be a positive integer")
-    ind = data.get("indicator") or {}
-    check_keys(f"{where} indicator", ind, {"low", "high", "init_on", "init_off"})
-    ind = dict({"low": -1.0, "high": 1.0, "init_on": 0.5, "init_off": -0.5}, **ind)
-    if not ind["low"] < 0 < ind["high"]:
-        raise _err(f"{where}: indicator bounds must straddle 0 (a slot is on when its gene is > 0)")
-    for k in ("init_on", "init_off"):
-        if not ind["low"] <= ind[k] <= ind["high"]:
-            raise _err(f"{where}: indicator.{k} is outside the indicator bounds")
+    indicator = _indicator(where, data.get("indicator"))
     scale = _gene_bounds(f"{where} scale", data.get("scale"), {"low": 0.0, "high": 2.0, "init": 1.0})
     ffn = _gene_bounds(f"{where} ffn_weight", data.get("ffn_weight"), {"low": -3.0, "high": 3.0, "init": 0.0})
-    return {"kind": "dfs", "name": data.get("name"), "repeats": repeats, "scaling": scaling, "ffn_hidden": hidden,
-            "indicator": {k: float(v) for k, v in ind.items()}, "scale": scale, "ffn_weight": ffn,
-            "description": data.get("description", "")}
+    return DFSSpaceDef(name=data.get("name"), repeats=repeats, scaling=scaling, ffn_hidden=hidden,
+                       indicator=indicator, scale=scale, ffn_weight=ffn, description=data.get("description", ""))
 
 
-def _validate_ps_dfs(data: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
+def _validate_ps_dfs(data: dict[str, Any], base_dir: str | Path) -> PSDFSSpaceDef:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, PS_DFS_KEYS)
     ps = load_space_definition(data.get("ps", "ps_ties_dare"), {}, base_dir)
     dfs = load_space_definition(data.get("dfs", "dfs"), {}, base_dir)
-    if ps["kind"] != "ps" or dfs["kind"] != "dfs":
+    if not isinstance(ps, PSSpaceDef) or not isinstance(dfs, DFSSpaceDef):
         raise _err(f"{where}: ps must name a ps space and dfs a dfs space")
     share = data.get("ps_share", 0.5)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise _err(f"{where}: ps_share (the PS stage's share of the budget) must be in (0, 1)")
-    return {"kind": "ps_dfs", "name": data.get("name"), "ps": ps, "dfs": dfs, "ps_share": float(share),
-            "description": data.get("description", "")}
+    return PSDFSSpaceDef(name=data.get("name"), ps=ps, dfs=dfs, ps_share=float(share),
+                         description=data.get("description", ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,15 +392,15 @@ def dataflow_architecture(a: str | Path, b: str | Path) -> architecture.Architec
     return arch_a
 
 
-def check_space_models(definition: dict[str, Any], models: dict[str, Any]) -> None:
+def check_space_models(definition: SpaceDef, models: dict[str, Any]) -> None:
     """Refuse up front (one EvomergeError line) a search the models' architecture cannot run: PS layer groups
     without a known block list, a model the in-memory engine cannot write in place, a data-flow search on an
     architecture it does not support."""
-    kind = definition["kind"]
-    ps = definition["ps"] if kind == "ps_dfs" else definition if kind == "ps" else None
-    if ps is not None and ps["group_size"] != "model":
+    kind = definition.kind
+    ps = definition.ps if isinstance(definition, PSDFSSpaceDef) else definition
+    if isinstance(ps, PSSpaceDef) and ps.group_size != "model":
         checkpoint_architecture(models["base"]).require_blocks("PS layer groups (group_size)")
-    if ps is not None:
+    if isinstance(ps, PSSpaceDef):
         architecture.check_in_place(models["base"])
     if kind == "dfs":
         dataflow_architecture(models["a"], models["b"])
@@ -320,7 +456,7 @@ class PSSpace(SearchSpace):
 
     kind = "ps"
 
-    def __init__(self, definition: dict[str, Any], base: str, sources: dict[str, str], dtype: str = "float32"):
+    def __init__(self, definition: PSSpaceDef, base: str, sources: dict[str, str], dtype: str = "float32"):
         self.definition = definition
         self.base = base
         self.sources = dict(sources)
@@ -328,23 +464,16 @@ class PSSpace(SearchSpace):
         self.num_layers = read_num_layers(base)
         self.arch = checkpoint_architecture(base)
         self.groups = self._layer_groups()
-        scopes = _numeric_parameters(definition["merge_method"]) or {}
-        self.model_genes = [g for g in definition["genes"] if scopes.get(g, True)]
-        self.global_genes = [g for g in definition["genes"] if not scopes.get(g, True)]
-        self.genes = []
-        for alias in self.sources:
-            for group, _ in self.groups:
-                for g in self.model_genes:
-                    b = definition["genes"][g]
-                    self.genes.append(Gene(f"{alias}.{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
-        for group, _ in self.groups:
-            for g in self.global_genes:
-                b = definition["genes"][g]
-                self.genes.append(Gene(f"{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
+        scopes = _numeric_parameters(definition.merge_method) or {}
+        self.model_genes = [g for g in definition.genes if scopes.get(g, True)]
+        self.global_genes = [g for g in definition.genes if not scopes.get(g, True)]
+        self.genes = [definition.genes[g].gene(f"{alias}.{group}.{g}")
+                      for alias in self.sources for group, _ in self.groups for g in self.model_genes]
+        self.genes += [definition.genes[g].gene(f"{group}.{g}") for group, _ in self.groups for g in self.global_genes]
 
     def _layer_groups(self) -> list[tuple[str, list[str] | None]]:
         """(group name, recipe filters) in the order genes are laid out; filters None = the whole model."""
-        size = self.definition["group_size"]
+        size = self.definition.group_size
         if size == "model":
             return [("all", None)]
         self.arch.require_blocks("PS layer groups (group_size)")
@@ -352,7 +481,7 @@ class PSSpace(SearchSpace):
         n = self.num_layers
         blocks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
         groups: list[tuple[str, list[str] | None]] = []
-        separate = self.definition["embeddings"] == "separate"
+        separate = self.definition.embeddings == "separate"
         embed = self.arch.embedding_filters()
         if separate:
             groups.append(("embed", embed))
@@ -382,9 +511,9 @@ class PSSpace(SearchSpace):
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:
         """The recipe (mergekit YAML as a mapping) of this genome."""
-        recipe: dict[str, Any] = {"merge_method": self.definition["merge_method"], "base_model": self.base,
+        recipe: dict[str, Any] = {"merge_method": self.definition.merge_method, "base_model": self.base,
                                   "dtype": self.dtype}
-        parameters = copy.deepcopy(self.definition["parameters"])
+        parameters = copy.deepcopy(self.definition.parameters)
         parameters.update({g: self._parameter_value("", g, values) for g in self.global_genes})
         if parameters:
             recipe["parameters"] = parameters
@@ -401,7 +530,7 @@ class DFSSpace(SearchSpace):
 
     kind = "dfs"
 
-    def __init__(self, definition: dict[str, Any], a: str, b: str):
+    def __init__(self, definition: DFSSpaceDef, a: str, b: str):
         self.definition = definition
         self.a, self.b = a, b
         self.arch = dataflow_architecture(a, b)
@@ -409,26 +538,20 @@ class DFSSpace(SearchSpace):
         if self.n_a < 2:
             raise _err("model A needs at least 2 layers (its first and last are the fixed ends of the path)")
         self.m = self.n_a + self.n_b
-        self.r = definition["repeats"]
+        self.r = definition.repeats
         self.t = self.m * self.r
         # slot 0 (A's first layer) and slot n_a - 1 (A's last layer) of the first repetition are fixed ends
         self.free_slots = [s for s in range(self.t) if s not in (0, self.n_a - 1)]
-        ind = definition["indicator"]
-        self.genes = []
-        for s in self.free_slots:
-            init = ind["init_on"] if s < self.n_a else ind["init_off"]
-            self.genes.append(Gene(f"I.{s}", ind["low"], ind["high"], init))
-        sc = definition["scaling"]
-        if sc == "matrix":
-            bounds = definition["scale"]
-            self.genes += [Gene(f"W.{i}.{j}", bounds["low"], bounds["high"], bounds["init"], bounds["transform"])
-                           for i in range(self.m) for j in range(self.m)]
-        elif sc == "ffn":
-            bounds = definition["ffn_weight"]
-            h = definition["ffn_hidden"]
+        ind = definition.indicator
+        self.genes = [Gene(f"I.{s}", ind.low, ind.high, ind.init_on if s < self.n_a else ind.init_off)
+                      for s in self.free_slots]
+        if definition.scaling == "matrix":
+            self.genes += [definition.scale.gene(f"W.{i}.{j}") for i in range(self.m) for j in range(self.m)]
+        elif definition.scaling == "ffn":
+            h = definition.ffn_hidden
             names = [f"ffn.w1.{k}.{c}" for k in range(h) for c in range(3)] + [f"ffn.b1.{k}" for k in range(h)]
             names += [f"ffn.w2.{k}" for k in range(h)] + ["ffn.b2"]
-            self.genes += [Gene(n, bounds["low"], bounds["high"], bounds["init"], bounds["transform"]) for n in names]
+            self.genes += [definition.ffn_weight.gene(n) for n in names]
 
     def path(self, values: dict[str, float]) -> tuple[list[int], list[int]]:
         """(layers, slots): combined layer indices (A's 0..n_a-1, then B's) along the path, and their slots."""
@@ -437,12 +560,12 @@ class DFSSpace(SearchSpace):
 
     def scale(self, i: int, j: int, t: int, values: dict[str, float]) -> float:
         """The input scale W[i, j] for the step from layer i to layer j at slot t (unitless, matrix or FFN)."""
-        sc = self.definition["scaling"]
+        sc = self.definition.scaling
         if sc == "none":
             return 1.0
         if sc == "matrix":
             return float(values[f"W.{i}.{j}"])
-        h = self.definition["ffn_hidden"]
+        h = self.definition.ffn_hidden
         x = (i / max(1, self.m - 1), j / max(1, self.m - 1), t / max(1, self.t - 1))
         out = values["ffn.b2"]
         for k in range(h):
@@ -457,10 +580,10 @@ class DFSSpace(SearchSpace):
         return {"a": self.a, "b": self.b, "n_a": self.n_a, "layers": layers, "scales": scales}
 
 
-def build_space(definition: dict[str, Any], models: dict[str, Any], dtype: str = "float32") -> SearchSpace:
+def build_space(definition: SpaceDef, models: dict[str, Any], dtype: str = "float32") -> SearchSpace:
     """The concrete space of one stage: ``definition`` is a validated ps or dfs definition."""
-    if definition["kind"] == "ps":
+    if isinstance(definition, PSSpaceDef):
         return PSSpace(definition, models["base"], models["sources"], dtype)
-    if definition["kind"] == "dfs":
+    if isinstance(definition, DFSSpaceDef):
         return DFSSpace(definition, models["a"], models["b"])
-    raise _err(f"a {definition['kind']} space has stages; build each stage's space separately")
+    raise _err(f"a {definition.kind} space has stages; build each stage's space separately")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from evomerge.search.experiment import Experiment, ModelsConfig
-from evomerge.search.search_space import SearchSpace, build_space
+from evomerge.search.search_space import PSDFSSpaceDef, SearchSpace, StageSpaceDef, build_space
 
 PS_WINNER = Path("stages") / "ps_winner"
 
@@ -25,7 +24,7 @@ class Stage:
     """
 
     name: str
-    space: dict[str, Any]
+    space: StageSpaceDef
     trials: int | None
     generations: int | None
     wall_time: float | None
@@ -46,13 +45,13 @@ def stage_definitions(exp: Experiment) -> list[Stage]:
         One ``Stage`` for ps or dfs; two for ps_dfs (counts split by ``ps_share``, each at least 1).
     """
     space, b = exp.space, exp.budget
-    if space["kind"] != "ps_dfs":
-        return [Stage(space["kind"], space, b.trials, b.generations, b.wall_time)]
-    share = float(space["ps_share"])
+    if not isinstance(space, PSDFSSpaceDef):
+        return [Stage(space.kind, space, b.trials, b.generations, b.wall_time)]
+    share = space.ps_share
     ps_trials, ps_gens = _count_share(b.trials, share), _count_share(b.generations, share)
     return [
-        Stage("ps", space["ps"], ps_trials, ps_gens, _share(b.wall_time, share)),
-        Stage("dfs", space["dfs"],
+        Stage("ps", space.ps, ps_trials, ps_gens, _share(b.wall_time, share)),
+        Stage("dfs", space.dfs,
               None if b.trials is None or ps_trials is None else max(1, b.trials - ps_trials),
               None if b.generations is None or ps_gens is None else max(1, b.generations - ps_gens),
               _share(b.wall_time, 1 - share)),

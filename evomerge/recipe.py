@@ -279,7 +279,7 @@ class Recipe:
         union's starting point (base, else first model); see evomerge/vocabulary.py."""
         settings = self.tokenizer_settings()
         source = settings.source if settings is not None else None
-        if source not in (None, "base", "union"):
+        if source is not None and source not in ("base", "union"):
             return model_folder(self.resolve_path(source))
         if self.base_model is not None:
             return model_folder(self.resolve_path(self.base_model))

@@ -188,7 +188,7 @@ def _positive_int(where: str, value: Any, allow_none: bool = True) -> int | None
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _err(f"{where} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _model_path(where: str, value: Any, base_dir: Path, must_exist: bool) -> str:

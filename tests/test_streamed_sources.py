@@ -1,0 +1,88 @@
+"""Sources that do not fit the device budget are streamed tensor by tensor into each candidate: a streamed
+candidate equals the resident one bit for bit (a CPU engine with a configured device-memory cap), the plan
+says what it keeps, and a budget too small for even the candidate is refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.engine import MergeEngine
+from evomerge.errors import EvomergeError
+from evomerge.memory_plan import GB, MemoryOptions, SourcesMode
+from evomerge.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    from evomerge import tiny
+
+    return tiny.make_family(tmp_path_factory.mktemp("bf16s"), n_variants=2, arch="qwen2", seed=3,
+                            dtype=torch.bfloat16, max_shard_size="40KB")
+
+
+def _recipe(fam: dict[str, Path], method: str, parameters: dict | None = None, dtype: str | None = None) -> Recipe:
+    per = {"weight": [0.3, 0.8], "density": [0.4, 0.7]} if method != "linear" else {"weight": 0.5}
+    data = {"merge_method": method, "models": [{"model": str(fam[m]), "parameters": per}
+                                              for m in ("model_1", "model_2")]}
+    if method != "linear":
+        data["base_model"] = str(fam["base"])
+    if parameters:
+        data["parameters"] = parameters
+    if dtype:
+        data["dtype"] = dtype
+    return Recipe.from_dict(data)
+
+
+def _state(engine: MergeEngine) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in engine.tensors()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("method,dtype", [("ties", None), ("dare_ties", None), ("della", None),
+                                          ("breadcrumbs_ties", "float32"), ("linear", None)])
+def test_streamed_candidate_equals_resident_bit_for_bit(bf16_family, method, dtype):
+    params = {"epsilon": 0.1} if method == "della" else None
+    recipe = _recipe(bf16_family, method, params, dtype)
+    resident = MergeEngine(recipe, threads=2, seed=5)
+    assert resident.memory.mode is SourcesMode.RESIDENT and all(resident.memory.resident)
+    plan = resident.memory
+    # a cap that holds the candidate, the scratch and about half the sources: the rest is streamed
+    cap = (plan.candidate + plan.scratch + plan.sources // 2) / GB
+    capped = MergeEngine(recipe, threads=2, seed=5, memory=MemoryOptions(device_memory_gb=cap))
+    streamed = MergeEngine(recipe, threads=1, seed=5, memory=MemoryOptions(sources="streamed"))
+    assert capped.memory.mode is SourcesMode.STREAMED and 0 < sum(capped.memory.resident) < len(plan.resident)
+    assert capped.memory.total <= cap * GB and capped.source_bytes <= capped.memory.sources
+    assert not any(streamed.memory.resident) and streamed.source_bytes == 0
+    other = _recipe(bf16_family, method, params, dtype)
+    for m in other.models:
+        m.parameters = {k: (0.55 if k == "weight" else 0.6) for k in m.parameters}
+    for candidate in (recipe, other):
+        want = _state(resident.materialize(candidate) and resident)
+        _same(want, _state(capped.materialize(candidate) and capped))
+        _same(want, _state(streamed.materialize(candidate) and streamed))
+
+
+def test_plan_is_one_line_and_nothing_fits_is_refused(bf16_family):
+    recipe = _recipe(bf16_family, "ties")
+    engine = MergeEngine(recipe, threads=1)
+    line = engine.memory.describe()
+    assert "\n" not in line and "B/param" in line and "all sources resident" in line
+    # ties keeps base + 2 task vectors (bf16) + 2 int32 orders: 2 + 2*2 + 2*4 = 14 bytes per parameter
+    assert engine.memory.sources == 14 * engine.memory.params
+    without = MergeEngine(recipe, threads=1, memory=MemoryOptions(keep_order=False))
+    assert without.memory.sources == 6 * without.memory.params == without.source_bytes
+    _same(_state(engine), _state(without))
+    with pytest.raises(EvomergeError, match="nothing fits") as err:
+        MergeEngine(recipe, memory=MemoryOptions(device_memory_gb=1e-6))
+    assert "\n" not in str(err.value)
+    with pytest.raises(EvomergeError, match="sources resident"):
+        MergeEngine(recipe, memory=MemoryOptions(device_memory_gb=engine.memory.candidate * 1.5 / GB,
+                                                 sources="resident"))

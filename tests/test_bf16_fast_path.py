@@ -66,3 +66,56 @@ def test_fused_reduced_precision_equals_the_torch_kernel_bit_for_bit(method, dty
                     reference = _merge(method, sources, weights, densities, normalize, lambda_, seed=3)
                 assert torch.equal(fused.view(torch.int16), reference.view(torch.int16)), \
                     (method, weights, normalize, lambda_)
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def reduced_family(request, tmp_path_factory):
+    from evomerge import tiny
+
+    return tiny.make_family(tmp_path_factory.mktemp(str(request.param)), n_variants=2, arch="qwen2", seed=6,
+                            dtype=request.param, max_shard_size="60KB")
+
+
+def _mergekit(recipe: dict, out: Path) -> None:
+    config = pytest.importorskip("mergekit.config")
+    merge = pytest.importorskip("mergekit.merge")
+    options = pytest.importorskip("mergekit.options")
+    merge.run_merge(config.MergeConfiguration.model_validate(recipe), str(out),
+                    options.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+
+
+def _folder(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_merge_and_engine_equal_mergekit_through_the_fast_path(reduced_family, method, fused_calls, tmp_path):
+    """No ``dtype:``: computed in the sources' bf16/fp16 by the fused kernel, equal to mergekit bit for bit."""
+    from evomerge.engine import MergeEngine
+    from evomerge.merge import run_merge
+    from evomerge.recipe import Recipe
+
+    fam = reduced_family
+    recipe = {"merge_method": method, "base_model": str(fam["base"]),
+              "models": [{"model": str(fam["model_1"]), "parameters": {"weight": 0.7, "density": [0.3, 0.8]}},
+                         {"model": str(fam["model_2"]), "parameters": {"weight": 0.45, "density": 0.6}}]}
+    if method == "breadcrumbs_ties":
+        recipe["parameters"] = {"gamma": 0.05}
+    _mergekit(recipe, tmp_path / "mk")
+    theirs = _folder(tmp_path / "mk")
+    run_merge(Recipe.from_dict(recipe), tmp_path / "ours", progress=False)
+    assert fused_calls and all(fused_calls), "evomerge merge did not take the fused kernel"
+    ours = _folder(tmp_path / "ours")
+    fused_calls.clear()
+    engine = {name: t.detach().clone() for name, t in MergeEngine(recipe, threads=2).tensors()}
+    assert fused_calls and all(fused_calls), "the engine did not take the fused kernel"
+    assert set(ours) == set(theirs) == set(engine)
+    for name, want in theirs.items():
+        assert ours[name].dtype == engine[name].dtype == want.dtype, name
+        assert torch.equal(ours[name], want), name
+        assert torch.equal(engine[name], want), name

@@ -218,3 +218,33 @@ def _choose_resident(sizes: Sequence[int], room: int | None, mode: SourcesMode) 
         used += size if keep else 0
         chosen.append(keep)
     return chosen
+
+
+def plan_worker_memory(initial: dict, workers: dict) -> MemoryPlan:
+    """The plan ``evomerge run`` prints before a PS search starts (the stage's initial candidate recipe).
+
+    Args:
+        initial: the candidate recipe mapping every worker builds its engine from.
+        workers: the experiment's validated ``workers`` section (device, threads, device_memory_gb,
+            sources_mode).
+
+    Returns:
+        the ``MemoryPlan`` of one worker; budget from ``device_memory_gb``, else the free memory of this
+        machine's first GPU when workers use CUDA, else unchecked.
+
+    Raises:
+        EvomergeError: nothing fits the budget (or ``sources_mode: resident`` and the sources do not).
+    """
+    from evomerge.merge import plan_merge
+    from evomerge.recipe import Recipe
+
+    plan = plan_merge(Recipe.from_dict(initial))
+    cap = workers.get("device_memory_gb")
+    device = str(workers.get("device", "auto"))
+    budget = None
+    if cap is not None:
+        budget = int(float(cap) * GB)
+    elif device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        budget = device_budget(torch.device("cuda" if device == "auto" else device), None)
+    threads = int(workers.get("threads", 1)) if not device.startswith("cuda") else 1
+    return plan_memory(plan, budget=budget, threads=threads, sources=workers.get("sources_mode", "auto"))

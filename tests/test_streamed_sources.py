@@ -86,3 +86,32 @@ def test_plan_is_one_line_and_nothing_fits_is_refused(bf16_family):
     with pytest.raises(EvomergeError, match="sources resident"):
         MergeEngine(recipe, memory=MemoryOptions(device_memory_gb=engine.memory.candidate * 1.5 / GB,
                                                  sources="resident"))
+
+
+def _experiment(family: dict[str, Path], workers: dict) -> dict:
+    helpers = Path(__file__).resolve().parent / "search_helpers.py"
+    return {"models": {"base": str(family["base"]),
+                       "sources": {"m1": str(family["model_1"]), "m2": str(family["model_2"])}},
+            "search_space": "ps_ties_dare",
+            "evaluators": [{"name": "e", "spec": {"type": "custom", "function": f"{helpers}:logit_std"}}],
+            "objectives": [{"metric": "e/std", "direction": "maximize"}],
+            "optimizer": {"name": "random"}, "budget": {"trials": 2}, "workers": {"count": 1, **workers},
+            "seed": 1}
+
+
+def test_run_prints_the_plan_and_refuses_when_nothing_fits(bf16_family, ray_address, tmp_path, capsys):
+    import yaml
+
+    from evomerge.cli import main
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(_experiment(bf16_family, {"device_memory_gb": 1e-6})))
+    code = main(["run", str(exp), "--out", str(tmp_path / "no"), "--address", ray_address, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "nothing fits" in err[-1] and not any("Traceback" in line for line in err)
+    exp.write_text(yaml.safe_dump(_experiment(bf16_family, {"device_memory_gb": 4, "sources_mode": "streamed"})))
+    code = main(["run", str(exp), "--out", str(tmp_path / "yes"), "--address", ray_address, "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    plan = next(line for line in out.splitlines() if line.startswith("memory per worker"))
+    assert "streamed from host memory" in plan and "budget 4.00 GB" in plan

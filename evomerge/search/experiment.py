@@ -22,9 +22,11 @@ Shape (every key is checked; unknown keys are errors)::
     optimizer: {name: cmaes, sigma0: 0.1667, population: null, multi_objective: weighted_sum}
     budget: {trials: 100, generations: null, wall_time: null}
     workers: {count: 1, device: auto, gpus_per_worker: null, cpus_per_worker: 1, threads: 1,
-              sources: path, max_retries: 1}
+              sources: path, max_retries: 1,
+              device_memory_gb: null,         # a worker's device budget (default: a GPU's free memory)
+              sources_mode: auto}             # auto | resident | streamed (see evomerge/memory_plan.py)
     python_path: []                   # extra import folders (relative to this file) for custom evaluators
-    dtype: float32
+    dtype: null                       # compute dtype; default: the sources' (bf16 sources merge in bf16)
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ EVALUATOR_KEYS = {"name", "spec", "limit", "seed"}
 OBJECTIVE_KEYS = {"metric", "direction", "weight"}
 OPTIMIZER_KEYS = {"name", "sigma0", "population", "multi_objective", "seed"}
 BUDGET_KEYS = {"trials", "generations", "wall_time"}
-WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries"}
+WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries",
+               "device_memory_gb", "sources_mode"}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -85,7 +88,7 @@ class Experiment:
     budget: dict[str, Any]
     workers: dict[str, Any]
     python_path: list[str]
-    dtype: str
+    dtype: str | None  # None: the sources' dtype
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -186,8 +189,8 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
         raise _err("python_path must be a list of folders")
     python_path = [str((base_dir / p).resolve()) for p in python_path]
-    dtype = data.get("dtype", "float32")
-    if dtype not in DTYPES:
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
         raise _err(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
     exp = Experiment(name=name, seed=seed, out=out_path, models=models, space=space, evaluators=evaluators,
@@ -417,5 +420,12 @@ def _validate_workers(workers: Any) -> dict[str, Any]:
     retries = workers.get("max_retries", 1)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise _err(f"workers.max_retries must be a non-negative integer, got {retries!r}")
+    memory = workers.get("device_memory_gb")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        raise _err(f"workers.device_memory_gb must be a positive number, got {memory!r}")
+    mode = workers.get("sources_mode", "auto")
+    if mode not in ("auto", "resident", "streamed"):
+        raise _err(f"workers.sources_mode must be auto, resident or streamed, got {mode!r}")
     return {"count": count, "device": device, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
-            "threads": threads, "sources": sources, "max_retries": retries}
+            "threads": threads, "sources": sources, "max_retries": retries, "device_memory_gb": memory,
+            "sources_mode": mode}

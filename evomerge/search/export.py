@@ -1,6 +1,7 @@
 """`evomerge export DIR --out PATH [--trial best|ID]`: a trial of a run as a checkpoint on disk.
 
-- PS trial: the genome's recipe is materialized by the same engine the workers used and written as a standard
+- PS trial: the genome's recipe is merged tensor by tensor by `evomerge merge`'s path (no more memory than that
+  command; the same tensors as the engine the workers used: same kernels, same seeds) and written as a standard
   Hugging Face checkpoint (AutoModelForCausalLM, no custom code) with ``recipe.yaml``: exactly that recipe, so
   ``evomerge merge recipe.yaml`` reproduces the weights bit for bit.
 - DFS trial: the path's layers are copied in order into a standard checkpoint (A's embeddings, norm, head and
@@ -60,18 +61,19 @@ def export_trial(run: RunFolder, exp, record: dict[str, Any], out: str | Path, o
     staging = staging_root / "ckpt"
     try:
         if space.kind == "ps":
-            from evomerge.engine import MergeEngine
+            from evomerge.merge import run_merge
             from evomerge.search.worker import recipe_from_mapping
 
-            recipe = recipe_from_mapping(cand)
-            MergeEngine(recipe, device="cpu").save(staging, recipe)  # exactly what `evomerge merge` writes
+            # the merge path, tensor by tensor: no more memory than `evomerge merge` of the recipe, and the
+            # same tensors as the engine the workers used (same kernels, same per-tensor seeds)
+            run_merge(recipe_from_mapping(cand), staging, progress=False)
         else:
             import torch
             from transformers import AutoModelForCausalLM
 
             from evomerge.search.dataflow import SCALES_FILE, path_config, path_state_dict
 
-            dtype = getattr(torch, exp.dtype)
+            dtype = getattr(torch, exp.dtype) if exp.dtype else "auto"
             a = AutoModelForCausalLM.from_pretrained(cand["a"], dtype=dtype, use_safetensors=True)
             b = AutoModelForCausalLM.from_pretrained(cand["b"], dtype=dtype, use_safetensors=True)
             tensors = path_state_dict(a, b, cand["layers"])

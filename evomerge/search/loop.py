@@ -377,7 +377,13 @@ class SearchDriver:
                  "evaluators": [{"name": e.name, "spec": e.spec, "limit": e.limit, "seed": e.seed}
                                 for e in exp.evaluators],
                  "device": exp.workers["device"], "threads": exp.workers["threads"], "dtype": exp.dtype,
-                 "python_path": [*exp.python_path, os.getcwd()]}
+                 "python_path": [*exp.python_path, os.getcwd()],
+                 "memory": {"device_memory_gb": exp.workers.get("device_memory_gb"),
+                            "sources": exp.workers.get("sources_mode", "auto")}}
+        if space.kind == "ps":  # the planned memory per worker; refused here (exit 2) when nothing fits
+            from evomerge.memory_plan import plan_worker_memory
+
+            print(plan_worker_memory(setup["initial"], exp.workers).describe(), flush=True)
         if exp.workers["sources"] == "object_store":
             paths = [models["base"], *models["sources"].values()] if space.kind == "ps" else [models["a"], models["b"]]
             setup["blobs"] = _source_blobs(paths)

@@ -239,7 +239,7 @@ class PSSpace(SearchSpace):
 
     kind = "ps"
 
-    def __init__(self, definition: dict[str, Any], base: str, sources: dict[str, str], dtype: str = "float32"):
+    def __init__(self, definition: dict[str, Any], base: str, sources: dict[str, str], dtype: str | None = None):
         self.definition = definition
         self.base = base
         self.sources = dict(sources)
@@ -289,8 +289,9 @@ class PSSpace(SearchSpace):
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:
         """The recipe (mergekit YAML as a mapping) of this genome."""
-        recipe: dict[str, Any] = {"merge_method": self.definition["merge_method"], "base_model": self.base,
-                                  "dtype": self.dtype}
+        recipe: dict[str, Any] = {"merge_method": self.definition["merge_method"], "base_model": self.base}
+        if self.dtype is not None:  # else computed in the sources' dtype, as mergekit does
+            recipe["dtype"] = self.dtype
         if self.definition["parameters"]:
             recipe["parameters"] = copy.deepcopy(self.definition["parameters"])
         recipe["models"] = [
@@ -360,7 +361,7 @@ class DFSSpace(SearchSpace):
         return {"a": self.a, "b": self.b, "n_a": self.n_a, "layers": layers, "scales": scales}
 
 
-def build_space(definition: dict[str, Any], models: dict[str, Any], dtype: str = "float32") -> SearchSpace:
+def build_space(definition: dict[str, Any], models: dict[str, Any], dtype: str | None = None) -> SearchSpace:
     """The concrete space of one stage: ``definition`` is a validated ps or dfs definition."""
     if definition["kind"] == "ps":
         return PSSpace(definition, models["base"], models["sources"], dtype)

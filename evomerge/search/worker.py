@@ -81,7 +81,8 @@ class TrialRunner:
                 sys.path.insert(0, p)
         torch.set_num_threads(int(self.setup.get("threads", 1)))
         self.device = resolve_device(self.setup.get("device", "auto"))
-        self.dtype = getattr(torch, self.setup.get("dtype", "float32"))
+        dtype = self.setup.get("dtype")
+        self.dtype = getattr(torch, dtype) if dtype else "auto"  # None: the sources' dtype
         blobs = self.setup.get("blobs")
         if blobs:
             self._unpack_blobs(blobs)
@@ -90,7 +91,11 @@ class TrialRunner:
         if self.kind == "ps":
             from evomerge.engine import MergeEngine
 
-            self.engine = MergeEngine(recipe_from_mapping(initial), device=self.device)
+            from evomerge.memory_plan import MemoryOptions
+
+            memory = self.setup.get("memory") or {}
+            self.engine = MergeEngine(recipe_from_mapping(initial), device=self.device,
+                                      memory=MemoryOptions(**memory))
             self.engine.model.eval()
             self.tokenizer = self.engine.tokenizer
         else:

@@ -172,7 +172,8 @@ def measure(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / GB, "peak_anon_gb": peak_anon / GB}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gb": usage.ru_maxrss * 1024 / GB,
+            "peak_anon_gb": peak_anon / GB}
 
 
 def part_a(paths: dict[str, Path], args) -> list[dict]:
@@ -197,11 +198,11 @@ def part_a(paths: dict[str, Path], args) -> list[dict]:
                     res = measure(tools[tool](path, out), work / f"{tool}.log", env)
                     shutil.rmtree(out, ignore_errors=True)
                     print(f"  a) {method:9s} {compute:8s} {tool:9s} {rep + 1}/{args.repeats}: {res['wall_s']:7.1f} s"
-                          f"  peak RSS {res['peak_rss_gb']:5.2f} GB  anon {res['peak_anon_gb']:5.2f} GB", flush=True)
+                          f" (cpu {res['cpu_s']:6.1f} s)  peak RSS {res['peak_rss_gb']:5.2f} GB  anon {res['peak_anon_gb']:5.2f} GB", flush=True)
                     results[tool].append(res)
             row = {"method": method, "compute": compute}
             for tool, res in results.items():
-                for key in ("wall_s", "peak_rss_gb", "peak_anon_gb"):
+                for key in ("wall_s", "cpu_s", "peak_rss_gb", "peak_anon_gb"):
                     row[f"{tool}_{key}"] = statistics.median(r[key] for r in res)
             rows.append(row)
     return rows
@@ -210,18 +211,21 @@ def part_a(paths: dict[str, Path], args) -> list[dict]:
 def print_a(rows: list[dict], shape: str, repeats: int) -> None:
     print(f"\na) merge, {shape}, 3 x bf16 sources, medians of {repeats}; targets: time <= 0.5x, peak RSS <= 1.0x")
     both = "mergekit_wall_s" in rows[0]
-    head = f"{'method':9s} {'compute':8s} {'evo s':>7s} {'evo RSS':>8s} {'evo anon':>8s}"
+    head = f"{'method':9s} {'compute':8s} {'evo s':>7s} {'evo cpu':>7s} {'evo RSS':>8s} {'evo anon':>8s}"
     if both:
-        head += f" {'mk s':>7s} {'mk RSS':>7s} {'mk anon':>7s} {'time x':>7s} {'RSS x':>6s}"
+        head += (f" {'mk s':>7s} {'mk cpu':>7s} {'mk RSS':>7s} {'mk anon':>7s} {'time x':>7s} {'cpu x':>6s}"
+                 f" {'RSS x':>6s}")
     print(head)
     for r in rows:
-        line = (f"{r['method']:9s} {r['compute']:8s} {r['evomerge_wall_s']:7.1f} {r['evomerge_peak_rss_gb']:8.2f} "
-                f"{r['evomerge_peak_anon_gb']:8.2f}")
+        line = (f"{r['method']:9s} {r['compute']:8s} {r['evomerge_wall_s']:7.1f} {r['evomerge_cpu_s']:7.1f} "
+                f"{r['evomerge_peak_rss_gb']:8.2f} {r['evomerge_peak_anon_gb']:8.2f}")
         if both:
             tx = r["evomerge_wall_s"] / r["mergekit_wall_s"]
             mx = r["evomerge_peak_rss_gb"] / r["mergekit_peak_rss_gb"]
-            line += (f" {r['mergekit_wall_s']:7.1f} {r['mergekit_peak_rss_gb']:7.2f} {r['mergekit_peak_anon_gb']:7.2f}"
-                     f" {tx:7.2f} {mx:6.2f}  {'met' if tx <= 0.5 and mx <= 1.0 else 'MISSED'}")
+            cx = r["evomerge_cpu_s"] / r["mergekit_cpu_s"]
+            line += (f" {r['mergekit_wall_s']:7.1f} {r['mergekit_cpu_s']:7.1f} {r['mergekit_peak_rss_gb']:7.2f}"
+                     f" {r['mergekit_peak_anon_gb']:7.2f} {tx:7.2f} {cx:6.2f} {mx:6.2f}"
+                     f"  {'met' if tx <= 0.5 and mx <= 1.0 else 'MISSED'}")
         print(line)
 
 

@@ -15,6 +15,13 @@ same device), and the same recipe twice gives bit-identical weights.
 
 A candidate must keep the engine's method, sources, layer ranges and dtypes; only parameters may change
 (scalars, gradients or filter lists, as in mergekit).
+
+Memory (``evomerge/memory_plan.py``, docs/MEMORY.md): the engine plans its bytes per tensor before loading
+anything. Tensors whose sources do not fit the device budget (``MemoryOptions.device_memory_gb``; by default a
+CUDA device's free memory, no cap on CPU) are *streamed*: nothing of them is kept, and each candidate reads
+their sources from the checkpoints (host memory / page cache) and merges them with the one-shot kernels of
+``evomerge merge``, which give the same tensors as the resident path. When not even the candidate fits, the
+engine refuses with an ``EvomergeError``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,20 @@ from evomerge.recipe import ModelEntry, Recipe
 
 
 class MergeEngine:
-    """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place."""
+    """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place.
+
+    Args:
+        recipe: the initial candidate (a ``Recipe`` or its mapping); fixes method, sources, slices and dtypes.
+        device: ``cpu`` or ``cuda[:N]``.
+        allow_pickle: also read ``.bin`` sources (``torch.load(weights_only=True)``).
+        seed: the run seed of random drops (per-tensor seeds as in ``evomerge merge``).
+        progress: a progress bar while loading.
+        threads: CPU tensors merged at once (default: torch's thread count).
+        memory: the device budget, sources mode and whether ties keeps its sort orders (``MemoryOptions``).
+
+    Raises:
+        EvomergeError: a data-aware method, an unplannable recipe, or a budget that fits nothing.
+    """
 
     def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
                  allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None,
@@ -207,7 +227,7 @@ class MergeEngine:
 
     @property
     def source_bytes(self) -> int:
-        """Bytes held for the sources (base, task vectors, precomputed statistics)."""
+        """Bytes held for the resident sources (base, task vectors, precomputed statistics); 0 when streamed."""
         total = sum(p.nbytes for p in self._prepared if p is not None)
         return total + sum(t.numel() * t.element_size() for t in self._raw_first if t is not None)
 

@@ -267,10 +267,6 @@ class MergeEngine:
             out = target if direct else ws.get("engine_out", job.shape, job.compute_dtype)
             generator = job_generator(self.spec, job, seed, self.device)
             run_method(self.spec, prepared, shared, per_model, out, generator=generator, ws=ws)
-            if not self.keep_order:  # a sort a split tie forced stays this candidate's only
-                for stats in prepared.stats:
-                    if stats is not None:
-                        stats.order = None
             if not direct:
                 target.copy_(out)
 

@@ -48,6 +48,7 @@ class DeltaStats:
     l1: torch.Tensor  # sum |delta| (0-dim, in the dtype mergekit sums in): the "before" of the L1 rescale
     order: torch.Tensor | None = None  # magnitude: argsort |delta| descending; outliers: ascending (flat)
     rank_norm: torch.Tensor | None = None  # della: normalized rank of |delta| within its row, 2-D
+    keep_order: bool = True  # False (one-shot merges): a sort order a split tie forced is dropped after use
 
 
 def prepare_stats(delta: torch.Tensor, method: str | None, lazy: bool = False) -> DeltaStats | None:
@@ -60,7 +61,7 @@ def prepare_stats(delta: torch.Tensor, method: str | None, lazy: bool = False) -
         return None
     flat = delta.reshape(-1)
     if method in ("magnitude", "magnitude_outliers"):
-        stats = DeltaStats(l1=flat.abs().sum())
+        stats = DeltaStats(l1=flat.abs().sum(), keep_order=not lazy)
         if not lazy:
             ensure_order(flat, stats, method)
         return stats
@@ -213,8 +214,11 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
         value = float(torch.kthvalue(mags.float() if mags.device.type == "cpu" else mags, n - k + 1).values)
         if int((mags >= value).sum()) == k:
             return Threshold(value)
+        del mags  # before the sort: it needs about 16 bytes per element of its own
         ensure_order(flat, stats, "magnitude")
     order = stats.order
+    if not stats.keep_order:
+        stats.order = None  # one-shot: the threshold below is all that is needed from it
     value = float(flat[order[k - 1]].abs())
     if float(flat[order[k]].abs()) != value:
         return Threshold(value)
@@ -250,6 +254,8 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
             n_bot = max(0, n - target - n_top)
             _keep_sorted_range(mags, stats.order, n_bot, n_bot + target, False, mask)
             keep_prob = density
+        if not stats.keep_order:
+            stats.order = None
         torch.mul(flat, mask, out=out)
         if rescale:
             _rescale(out, stats.l1, rescale_mode, keep_prob, ws)
@@ -258,14 +264,18 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
         wd = work_dtype(delta)
         src = flat if flat.dtype == wd else flat.to(wd)
         target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
-        if wd in (torch.float32, torch.float64) or _float_draws(flat, wd):
-            draw = ws.get("sp_rand", (n,), _draw_dtype(wd))
-            torch.rand(n, generator=generator, out=draw, dtype=draw.dtype, device=flat.device)
-            mask = ws.get("sp_maskf", (n,), wd)
-            torch.lt(draw, float(torch.tensor(density, dtype=wd)), out=mask)
+        if (wd in (torch.float32, torch.float64) or _float_draws(flat, wd)) and flat.device.type == "cpu":
+            _random_mask_into(target, float(torch.tensor(density, dtype=wd)), _draw_dtype(wd), generator, ws)
+            target.mul_(src)  # mask * delta == delta * mask (one rounding of the same product)
         else:
-            mask = torch.bernoulli(torch.full_like(src, density), generator=generator)
-        torch.mul(src, mask, out=target)
+            if wd in (torch.float32, torch.float64):
+                mask = ws.get("sp_maskf", (n,), wd)
+                draw = ws.get("sp_rand", (n,), wd)
+                torch.rand(n, generator=generator, out=draw, dtype=wd, device=flat.device)
+                torch.lt(draw, density, out=mask)
+            else:
+                mask = torch.bernoulli(torch.full_like(src, density), generator=generator)
+            torch.mul(src, mask, out=target)
         if rescale:
             _rescale(target, stats.l1, rescale_mode, density, ws)
         if target is not out:
@@ -297,6 +307,22 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
             out.copy_(target)
         return
     raise ValueError(f"unknown sparsification {method!r}")
+
+
+DRAW_CHUNK = 1 << 18  # random draws per call: the stream is the same whatever the split (one draw per element)
+
+
+def _random_mask_into(mask: torch.Tensor, p: float, draw_dtype: torch.dtype, generator: torch.Generator | None,
+                      ws: Workspace) -> None:
+    """mask (flat, any float dtype) = 1.0 where a uniform draw < p else 0.0: ``torch.bernoulli``'s stream on CPU
+    (one ``torch.rand`` draw per element, in order), drawn in chunks so no tensor-sized draw buffer is needed."""
+    n = mask.numel()
+    draw = ws.get("sp_rand", (min(n, DRAW_CHUNK),), draw_dtype)
+    for start in range(0, n, DRAW_CHUNK):
+        size = min(DRAW_CHUNK, n - start)
+        chunk = draw[:size]
+        torch.rand(size, generator=generator, out=chunk, dtype=draw_dtype)
+        torch.lt(chunk, p, out=mask[start:start + size])
 
 
 def _float_draws(flat: torch.Tensor, wd: torch.dtype) -> bool:

@@ -232,11 +232,11 @@ def print_a(rows: list[dict], shape: str, repeats: int) -> None:
 # --------------------------------------------------------------------------------------------------- b) engine
 
 ENGINE_CASES = [  # (label, method, sources mode, keep the int32 sort order)
+    ("dare_ties", "dare_ties", "resident", True),
+    ("dare_ties, streamed", "dare_ties", "streamed", True),
     ("ties", "ties", "resident", True),
     ("ties, no sort order", "ties", "resident", False),
     ("ties, streamed", "ties", "streamed", False),
-    ("dare_ties", "dare_ties", "resident", True),
-    ("dare_ties, streamed", "dare_ties", "streamed", True),
 ]
 
 
@@ -279,7 +279,7 @@ def engine_child(spec: dict) -> dict:
 def part_b(paths: dict[str, Path], args) -> list[dict]:
     rows = []
     for label, method, mode, keep in ENGINE_CASES:
-        if method not in args.methods or (mode == "streamed" and args.no_streamed):
+        if method not in args.methods or (mode == "streamed" and args.no_streamed) or label in args.skip:
             continue
         spec = {"paths": {k: str(v) for k, v in paths.items()}, "method": method, "mode": mode, "keep_order": keep,
                 "candidates": 1 if mode == "streamed" or not keep else args.candidates}
@@ -316,12 +316,14 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--merge-only", action="store_true", help="a): evomerge only (no mergekit runs)")
     parser.add_argument("--no-streamed", action="store_true", help="b): skip the streamed configurations")
+    parser.add_argument("--skip", default="", help="b): configurations to leave out, labels separated by semicolons")
     parser.add_argument("--engine-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_child:
         print(json.dumps(engine_child(json.loads(args.engine_child))))
         return
     args.methods, args.computes = args.methods.split(","), args.computes.split(",")
+    args.skip = [label.strip() for label in args.skip.split(";") if label.strip()]
     paths = build_family(args.shape)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     rows_a = part_a(paths, args) if "a" in args.part else []

@@ -39,6 +39,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 #: Files that make up a tokenizer (whichever of them a folder has are copied with it).
 TOKENIZER_FILES = (
@@ -128,6 +129,16 @@ def find_tokenizer_files(folder: str | Path) -> list[Path]:
     """The tokenizer files present in ``folder`` (see TOKENIZER_FILES), in that order."""
     folder = Path(folder)
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def find_generation_config(*folders: str | Path | None) -> Path | None:
+    """The ``generation_config.json`` of the first of ``folders`` that has one (EOS ids, decoding defaults).
+
+    A merge takes it from the tokenizer source, else the base: its token ids belong to that tokenizer."""
+    for folder in folders:
+        if folder is not None and (Path(folder) / GENERATION_CONFIG).is_file():
+            return Path(folder) / GENERATION_CONFIG
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -277,6 +288,7 @@ class Checkpoint:
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
+        unheld: list[tuple[str, Path]] = []  # (a name the index lists, the shard it names, which lacks it)
         for file in sorted(files, key=str):
             if not isinstance(file, str) or Path(file).name != file:  # no paths out of the folder
                 raise EvomergeError(f"index {index_path} names shard {file!r}, which is not a file name in "
@@ -285,11 +297,21 @@ class Checkpoint:
             if not shard.is_file():
                 raise EvomergeError(f"index {index_path} names shard {file}, which is missing from {self.path}")
             held = add_file(shard, only=set(files[file]))
-            missing = [n for n in files[file] if n not in held]
-            if missing:
-                raise EvomergeError(f"index {index_path} says {missing[0]!r} is in {shard}, but that file "
-                                    f"does not hold it" + (f" ({len(missing)} tensors missing)"
-                                                           if len(missing) > 1 else ""))
+            unheld += [(n, shard) for n in files[file] if n not in held]
+        unheld = [(n, shard) for n, shard in unheld if not self._tied_alias(n, self._where)]
+        if unheld:
+            name, shard = unheld[0]
+            count = sum(s == shard for _, s in unheld)
+            raise EvomergeError(f"index {index_path} says {name!r} is in {shard}, but that file "
+                                f"does not hold it" + (f" ({count} tensors missing)" if count > 1 else ""))
+
+    def _tied_alias(self, name: str, held: Iterable[str]) -> bool:
+        """Is ``name`` a head this config ties to an embedding that is held? transformers then loads the model
+        from the embedding alone, so an index listing the head under a shard without it is still valid."""
+        from evomerge.tensor_sets import source_tied_heads
+
+        embedding = source_tied_heads(self.config).get(name)
+        return embedding is not None and embedding in held
 
     def _add_safetensors_file(self, file: Path, only: set[str] | None = None) -> set[str]:
         header, data_start = _parse_safetensors_header(file)
@@ -601,14 +623,18 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
                      config: Mapping[str, Any], *, tokenizer_dir: str | Path | None = None,
                      recipe_yaml: str | None = None, model_card: str | None = None,
                      max_shard_size: str | int = "2GB", overwrite: bool = False,
-                     dtype: str | torch.dtype | None = None) -> Path:
+                     dtype: str | torch.dtype | None = None, generation_config: str | Path | None = None) -> Path:
     """Write a Hugging Face checkpoint folder atomically; returns ``out_dir``.
 
     ``tensors`` is a dict or an iterable of (name, tensor), consumed once and streamed to disk (one tensor in
     memory at a time). Writes ``model.safetensors`` or shards + ``model.safetensors.index.json``,
     ``config.json`` (``dtype`` set from the floating tensors written, ``num_hidden_layers`` from the
     ``model.layers.N.`` names when they disagree, e.g. after stacking layers; everything else as given), the
-    tokenizer files of ``tokenizer_dir``, ``recipe.yaml`` and ``README.md``. ``dtype`` casts floating tensors.
+    tokenizer files of ``tokenizer_dir`` (chat template included), a copy of the ``generation_config`` file
+    (``generation_config.json``: EOS ids, decoding defaults), ``recipe.yaml`` and ``README.md``. ``dtype`` casts
+    floating tensors. When the config names an architecture transformers knows, the tensors written must be
+    exactly the ones transformers expects for the written config (``tensor_sets.check_written_tensors``): a
+    missing or extra tensor is an ``EvomergeError`` and nothing is written.
     All of it goes to a temporary folder next to ``out_dir`` first: on any exception the temporary folder is
     removed and ``out_dir`` is untouched; an existing ``out_dir`` is an error unless ``overwrite``, and is then
     replaced only after the new folder is complete.
@@ -634,8 +660,13 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
         if weight_map is not None:
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        (tmp / "config.json").write_text(
-            json.dumps(_output_config(config, writer), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        out_config = _output_config(config, writer)
+        from evomerge.tensor_sets import check_written_tensors
+
+        check_written_tensors(writer.weight_map, out_config, out_dir)
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if generation_config is not None:
+            shutil.copyfile(generation_config, tmp / GENERATION_CONFIG)
         for file in tokenizer_files:
             shutil.copyfile(file, tmp / file.name)
         if recipe_yaml is not None:

@@ -191,6 +191,10 @@ class MergeEngine:
         dtype = self._model_dtype()
         with torch.device(self.device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+        if self.plan.generation_config is not None:  # the same stop ids and defaults as the saved merge
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(self.plan.generation_config.parent))
         return model.eval()
 
     def _model_dtype(self) -> torch.dtype:
@@ -315,4 +319,5 @@ class MergeEngine:
                                 recipe_yaml=recipe_yaml,
                                 model_card=model_card(recipe_yaml, [str(p) for p in self.plan.models],
                                                       recipe.merge_method),
-                                max_shard_size=max_shard_size, overwrite=overwrite)
+                                max_shard_size=max_shard_size, overwrite=overwrite,
+                                generation_config=self.plan.generation_config)

@@ -32,10 +32,18 @@ from typing import Any, Iterator
 
 import torch
 
-from evomerge.checkpoint import Checkpoint, dtype_name, model_card, parse_dtype, write_checkpoint
+from evomerge.checkpoint import (
+    Checkpoint,
+    dtype_name,
+    find_generation_config,
+    model_card,
+    parse_dtype,
+    write_checkpoint,
+)
 from evomerge.errors import EvomergeError
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
+from evomerge.tensor_sets import SourceTensors, compare_sources
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -68,6 +76,7 @@ class MergePlan:
     num_layers: int
     tokenizer_dir: Path
     structure: tuple = field(default=())
+    generation_config: Path | None = None  # generation_config.json carried into the output (tokenizer source's)
 
     def out_dtype_for(self, job: TensorJob) -> torch.dtype:
         if not job.floating:
@@ -97,6 +106,7 @@ def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[P
     paths = recipe.model_paths()
     checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     _check_compatible(paths, checkpoints)
+    compare_sources(paths, checkpoints)  # the same tensors in every source (tied heads resolved), else one error
     return paths, checkpoints
 
 
@@ -119,6 +129,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     """Check the sources and lay out one job per output tensor (see the module docstring)."""
     spec = recipe.method
     paths, checkpoints = open_checkpoints(recipe, allow_pickle)
+    tensor_sets = compare_sources(paths, checkpoints)
     index_of = {p: i for i, p in enumerate(paths)}
     base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
     compute = parse_dtype(recipe.dtype)
@@ -148,7 +159,7 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     reference = checkpoints[base_index if base_index is not None else slices[0][0][0]]
     layer_names: dict[int, list[tuple[str, str]]] = {}
     outer: list[str] = []
-    for name in reference.tensor_names:
+    for name in _output_names(reference.tensor_names, tensor_sets):
         match = _LAYER.match(name)
         if match:
             layer_names.setdefault(int(match["index"]), []).append((match["prefix"], match["rest"]))
@@ -161,12 +172,11 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
 
     def add_job(out_name: str, si: int, names: list[str], t: float) -> None:
         sources = slices[si]
-        refs = [(m, n) for (m, _, _), n in zip(sources, names)]
+        refs = [(m, tensor_sets.resolve(m, n)) for (m, _, _), n in zip(sources, names)]
         shapes = []
         for m, n in refs:
             if n not in checkpoints[m]:
-                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]} (its architecture differs from "
-                                    f"{reference.path})")
+                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]}")
             shapes.append(tuple(checkpoints[m].shape(n)))
         if len(set(shapes)) != 1:
             detail = ", ".join(f"{paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
@@ -205,6 +215,8 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
         add_job(name, len(slices) - 1, [name] * len(slices[-1]), 0.0)
 
     config = dict(reference.config)
+    if tensor_sets.untied and tensor_sets.heads:
+        config["tie_word_embeddings"] = False  # a source has its own head: the output keeps one (as mergekit)
     if isinstance(config.get("num_hidden_layers"), int):
         config["num_hidden_layers"] = out_layer
     # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
@@ -224,8 +236,17 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     tokenizer_dir = recipe.tokenizer_path()
     plan = MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
                      jobs=jobs, config=config, out_dtype=out_dtype, num_layers=out_layer,
-                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe))
+                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe),
+                     generation_config=find_generation_config(tokenizer_dir, reference.path))
     return plan
+
+
+def _output_names(reference_names: list[str], tensor_sets: SourceTensors) -> list[str]:
+    """The reference's tensor names, with the tied heads added when the output is untied and dropped when tied."""
+    names = [n for n in reference_names if tensor_sets.untied or n not in tensor_sets.heads]
+    if tensor_sets.untied:
+        names += sorted(tensor_sets.heads - set(names))
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ parameters
@@ -277,7 +298,7 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
                                 f"by (set normalize: false or change the weights)")
     if spec.sparsify == "della_magprune":
         for p in per_model:
-            if p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
+            if 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
                 raise EvomergeError(f"{spec.name}: density +- epsilon must lie in (0, 1) for {job.name} "
                                     f"(density {p['density']}, epsilon {p['epsilon']})")
 
@@ -403,7 +424,7 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
     return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
                             tokenizer_dir=plan.tokenizer_dir, recipe_yaml=recipe_yaml,
                             model_card=model_card(recipe_yaml, sources, recipe.merge_method),
-                            max_shard_size=shard_size, overwrite=overwrite)
+                            max_shard_size=shard_size, overwrite=overwrite, generation_config=plan.generation_config)
 
 
 def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: int, overwrite: bool,
@@ -434,4 +455,5 @@ def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: i
                for name, t in merged.items())
     return write_checkpoint(out_dir, tensors, config, tokenizer_dir=recipe.tokenizer_path(), recipe_yaml=recipe_yaml,
                             model_card=model_card(recipe_yaml, [str(p) for p in paths], recipe.merge_method),
-                            max_shard_size=shard_size, overwrite=overwrite)
+                            max_shard_size=shard_size, overwrite=overwrite,
+                            generation_config=find_generation_config(recipe.tokenizer_path(), reference.path))

@@ -263,6 +263,10 @@ class Recipe:
                 self._check_entry_params(src.parameters, spec, f"slices[{i}].sources[{j}] ({src.model})",
                                          is_base=base is not None and self.resolve_path(src.model) == base,
                                          source=source)
+        # an empty slice is valid (mergekit takes it); a model without layers is not
+        total = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in self.slices)
+        if self.slices and total < 1:
+            raise EvomergeError(f"{source}: the slices hold zero layers in total")
         self._check_inputs(spec, base, source)
 
     def _check_inputs(self, spec: MethodSpec, base: Path | None, source: str) -> None:
@@ -377,8 +381,8 @@ def setting_values(setting: Any) -> list[Any]:
 def check_value(name: str, value: Any, where: str = "") -> None:
     """Range checks that apply to a resolved value (also used per tensor by the planner)."""
     prefix = f"{where}: " if where else ""
-    if name == "density" and not (0 < value <= 1):
-        raise EvomergeError(f"{prefix}density must be in (0, 1], got {value}")
+    if name == "density" and not (0 <= value <= 1):  # 0 drops the whole task vector, as in mergekit
+        raise EvomergeError(f"{prefix}density must be in [0, 1], got {value}")
     if name == "gamma" and not (0 <= value < 1):
         raise EvomergeError(f"{prefix}gamma must be in [0, 1), got {value}")
     if name == "epsilon" and not (0 <= value < 1):
@@ -515,8 +519,8 @@ def _parse_slice(item: Any, index: int, source: str) -> Slice:
             raise EvomergeError(f"{source}: {where} needs 'model' and 'layer_range'")
         lr = src["layer_range"]
         if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                                         for x in lr) or not 0 <= lr[0] < lr[1]):
-            raise EvomergeError(f"{source}: {where}.layer_range must be [start, end) with 0 <= start < end")
+                                                                         for x in lr) or not 0 <= lr[0] <= lr[1]):
+            raise EvomergeError(f"{source}: {where}.layer_range must be [start, end) with 0 <= start <= end")
         sources.append(SliceSource(model=_optional_str(src["model"], f"{where}.model", source),
                                    layer_range=(int(lr[0]), int(lr[1])),
                                    parameters=_parameters(src.get("parameters"), f"{where}.parameters", source)))

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from evomerge.errors import EvomergeError
+
+#: Keys of a run's config.yaml that may differ on --resume (the worker count can change between sessions).
+RESUME_MAY_CHANGE = ("workers",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from evomerge.search.loop import resume_run, start_run
     from evomerge.search.report import best_trial
 
-    if args.resume and args.experiment:
-        raise EvomergeError("give either EXPERIMENT.yaml or --resume DIR, not both")
     if args.resume:
-        if args.seed is not None or args.out is not None:
-            raise EvomergeError("--seed and --out cannot change on --resume (the run folder keeps its config)")
+        check_resume_flags(args)
         run_folder = resume_run(args.resume, address=args.address, workers=args.workers,
                                 progress=not args.no_progress)
     elif args.experiment:
@@ -45,3 +47,46 @@ def run(args: argparse.Namespace) -> int:
               + " ".join(f"{k}={v:.6g}" for k, v in best["metrics"].items()))
     print(f"next: evomerge report {run_folder.path}   |   evomerge export {run_folder.path} --out MODEL_DIR")
     return 0
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """Repeating the original command line with ``--resume DIR`` is allowed: EXPERIMENT.yaml, ``--seed`` and
+    ``--out`` are accepted when they equal the run's own values and refused, naming the value, when they differ
+    (a resumed run keeps the config its folder holds).
+
+    Args:
+        args: the parsed ``evomerge run`` arguments, ``args.resume`` set.
+    Raises:
+        EvomergeError: DIR is not a run folder, or a repeated value differs from the run's.
+    """
+    from evomerge.search.run_folder import RunFolder
+
+    run = RunFolder.open(args.resume)
+    config = run.config()
+    if args.seed is not None and args.seed != config.get("seed"):
+        raise EvomergeError(f"--seed {args.seed} differs from the seed of the run in {run.path} "
+                            f"({config.get('seed')}); a resumed run keeps its seed")
+    if args.out is not None and Path(args.out).resolve() != run.path.resolve():
+        raise EvomergeError(f"--out {args.out} differs from the run folder being resumed ({args.resume})")
+    if args.experiment:
+        _check_same_experiment(args, config)
+
+
+def _check_same_experiment(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """EXPERIMENT.yaml given with --resume must resolve to the run's config (seed override included)."""
+    from evomerge.search.experiment import load_experiment
+
+    fresh = dict(load_experiment(args.experiment).raw)
+    if args.seed is not None:
+        fresh["seed"] = args.seed
+    stored = dict(config)
+    if stored.get("models", {}).get("build"):  # a run that builds its models records their paths once built
+        fresh_models, stored_models = fresh.get("models", {}), stored.get("models", {})
+        stored["models"] = {k: v for k, v in stored_models.items() if k in fresh_models and fresh_models[k]}
+        fresh["models"] = {k: v for k, v in fresh_models.items() if k in stored["models"]}
+    for key in sorted(set(fresh) | set(stored)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        if fresh.get(key) != stored.get(key):
+            raise EvomergeError(f"{args.experiment} differs from the config of the run in {args.resume} "
+                                f"(its {key!r}); a resumed run keeps its config: give --resume DIR alone")

@@ -4,6 +4,8 @@ Rule (the MGSM / evolutionary-merge convention): the number right after an answe
 or the language's own phrase, e.g. "答えは") when one is present, else the last number in the text.
 Numbers are read with thousands separators ("1,000" is 1000), signs ("-3") and decimals ("12.50" equals 12.5),
 after Unicode normalisation (full-width digits, native-script decimal digits, the Unicode minus sign).
+Numbers written in the evaluator's language ("70 000" in French, "70.000" in German, "9{,}500" in LaTeX, "-$5")
+are first rewritten in that one form by ``numbers.normalize_numbers``; English text reads as it always did.
 Values are compared as exact decimals, so no float rounding decides whether an answer is right.
 """
 
@@ -13,6 +15,8 @@ import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
+
+from evomerge.evaluators.numbers import GROUP_SPACES, normalize_numbers
 
 DEFAULT_ANSWER_PHRASES: tuple[str, ...] = ("The answer is",)
 
@@ -25,9 +29,17 @@ _NUMBER_RE = re.compile(_NUMBER, re.ASCII)
 _GAP = r"[\s:：=—–$€£¥₹*]*"
 
 
+_GROUP_SPACE_RUN = re.compile(f"([{GROUP_SPACES}])")
+
+
 def _to_ascii_digits(text: str) -> str:
-    """NFKC (full-width forms) plus every Unicode decimal digit (Bengali, Thai, ...) mapped to 0-9."""
-    text = unicodedata.normalize("NFKC", text).replace("\u2212", "-")
+    """NFKC (full-width forms) plus every Unicode decimal digit (Bengali, Thai, ...) mapped to 0-9.
+
+    The no-break / narrow / thin spaces of ``GROUP_SPACES`` are kept as they are (NFKC would turn them into plain
+    spaces), since between digits they mark digit groups."""
+    parts = _GROUP_SPACE_RUN.split(text)
+    text = "".join(part if part and part in GROUP_SPACES else unicodedata.normalize("NFKC", part) for part in parts)
+    text = text.replace("\u2212", "-")
     if text.isascii():
         return text
     return "".join(str(unicodedata.decimal(ch)) if ch.isdecimal() else ch for ch in text)
@@ -50,9 +62,18 @@ def _phrase_regex(phrases: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"(?:{alternatives}){_GAP}([-+]?(?:{_UNSIGNED}))", re.IGNORECASE | re.ASCII)
 
 
-def extract_answer(output: str, phrases: tuple[str, ...] | list[str] = DEFAULT_ANSWER_PHRASES) -> Decimal | None:
-    """The predicted number in ``output``: after the first answer phrase if any, else the last number."""
-    text = _to_ascii_digits(output)
+def extract_answer(output: str, phrases: tuple[str, ...] | list[str] = DEFAULT_ANSWER_PHRASES,
+                   language: str | None = "en") -> Decimal | None:
+    """The predicted number in ``output``: after the first answer phrase if any, else the last number.
+
+    Args:
+        output: the model's text.
+        phrases: answer phrases ("The answer is"); the number right after the first one found wins.
+        language: the evaluator's language; its digit-group and decimal marks are read (see ``numbers``).
+    Returns:
+        The exact value, or None when the text holds no number.
+    """
+    text = normalize_numbers(_to_ascii_digits(output), language)
     phrases = tuple(phrases)
     if phrases:
         match = _phrase_regex(phrases).search(text)

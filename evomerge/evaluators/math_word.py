@@ -269,7 +269,7 @@ class MathWordEvaluator(Evaluator):
                                       progress=progress)
         results = []
         for item, gen in zip(self.items, generations):
-            predicted = extract_answer(gen.text, self.answer_phrases)
+            predicted = self.read_answer(gen.text)
             in_language = None
             if self.gate_threshold is not None:
                 in_language = is_language(gen.text, self.language, self.gate_threshold)
@@ -277,6 +277,11 @@ class MathWordEvaluator(Evaluator):
                                       predicted=predicted, correct=answers_equal(predicted, item.answer),
                                       in_language=in_language, new_tokens=gen.new_tokens))
         return results
+
+    def read_answer(self, text: str) -> Decimal | None:
+        """The number a model's ``text`` answers with, read in this evaluator's language ("70 000" in French,
+        "70.000" in German; see ``numbers``), after its answer phrases."""
+        return extract_answer(text, self.answer_phrases, self.language)
 
     def summarize(self, results: list[ItemResult]) -> dict[str, float]:
         n = max(len(results), 1)

@@ -94,7 +94,7 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
          reference: str) -> MethodSpec:
     params = [
         ParamSpec("weight", float, per_model=True, doc="scale of this model's task vector (applied before sign election)"),
-        ParamSpec("density", float, 1.0, per_model=True, doc="fraction of the task vector kept, in (0, 1]"),
+        ParamSpec("density", float, 1.0, per_model=True, doc="fraction of the task vector kept, in [0, 1]"),
         ParamSpec("normalize", bool, normalize, doc="divide by the sum of the (agreeing) weights"),
         ParamSpec("rescale", bool, rescale, doc="rescale the kept elements after sparsification"),
         ParamSpec("lambda", float, 1.0, doc="scale of the merged task vector"),

@@ -276,7 +276,7 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torc
             else:
                 mask = torch.bernoulli(torch.full_like(src, density), generator=generator)
             torch.mul(src, mask, out=target)
-        if rescale:
+        if rescale and density > 0:  # density 0 kept nothing (the draw still advances the stream, as mergekit's)
             _rescale(target, stats.l1, rescale_mode, density, ws)
         if target is not out:
             out.copy_(target)

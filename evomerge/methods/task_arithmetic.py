@@ -114,8 +114,8 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
 def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[Threshold | None] | None:
     if sparsify is None:
         return [None] * len(flat_deltas)
-    if sparsify != "magnitude":
-        return None
+    if sparsify != "magnitude" or any(d <= 0 for d in densities):
+        return None  # density 0 drops the whole task vector: the general path zeroes it (top-k keeps at least 1)
     if rescale and any(d < 1 for d in densities):
         return None  # the L1 rescale needs the kept tensor's norm first
     return [magnitude_threshold(d, s, density) for d, s, density in zip(flat_deltas, stats, densities)]

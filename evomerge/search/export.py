@@ -50,7 +50,7 @@ def _model_card(kind: str, record: dict[str, Any], run: RunFolder, extra: str = 
 
 
 def export_trial(run: RunFolder, exp, record: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
-    from evomerge.checkpoint import write_checkpoint
+    from evomerge.checkpoint import find_generation_config, write_checkpoint
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -83,7 +83,8 @@ def export_trial(run: RunFolder, exp, record: dict[str, Any], out: str | Path, o
             note = ("\nThe layers carry input scales: load with "
                     "`evomerge.search.dataflow.load_dataflow_model(PATH)`.\n") if scaled else ""
             write_checkpoint(staging, tensors, path_config(a, b, cand["layers"]).to_dict(), tokenizer_dir=cand["a"],
-                             model_card=_model_card("dfs", record, run, note))
+                             model_card=_model_card("dfs", record, run, note),
+                             generation_config=find_generation_config(cand["a"]))
             if scaled:
                 (staging / SCALES_FILE).write_text(json.dumps({"input_scales": cand["scales"]}, indent=1))
         info = {"run": str(run.path), "trial": record["trial"], "stage": record.get("stage_name"),

@@ -29,11 +29,15 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+import yaml
+from safetensors import safe_open
 
+from evomerge.architecture import BLOCK_NAME, NUM_LAYERS_KEYS
 from evomerge.errors import EvomergeError
+from evomerge.tensor_sets import check_written_tensors, source_tied_heads
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -84,7 +88,7 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER_NAME = BLOCK_NAME  # model.layers.N., transformer.h.N., gpt_neox.layers.N.
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -308,8 +312,6 @@ class Checkpoint:
     def _tied_alias(self, name: str, held: Iterable[str]) -> bool:
         """Is ``name`` a head this config ties to an embedding that is held? transformers then loads the model
         from the embedding alone, so an index listing the head under a shard without it is still valid."""
-        from evomerge.tensor_sets import source_tied_heads
-
         embedding = source_tied_heads(self.config).get(name)
         return embedding is not None and embedding in held
 
@@ -356,9 +358,11 @@ class Checkpoint:
     # -- tensors
 
     def shape(self, name: str) -> list[int]:
+        """The shape of tensor ``name`` (from the file headers; no data read)."""
         return list(self._lookup(name)[0])
 
     def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name`` (from the file headers; no data read)."""
         return self._lookup(name)[1]
 
     def _lookup(self, name: str) -> tuple[list[int], torch.dtype]:
@@ -391,8 +395,6 @@ class Checkpoint:
         else:
             handle = self._handles.get(file)
             if handle is None:
-                from safetensors import safe_open
-
                 try:
                     handle = safe_open(str(file), framework="pt", device="cpu")
                 except Exception as exc:  # noqa: BLE001
@@ -419,7 +421,7 @@ class Checkpoint:
         tensor = torch.empty(shape, dtype=dtype)
         if not tensor.numel():
             return tensor
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data).cast("B")
         offset, done = self._offsets[name], 0
         while done < len(buffer):
             count = os.preadv(fd, [buffer[done:done + (1 << 30)]], offset + done)
@@ -436,6 +438,7 @@ class Checkpoint:
             yield name, self.get(name, device=device, dtype=dtype)
 
     def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files present in the folder (``TOKENIZER_FILES`` order)."""
         return find_tokenizer_files(self.path)
 
     @property
@@ -495,10 +498,11 @@ class _ShardWriter:
         self.total_bytes = 0
         self.layer_indices: set[int] = set()
         self._header: dict[str, dict[str, Any]] = {}
-        self._file = None
+        self._file: BinaryIO | None = None  # the shard being written
         self._data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor to the current shard (a new shard starts when it would pass the limit)."""
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"write_checkpoint expects (name: str, tensor: torch.Tensor) pairs, got {type(name)}, "
                             f"{type(tensor)}")
@@ -518,8 +522,9 @@ class _ShardWriter:
         if self._file is None:
             self._file = open(self.folder / f".shard-{len(self.shards):05d}.safetensors", "wb")
             self._file.seek(8 + self.header_room)
+        file = self._file
         if nbytes:
-            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         self._header[name] = {"dtype": _TORCH_TO_ST[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
         self._data_bytes += nbytes
@@ -534,13 +539,15 @@ class _ShardWriter:
         header = dict(self._header)
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        path = Path(self._file.name)
+        file = self._file
+        assert file is not None, "a shard is open while it has tensors"
+        path = Path(file.name)
         if len(raw) <= self.header_room:
-            self._file.seek(0)
-            self._file.write(struct.pack("<Q", self.header_room) + raw.ljust(self.header_room, b" "))
-            self._file.close()
+            file.seek(0)
+            file.write(struct.pack("<Q", self.header_room) + raw.ljust(self.header_room, b" "))
+            file.close()
         else:
-            self._file.close()
+            file.close()
             raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the safetensors library does
             roomy = path.with_suffix(".roomy")
             path.rename(roomy)
@@ -574,6 +581,7 @@ class _ShardWriter:
         return {name: names[number] for name, number in self.weight_map.items()}
 
     def abort(self) -> None:
+        """Close the open shard file, if any (the temporary folder is removed by the caller)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -604,8 +612,6 @@ def _append_file(src, dst, count: int) -> None:
 
 def model_card(recipe_yaml: str, sources: list[str], method: str) -> str:
     """README.md for a merged model: a YAML header (library_name, tags, base_model), the sources, method, recipe."""
-    import yaml
-
     front = {"library_name": "transformers", "tags": ["evomerge", "merge"]}
     if sources:
         front["base_model"] = list(sources)
@@ -628,16 +634,16 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
 
     ``tensors`` is a dict or an iterable of (name, tensor), consumed once and streamed to disk (one tensor in
     memory at a time). Writes ``model.safetensors`` or shards + ``model.safetensors.index.json``,
-    ``config.json`` (``dtype`` set from the floating tensors written, ``num_hidden_layers`` from the
-    ``model.layers.N.`` names when they disagree, e.g. after stacking layers; everything else as given), the
-    tokenizer files of ``tokenizer_dir`` (chat template included), a copy of the ``generation_config`` file
-    (``generation_config.json``: EOS ids, decoding defaults), ``recipe.yaml`` and ``README.md``. ``dtype`` casts
-    floating tensors. When the config names an architecture transformers knows, the tensors written must be
-    exactly the ones transformers expects for the written config (``tensor_sets.check_written_tensors``): a
-    missing or extra tensor is an ``EvomergeError`` and nothing is written.
-    All of it goes to a temporary folder next to ``out_dir`` first: on any exception the temporary folder is
-    removed and ``out_dir`` is untouched; an existing ``out_dir`` is an error unless ``overwrite``, and is then
-    replaced only after the new folder is complete.
+    ``config.json`` (``dtype`` set from the floating tensors written, ``num_hidden_layers`` / ``n_layer`` from
+    the block names (``model.layers.N.``, ``transformer.h.N.``, ...) when they disagree, e.g. after stacking
+    layers; everything else as given), the tokenizer files of ``tokenizer_dir`` (chat template included), a copy
+    of the ``generation_config`` file (``generation_config.json``: EOS ids, decoding defaults), ``recipe.yaml``
+    and ``README.md``. ``dtype`` casts floating tensors. When the config names an architecture transformers
+    knows, the tensors written must be exactly the ones transformers expects for the written config
+    (``tensor_sets.check_written_tensors``): a missing or extra tensor is an ``EvomergeError`` and nothing is
+    written. All of it goes to a temporary folder next to ``out_dir`` first: on any exception the temporary
+    folder is removed and ``out_dir`` is untouched; an existing ``out_dir`` is an error unless ``overwrite``,
+    and is then replaced only after the new folder is complete.
     """
     out_dir = Path(out_dir)
     cast = parse_dtype(dtype)
@@ -661,8 +667,6 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         out_config = _output_config(config, writer)
-        from evomerge.tensor_sets import check_written_tensors
-
         check_written_tensors(writer.weight_map, out_config, out_dir)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if generation_config is not None:
@@ -685,14 +689,15 @@ def write_checkpoint(out_dir: str | Path, tensors: Mapping[str, torch.Tensor] | 
 def _output_config(config: Mapping[str, Any], writer: _ShardWriter) -> dict[str, Any]:
     out = json.loads(json.dumps(dict(config)))  # a deep copy that is also known to be JSON-serialisable
     if writer.bytes_by_dtype:
-        name = dtype_name(max(writer.bytes_by_dtype, key=writer.bytes_by_dtype.get))
+        name = dtype_name(max(writer.bytes_by_dtype, key=lambda dtype: writer.bytes_by_dtype[dtype]))
         out["dtype"] = name
         if "torch_dtype" in out:
             out["torch_dtype"] = name
-    if writer.layer_indices and isinstance(out.get("num_hidden_layers"), int):
+    key = next((k for k in NUM_LAYERS_KEYS if isinstance(out.get(k), int)), None)
+    if writer.layer_indices and key is not None:
         layers = max(writer.layer_indices) + 1
-        if out["num_hidden_layers"] != layers:
-            out["num_hidden_layers"] = layers
+        if out[key] != layers:
+            out[key] = layers
             layer_types = out.get("layer_types")
             if isinstance(layer_types, list) and layer_types and len(set(layer_types)) == 1:
                 out["layer_types"] = [layer_types[0]] * layers

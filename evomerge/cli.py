@@ -13,6 +13,7 @@ from evomerge.errors import EvomergeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `evomerge` parser: one sub-command per module of ``evomerge.commands``."""
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge optimization.")
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -28,6 +29,15 @@ def _load(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `evomerge` command line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 for an ``EvomergeError`` (printed as one line on stderr), 130 when
+        interrupted. Other exceptions propagate with their traceback.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from evomerge.checkpoint import model_card, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.memory_plan import MemoryOptions, MemoryPlan, device_budget, plan_memory
 from evomerge.merge import (
@@ -46,29 +48,48 @@ from evomerge.merge import (
     recipe_structure,
     resolve_job_parameters,
 )
-from evomerge.methods import PreparedInputs, Workspace, get_method, prepare_inputs, run_method
+from evomerge.method_registry import get_method
+from evomerge.methods import PreparedInputs, Workspace, prepare_inputs, run_method
 from evomerge.recipe import ModelEntry, Recipe
+from evomerge.vocabulary import tokenizer_folder
 
 
 class MergeEngine:
     """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place.
 
-    Args:
-        recipe: the initial candidate (a ``Recipe`` or its mapping); fixes method, sources, slices and dtypes.
-        device: ``cpu`` or ``cuda[:N]``.
-        allow_pickle: also read ``.bin`` sources (``torch.load(weights_only=True)``).
-        seed: the run seed of random drops (per-tensor seeds as in ``evomerge merge``).
-        progress: a progress bar while loading.
-        threads: CPU tensors merged at once (default: torch's thread count).
-        memory: the device budget, sources mode and whether ties keeps its sort orders (``MemoryOptions``).
-
-    Raises:
-        EvomergeError: a data-aware method, an unplannable recipe, or a budget that fits nothing.
+    Memory: the resident sources in the compute dtype (the base plus one task vector per model for the
+    task-arithmetic family, with an int32 sort order per vector for magnitude sparsification), one model, and
+    kernel scratch (``source_bytes``, ``workspace_bytes``); tensors the device budget cannot hold are streamed (read
+    per candidate, see ``memory``). Attributes: ``model`` (a ``transformers`` causal LM on ``device`` whose
+    parameters are the merge's output tensors, in the recipe's ``out_dtype`` or compute dtype), ``plan`` (the
+    ``MergePlan`` shared with ``evomerge merge``), ``spec`` (the method), ``memory`` (the ``MemoryPlan``: which
+    tensors are resident, planned bytes).
     """
 
     def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
                  allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None,
                  memory: MemoryOptions | None = None):
+        """Plan ``recipe``, load its sources once, build the model and materialize ``recipe`` into it.
+
+        Args:
+            recipe: a per-tensor recipe (a ``Recipe`` or its mergekit mapping); later candidates may change its
+                parameters only.
+            device: ``"cpu"`` or a CUDA device; sources, model and kernels live there.
+            allow_pickle: also read ``.bin`` (pickle) checkpoints, with ``torch.load(weights_only=True)``.
+            seed: default seed of the random drops (DARE, DELLA); one generator per tensor, seeded from it and
+                the tensor name, so results do not depend on tensor order or ``threads``.
+            progress: show a progress bar while the sources load.
+            threads: CPU threads merging tensors in parallel (default: torch's thread count); results do not
+                depend on it.
+            memory: the device budget in GiB (default: a CUDA device's free memory, no cap on CPU), the sources
+                mode (``auto``, ``resident`` or ``streamed``) and whether TIES keeps its sort orders
+                (``MemoryOptions``; docs/MEMORY.md).
+
+        Raises:
+            EvomergeError: the recipe is invalid or data-aware (fisher, regmean), the device is unknown or
+                unavailable, the sources cannot be merged (see ``plan_merge``), or the budget cannot hold even a
+                streamed candidate.
+        """
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_dict(recipe)
         if recipe.is_data_aware:
@@ -99,7 +120,7 @@ class MergeEngine:
         self._schedule = sorted(range(len(self.plan.jobs)), key=lambda i: -math.prod(self.plan.jobs[i].shape))
         self.model = self._build_model()
         self._targets = self._bind_targets()
-        self._tokenizer = None
+        self._tokenizer: Any = None  # loaded on first use (the `tokenizer` property)
         self.materialize(recipe)
 
     # ------------------------------------------------------------------ construction
@@ -113,6 +134,7 @@ class MergeEngine:
         bar = tqdm(total=len(indices), desc="loading sources", unit="tensor", disable=not progress)
 
         def prepare(index: int, tensors: list[torch.Tensor]) -> None:
+            """Keep job ``index``'s prepared inputs (floating tensors) or its first source (others)."""
             self._prepared[index], self._raw_first[index] = self._prepare(index, tensors, lazy=not self.keep_order)
             bar.update()
 
@@ -157,7 +179,24 @@ class MergeEngine:
                     device: str | torch.device = "cpu", *, parameters: Mapping[str, Any] | None = None,
                     model_parameters: Sequence[Mapping[str, Any]] | None = None, dtype: str | None = None,
                     **kwargs: Any) -> MergeEngine:
-        """An engine from paths: per-model parameters default to weight 1.0 (and mergekit's other defaults)."""
+        """An engine from paths: per-model parameters default to weight 1.0 (and mergekit's other defaults).
+
+        Args:
+            base_model: the base checkpoint folder (None for methods without a base, e.g. linear).
+            models: the other checkpoint folders.
+            method: a per-tensor merge method (``evomerge.method_registry.method_names``).
+            device: as for ``MergeEngine``.
+            parameters: global parameters of the recipe.
+            model_parameters: per-model parameters, one mapping per entry of ``models``.
+            dtype: compute dtype (``"float32"``, ``"bfloat16"``...; default: the sources' own).
+            **kwargs: the other keyword arguments of ``MergeEngine``.
+
+        Returns:
+            The engine, with the recipe materialized.
+
+        Raises:
+            EvomergeError: an unknown or data-aware method, an invalid parameter, or sources that cannot be merged.
+        """
         spec = get_method(method)
         entries = []
         for i, path in enumerate(models):
@@ -172,8 +211,6 @@ class MergeEngine:
         return cls(recipe, device=device, **kwargs)
 
     def _build_model(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         config = dict(self.plan.config)
         model_type = config.pop("model_type", None)
         if model_type is None:
@@ -192,8 +229,6 @@ class MergeEngine:
         with torch.device(self.device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
         if self.plan.generation_config is not None:  # the same stop ids and defaults as the saved merge
-            from transformers import GenerationConfig
-
             model.generation_config = GenerationConfig.from_pretrained(str(self.plan.generation_config.parent))
         return model.eval()
 
@@ -202,7 +237,9 @@ class MergeEngine:
         return max(set(floating), key=floating.count) if floating else torch.float32
 
     def _bind_targets(self) -> list[torch.Tensor]:
-        state = self.model.state_dict(keep_vars=True)
+        from evomerge.architecture import checkpoint_tensors
+
+        state = checkpoint_tensors(self.model)  # checkpoint names (GPT-NeoX: embed_out is the lm_head module)
         targets = []
         for job in self.plan.jobs:
             target = state.get(job.name)
@@ -218,15 +255,17 @@ class MergeEngine:
     # ------------------------------------------------------------------ public API
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
+        """The output's tokenizer (``Recipe.tokenizer_path``), loaded on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir))
+            built = self.plan.tokenizer.tokenizer if self.plan.tokenizer is not None else None
+            self._tokenizer = (built if built is not None
+                               else AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir)))
         return self._tokenizer
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers of the merged model (the slices' layers together)."""
         return self.plan.num_layers
 
     @property
@@ -248,7 +287,24 @@ class MergeEngine:
                                 f"(an engine loads its sources once; only parameters may change)")
 
     def materialize(self, recipe: Recipe | Mapping[str, Any] | None = None, seed: int | None = None) -> torch.nn.Module:
-        """Write the merge of ``recipe`` (default: the engine's own) into ``self.model`` in place; returns it."""
+        """Write the merge of ``recipe`` (default: the engine's own) into ``self.model`` in place; returns it.
+
+        Every tensor equals ``evomerge merge``'s for the same recipe and seed on the same device, bit for bit;
+        no model-sized memory is allocated (scratch comes from reused workspaces).
+
+        Args:
+            recipe: the candidate: a ``Recipe`` or mapping with the engine's method, sources, layer ranges and
+                dtypes; only parameters (scalars, gradients, filter lists) may differ. Relative paths in a mapping
+                resolve against the engine recipe's folder.
+            seed: seed of the random drops for this candidate (default: the engine's).
+
+        Returns:
+            ``self.model``, its parameters overwritten (output dtype, on the engine's device).
+
+        Raises:
+            EvomergeError: the recipe changes more than parameters, or a parameter value is invalid (checked for
+                every tensor before any weight is written, so a failed call leaves the model unchanged).
+        """
         if recipe is None:
             recipe = self.recipe
         elif not isinstance(recipe, Recipe):
@@ -258,11 +314,13 @@ class MergeEngine:
         params = [resolve_job_parameters(self.plan, recipe, job) for job in self.plan.jobs]  # fail before writing
 
         def work(index: int) -> None:
+            """Merge job ``index`` into its model parameter."""
             job, prepared, target = self.plan.jobs[index], self._prepared[index], self._targets[index]
             raw = self._raw_first[index]
             if not self.memory.resident[index]:  # streamed: read from host memory, merged one-shot
                 prepared, raw = self._prepare(index, load_job_sources(self.plan, index, self.device), lazy=True)
             if prepared is None:
+                assert raw is not None, "a job without prepared inputs is a non-floating one, kept raw"
                 target.copy_(raw)
                 return
             ws = self._workspace()
@@ -308,16 +366,30 @@ class MergeEngine:
 
     def save(self, out_dir: str | Path, recipe: Recipe | None = None, *, overwrite: bool = False,
              max_shard_size: str | int = "2GB") -> Path:
-        """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would."""
-        from evomerge.checkpoint import model_card, write_checkpoint
+        """Materialize ``recipe`` (if given) and write the model as ``evomerge merge`` would.
 
+        Args:
+            out_dir: the checkpoint folder to create (written atomically: a temporary folder renamed at the end).
+            recipe: a candidate, materialized first; without one the model is written as it is now (the last
+                candidate materialized), with the engine's own recipe in ``recipe.yaml`` and the model card.
+            overwrite: replace an existing ``out_dir``.
+            max_shard_size: largest safetensors shard, bytes or a string such as ``"2GB"``.
+
+        Returns:
+            ``out_dir`` as a ``Path``.
+
+        Raises:
+            EvomergeError: ``out_dir`` exists (without ``overwrite``) or cannot be written, or ``recipe`` is not a
+                valid candidate for this engine.
+        """
         if recipe is not None:
             self.materialize(recipe)
         recipe = recipe or self.recipe
         recipe_yaml = recipe.to_yaml()
-        return write_checkpoint(out_dir, self.tensors(), self.plan.config, tokenizer_dir=self.plan.tokenizer_dir,
-                                recipe_yaml=recipe_yaml,
-                                model_card=model_card(recipe_yaml, [str(p) for p in self.plan.models],
-                                                      recipe.merge_method),
-                                max_shard_size=max_shard_size, overwrite=overwrite,
-                                generation_config=self.plan.generation_config)
+        with tokenizer_folder(self.plan.tokenizer) as tokenizer_dir:
+            return write_checkpoint(out_dir, self.tensors(), self.plan.config, tokenizer_dir=tokenizer_dir,
+                                    recipe_yaml=recipe_yaml,
+                                    model_card=model_card(recipe_yaml, [str(p) for p in self.plan.models],
+                                                          recipe.merge_method),
+                                    max_shard_size=max_shard_size, overwrite=overwrite,
+                                    generation_config=self.plan.generation_config)

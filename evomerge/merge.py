@@ -3,10 +3,11 @@
 Planning (``plan_merge``) opens every source checkpoint (headers only), checks that they can be merged (same
 architecture, same vocabulary size, matching tensor shapes, layer ranges that exist) and lays out one
 ``TensorJob`` per output tensor, the way mergekit 0.1.5 plans a merge: recipes with ``models:`` become one
-slice spanning every layer (the base is added as a source when it is not listed); non-layer tensors whose
-name contains ``embed`` come from the first slice's sources, the other non-layer tensors (final norm, head)
-from the last slice's; a layer at position ``i`` of a slice of ``L`` layers has gradient position
-``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
+slice spanning every layer (the base is added as a source when it is not listed); the input embeddings
+(``evomerge.architecture``: ``embed_tokens``, GPT-2's ``wte``/``wpe``, GPT-NeoX's ``embed_in``) come from the
+first slice's sources, the other non-layer tensors (final norm, head, GPT-NeoX's ``embed_out``) from the last
+slice's, as mergekit's pre_weights / post_weights; a layer at position ``i`` of a slice of ``L`` layers has
+gradient position ``t = i / (L - 1)`` (``1`` when ``L == 1``); non-layer tensors have ``t = 0``.
 
 Parameters are resolved per job (``resolve_job_parameters``) from, in order of precedence, the source's own
 parameters, the slice's, the global ones, then the method's default; filters match the source's tensor name
@@ -21,17 +22,21 @@ name, so a merge is reproducible, independent of tensor order, and equal to the 
 
 from __future__ import annotations
 
-import re
 import threading
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
+from evomerge import architecture
+from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
+from evomerge.alignment.recipe_methods import merge_data_aware
 from evomerge.checkpoint import (
     Checkpoint,
     dtype_name,
@@ -41,11 +46,11 @@ from evomerge.checkpoint import (
     write_checkpoint,
 )
 from evomerge.errors import EvomergeError
+from evomerge.lora import model_folder, open_source
 from evomerge.methods import MethodSpec, ParamSpec, Workspace, prepare_inputs, run_method
-from evomerge.recipe import Recipe, check_value, data_aware_methods, resolve_setting
+from evomerge.recipe import Recipe, check_value, resolve_setting
 from evomerge.tensor_sets import SourceTensors, compare_sources
-
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+from evomerge.vocabulary import TokenizerPlan, VocabularyPlan, plan_tokenizer, tokenizer_folder
 
 
 @dataclass
@@ -55,16 +60,20 @@ class TensorJob:
     name: str  # output tensor name
     slice_index: int
     sources: list[tuple[int, str]]  # (index into MergePlan.models, tensor name in that model)
-    param_refs: list[int | None]  # per source: index of its recipe entry (models[i] / slice sources[i]); None = added base
+    # per source: index of its recipe entry (models[i] / slice sources[i]); None = the base added as a source
+    param_refs: list[int | None]
     base_pos: int | None  # position of the base among sources
     t: float  # gradient position
     shape: tuple[int, ...]
     compute_dtype: torch.dtype
     floating: bool = True
+    vocab: bool = False  # a vocabulary tensor, re-indexed to the output tokenizer when loaded (vocabulary.py)
 
 
 @dataclass
 class MergePlan:
+    """A recipe laid out for merging: its opened sources, one job per output tensor, the output config."""
+
     recipe: Recipe
     spec: MethodSpec
     models: list[Path]
@@ -76,9 +85,11 @@ class MergePlan:
     num_layers: int
     tokenizer_dir: Path
     structure: tuple = field(default=())
+    tokenizer: TokenizerPlan | None = None  # the output tokenizer and vocabulary re-indexing
     generation_config: Path | None = None  # generation_config.json carried into the output (tokenizer source's)
 
     def out_dtype_for(self, job: TensorJob) -> torch.dtype:
+        """The dtype job's tensor is written in: ``out_dtype`` for floating tensors, else its own."""
         if not job.floating:
             return job.compute_dtype
         return self.out_dtype or job.compute_dtype
@@ -96,22 +107,28 @@ def recipe_structure(recipe: Recipe) -> tuple:
             tuple(recipe.resolve_path(m.model) for m in recipe.models),
             tuple(tuple((recipe.resolve_path(s.model), tuple(s.layer_range)) for s in sl.sources)
                   for sl in recipe.slices),
-            recipe.dtype, recipe.out_dtype)
+            recipe.dtype, recipe.out_dtype, repr(recipe.tokenizer_settings()), recipe.chat_template)
 
 
 # ------------------------------------------------------------------------------------------------ planning
 
 
 def open_checkpoints(recipe: Recipe, allow_pickle: bool = False) -> tuple[list[Path], list[Checkpoint]]:
+    """Every model of the recipe (``Recipe.model_paths`` order), opened (headers only) and checked compatible.
+
+    Raises:
+        EvomergeError: a folder cannot be opened, or architectures / vocabulary sizes differ.
+    """
     paths = recipe.model_paths()
-    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
-    _check_compatible(paths, checkpoints)
+    checkpoints = [open_source(p, allow_pickle=allow_pickle) for p in paths]
+    _check_compatible(paths, checkpoints, same_vocabulary=recipe.tokenizer_settings() is None)
     compare_sources(paths, checkpoints)  # the same tensors in every source (tied heads resolved), else one error
     return paths, checkpoints
 
 
-def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
+def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint], same_vocabulary: bool = True) -> None:
     def arch(c: Checkpoint) -> str:
+        """The checkpoint's architecture name (else its model type)."""
         archs = c.config.get("architectures") or []
         return str(archs[0]) if archs else str(c.config.get("model_type"))
 
@@ -120,32 +137,92 @@ def _check_compatible(paths: list[Path], checkpoints: list[Checkpoint]) -> None:
         if arch(ckpt) != arch(first) or ckpt.config.get("model_type") != first.config.get("model_type"):
             raise EvomergeError(f"models have different architectures: {paths[0]} is {arch(first)}, "
                                 f"{path} is {arch(ckpt)}")
-        if ckpt.config.get("vocab_size") != first.config.get("vocab_size"):
+        if same_vocabulary and ckpt.config.get("vocab_size") != first.config.get("vocab_size"):
             raise EvomergeError(f"vocabulary sizes differ: {paths[0]} has {first.config.get('vocab_size')}, "
-                                f"{path} has {ckpt.config.get('vocab_size')} (merging needs one shared vocabulary)")
+                                f"{path} has {ckpt.config.get('vocab_size')} (merging needs one shared vocabulary: "
+                                f"set tokenizer_source: union, base or a model path, or a 'tokenizer:' block)")
 
 
 def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
-    """Check the sources and lay out one job per output tensor (see the module docstring)."""
+    """Check the sources and lay out one job per output tensor (see the module docstring).
+
+    Args:
+        recipe: a validated per-tensor recipe (not a data-aware one).
+        allow_pickle: also open ``.bin`` (pickle) checkpoints, loaded with ``weights_only``.
+
+    Returns:
+        The plan: opened checkpoints (headers only, no tensor read), one ``TensorJob`` per output tensor in
+        output order, and the output's ``config.json`` (layer count, ``layer_types`` and dtype updated).
+
+    Raises:
+        EvomergeError: a source cannot be opened, the sources' architectures, vocabulary sizes or tensor sets
+            differ, a slice's sources span different numbers of layers or layers a model lacks, a tensor is
+            missing from a source, or tensor shapes differ.
+    """
     spec = recipe.method
     paths, checkpoints = open_checkpoints(recipe, allow_pickle)
     tensor_sets = compare_sources(paths, checkpoints)
     index_of = {p: i for i, p in enumerate(paths)}
     base_index = index_of[recipe.resolve_path(recipe.base_model)] if recipe.base_model else None
-    compute = parse_dtype(recipe.dtype)
+    tokenizer = plan_tokenizer(recipe, paths, [c.config for c in checkpoints])
+    slices = _plan_slices(recipe, spec.uses_base, checkpoints, index_of, base_index)
+    _check_slices(slices, paths, checkpoints)
+    reference = checkpoints[base_index if base_index is not None else slices[0][0].model]
+    arch = architecture.resolve(reference.config, reference.tensor_names, reference.num_layers)
+    if recipe.slices:
+        arch.require_blocks("slices (layer ranges)")
+    ctx = _PlanContext(arch=arch, spec=spec, paths=paths, checkpoints=checkpoints, base_index=base_index,
+                       compute=parse_dtype(recipe.dtype), slices=slices, reference=reference, tensor_sets=tensor_sets,
+                       vocabulary=tokenizer.vocabulary)
+    jobs, num_layers = _plan_jobs(ctx)
+    out_dtype = parse_dtype(recipe.out_dtype)
+    config = _output_config(ctx, num_layers, out_dtype or ctx.compute)
+    return MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
+                     jobs=jobs, config=config, out_dtype=out_dtype, num_layers=num_layers,
+                     tokenizer_dir=tokenizer.folder, structure=recipe_structure(recipe), tokenizer=tokenizer,
+                     generation_config=find_generation_config(tokenizer.folder, model_folder(reference.path)))
 
-    # Normalize to slices: [(sources: [(model index, (start, end), param ref)], slice index)]
-    slices: list[list[tuple[int, tuple[int, int], int | None]]] = []
-    if recipe.models:
-        sources = [(index_of[recipe.resolve_path(m.model)], (0, checkpoints[index_of[recipe.resolve_path(m.model)]]
-                                                               .num_layers), i) for i, m in enumerate(recipe.models)]
-        if spec.needs_base and base_index not in [s[0] for s in sources]:
-            sources.append((base_index, (0, checkpoints[base_index].num_layers), None))
-        slices.append(sources)
-    else:
-        for s in recipe.slices:
-            slices.append([(index_of[recipe.resolve_path(src.model)], src.layer_range, j)
-                           for j, src in enumerate(s.sources)])
+
+class _PlanSource(NamedTuple):
+    """One source of a planned slice."""
+
+    model: int  # index into the plan's models
+    layers: tuple[int, int]  # [start, end) layer range
+    ref: int | None  # index of its recipe entry (models[i] / slice sources[i]); None = the base added as a source
+
+
+@dataclass
+class _PlanContext:
+    """What every step of planning reads: the method, the opened sources, the slices and the compute dtype."""
+
+    arch: architecture.Architecture  # where the reference's blocks, embeddings and head are
+    spec: MethodSpec
+    paths: list[Path]
+    checkpoints: list[Checkpoint]
+    base_index: int | None
+    compute: torch.dtype | None
+    slices: list[list[_PlanSource]]
+    reference: Checkpoint  # the base (else the first source): its non-layer tensors and config are the output's
+    tensor_sets: SourceTensors  # the sources' tensor sets compared (tied heads resolved per source)
+    vocabulary: VocabularyPlan | None = None  # the output tokenizer's rows, when the recipe re-indexes vocabularies
+
+
+def _plan_slices(recipe: Recipe, needs_base: bool, checkpoints: list[Checkpoint], index_of: dict[Path, int],
+                 base_index: int | None) -> list[list[_PlanSource]]:
+    """The recipe as slices: ``models:`` is one slice over every layer (plus the base when it is not listed)."""
+    if not recipe.models:
+        return [[_PlanSource(index_of[recipe.resolve_path(src.model)], src.layer_range, j)
+                 for j, src in enumerate(s.sources)] for s in recipe.slices]
+    sources = []
+    for i, entry in enumerate(recipe.models):
+        model = index_of[recipe.resolve_path(entry.model)]
+        sources.append(_PlanSource(model, (0, checkpoints[model].num_layers), i))
+    if needs_base and base_index is not None and base_index not in [s.model for s in sources]:
+        sources.append(_PlanSource(base_index, (0, checkpoints[base_index].num_layers), None))
+    return [sources]
+
+
+def _check_slices(slices: list[list[_PlanSource]], paths: list[Path], checkpoints: list[Checkpoint]) -> None:
     for si, sources in enumerate(slices):
         lengths = {end - start for _, (start, end), _ in sources}
         if len(lengths) != 1:
@@ -156,89 +233,94 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
                 raise EvomergeError(f"slice {si}: layer_range [{start}, {end}) is outside {paths[m]}, "
                                     f"which has {checkpoints[m].num_layers} layers")
 
-    reference = checkpoints[base_index if base_index is not None else slices[0][0][0]]
-    layer_names: dict[int, list[tuple[str, str]]] = {}
-    outer: list[str] = []
-    for name in _output_names(reference.tensor_names, tensor_sets):
-        match = _LAYER.match(name)
-        if match:
-            layer_names.setdefault(int(match["index"]), []).append((match["prefix"], match["rest"]))
-        else:
-            outer.append(name)
-    pre = [n for n in outer if "embed" in n]
-    post = [n for n in outer if "embed" not in n]
 
-    jobs: list[TensorJob] = []
-
-    def add_job(out_name: str, si: int, names: list[str], t: float) -> None:
-        sources = slices[si]
-        refs = [(m, tensor_sets.resolve(m, n)) for (m, _, _), n in zip(sources, names)]
-        shapes = []
-        for m, n in refs:
-            if n not in checkpoints[m]:
-                raise EvomergeError(f"tensor {n!r} is missing from {paths[m]}")
-            shapes.append(tuple(checkpoints[m].shape(n)))
-        if len(set(shapes)) != 1:
-            detail = ", ".join(f"{paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
-            raise EvomergeError(f"tensor shapes differ for {out_name}: {detail}")
-        dtypes = [checkpoints[m].dtype(n) for m, n in refs]
-        floating = all(d.is_floating_point for d in dtypes)
-        job_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            job_dtype = torch.promote_types(job_dtype, d)
-        if compute is not None and floating:
-            job_dtype = compute
-        base_pos = None
-        if spec.needs_base:
-            base_pos = next(i for i, (m, _) in enumerate(refs) if m == base_index)
-        jobs.append(TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[r for _, _, r in sources],
-                              base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating))
-
-    for name in pre:
-        add_job(name, 0, [name] * len(slices[0]), 0.0)
+def _plan_jobs(ctx: _PlanContext) -> tuple[list[TensorJob], int]:
+    """The jobs in output order (embeddings, the slices' layers, then the other non-layer tensors) and the
+    number of output layers."""
+    names = _output_names(ctx.reference.tensor_names, ctx.tensor_sets)
+    outer = [name for name in names if ctx.arch.split_block(name) is None]
+    first, last = ctx.slices[0], ctx.slices[-1]
+    # embeddings from the first slice, every other non-block tensor (final norm, head) from the last (as mergekit)
+    jobs = [_plan_job(ctx, name, 0, [name] * len(first), 0.0) for name in outer if ctx.arch.is_embedding(name)]
     out_layer = 0
-    for si, sources in enumerate(slices):
-        start0, end0 = sources[0][1]
+    for si, sources in enumerate(ctx.slices):
+        start0, end0 = sources[0].layers
         count = end0 - start0
         for offset in range(count):
             t = offset / (count - 1) if count > 1 else 1.0
-            first_model = checkpoints[sources[0][0]]
-            template = [(m["prefix"], m["rest"]) for m in map(_LAYER.match, first_model.tensor_names)
-                        if m and int(m["index"]) == start0 + offset]
-            if not template:
-                raise EvomergeError(f"{paths[sources[0][0]]} has no tensors for layer {start0 + offset}")
-            for prefix, rest in template:
-                names = [f"{prefix}.{rng[0] + offset}.{rest}" for _, rng, _ in sources]
-                add_job(f"{prefix}.{out_layer}.{rest}", si, names, t)
+            for rest in _layer_template(ctx, sources[0].model, start0 + offset):
+                names = [ctx.arch.block_tensor(source.layers[0] + offset, rest) for source in sources]
+                jobs.append(_plan_job(ctx, ctx.arch.block_tensor(out_layer, rest), si, names, t))
             out_layer += 1
-    for name in post:
-        add_job(name, len(slices) - 1, [name] * len(slices[-1]), 0.0)
+    jobs += [_plan_job(ctx, name, len(ctx.slices) - 1, [name] * len(last), 0.0)
+             for name in outer if not ctx.arch.is_embedding(name)]
+    return jobs, out_layer
 
-    config = dict(reference.config)
-    if tensor_sets.untied and tensor_sets.heads:
+
+def _layer_template(ctx: _PlanContext, model: int, layer: int) -> list[str]:
+    """The in-block name of every tensor of one layer of a model, e.g. "mlp.up_proj.weight"."""
+    blocks = map(ctx.arch.split_block, ctx.checkpoints[model].tensor_names)
+    template = [block[1] for block in blocks if block and block[0] == layer]
+    if not template:
+        raise EvomergeError(f"{ctx.paths[model]} has no tensors for layer {layer}")
+    return template
+
+
+def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: float) -> TensorJob:
+    """The job of one output tensor from its source tensor names (one per source of slice ``si``)."""
+    sources = ctx.slices[si]
+    refs = [(source.model, ctx.tensor_sets.resolve(source.model, name)) for source, name in zip(sources, names)]
+    shapes = []
+    for m, n in refs:
+        if n not in ctx.checkpoints[m]:
+            raise EvomergeError(f"tensor {n!r} is missing from {ctx.paths[m]}")
+        shapes.append(tuple(ctx.checkpoints[m].shape(n)))
+    vocabulary = ctx.vocabulary
+    vocab = (vocabulary is not None and ctx.arch.split_block(out_name) is None and len(shapes[0]) == 2
+             and all(s[0] == vocabulary.vocab_sizes[ctx.paths[m]] for (m, _), s in zip(refs, shapes)))
+    if vocab:
+        shapes = [(vocabulary.size, *s[1:]) for s in shapes]
+    if len(set(shapes)) != 1:
+        detail = ", ".join(f"{ctx.paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
+        raise EvomergeError(f"tensor shapes differ for {out_name}: {detail}")
+    dtypes = [ctx.checkpoints[m].dtype(n) for m, n in refs]
+    floating = all(d.is_floating_point for d in dtypes)
+    job_dtype = dtypes[0]
+    for d in dtypes[1:]:
+        job_dtype = torch.promote_types(job_dtype, d)
+    if ctx.compute is not None and floating:
+        job_dtype = ctx.compute
+    base_pos = None
+    if ctx.spec.uses_base and ctx.base_index is not None:
+        base_pos = next(i for i, (m, _) in enumerate(refs) if m == ctx.base_index)
+    return TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[s.ref for s in sources],
+                     base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating,
+                     vocab=vocab)
+
+
+def _output_config(ctx: _PlanContext, num_layers: int, final_dtype: torch.dtype | None) -> dict[str, Any]:
+    """The reference's config with the output's layer count, per-layer lists and dtype."""
+    config = dict(ctx.reference.config)
+    if ctx.tensor_sets.untied and ctx.tensor_sets.heads:
         config["tie_word_embeddings"] = False  # a source has its own head: the output keeps one (as mergekit)
-    if isinstance(config.get("num_hidden_layers"), int):
-        config["num_hidden_layers"] = out_layer
+    if isinstance(config.get(ctx.arch.num_layers_key), int):
+        config[ctx.arch.num_layers_key] = num_layers
     # per-layer config lists (e.g. Qwen2's layer_types) follow the layers they describe
     layer_types = []
-    for sources in slices:
+    for sources in ctx.slices:
         model, (start, end), _ = sources[0]
-        types = checkpoints[model].config.get("layer_types")
+        types = ctx.checkpoints[model].config.get("layer_types")
         layer_types += list(types[start:end]) if isinstance(types, list) and len(types) >= end else []
     if isinstance(config.get("layer_types"), list):
-        config["layer_types"] = layer_types if len(layer_types) == out_layer else [config["layer_types"][0]] * out_layer
-    out_dtype = parse_dtype(recipe.out_dtype)
-    final_dtype = out_dtype or compute
+        complete = len(layer_types) == num_layers
+        config["layer_types"] = layer_types if complete else [config["layer_types"][0]] * num_layers
     if final_dtype is not None:
         config["dtype"] = dtype_name(final_dtype)
         if "torch_dtype" in config:
             config["torch_dtype"] = dtype_name(final_dtype)
-    tokenizer_dir = recipe.tokenizer_path()
-    plan = MergePlan(recipe=recipe, spec=spec, models=paths, checkpoints=checkpoints, base_index=base_index,
-                     jobs=jobs, config=config, out_dtype=out_dtype, num_layers=out_layer,
-                     tokenizer_dir=tokenizer_dir, structure=recipe_structure(recipe),
-                     generation_config=find_generation_config(tokenizer_dir, reference.path))
-    return plan
+    if ctx.vocabulary is not None:
+        config["vocab_size"] = ctx.vocabulary.size
+    return config
 
 
 def _output_names(reference_names: list[str], tensor_sets: SourceTensors) -> list[str]:
@@ -263,9 +345,12 @@ def _entry_parameters(recipe: Recipe, job: TensorJob, ref: int | None) -> dict[s
 def _resolve(param: ParamSpec, scopes: list[dict[str, Any]], tensor_name: str, t: float, where: str) -> Any:
     for scope in scopes:
         if param.name in scope:
-            value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            try:
+                value = resolve_setting(scope[param.name], tensor_name, t, param.kind)
+            except EvomergeError as exc:  # e.g. a whole-number parameter's gradient between two layers
+                raise EvomergeError(f"{where}: {param.name}: {exc}") from None
             if value is not None:
-                if param.kind is float:
+                if param.kind in (float, int):
                     check_value(param.name, value, where)
                 return value
     if param.required:
@@ -296,6 +381,10 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
         if shared.get("normalize") and abs(sum(p["weight"] for p in per_model)) < 1e-8:
             raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize cannot divide "
                                 f"by (set normalize: false or change the weights)")
+    if spec.family == "multislerp" and shared["normalize_weights"] and len(per_model) > 1:
+        if abs(sum(p["weight"] for p in per_model)) < 1e-8:
+            raise EvomergeError(f"{spec.name}: the weights of {job.name} sum to zero, which normalize_weights cannot "
+                                f"divide by (set normalize_weights: false or change the weights)")
     if spec.sparsify == "della_magprune":
         for p in per_model:
             if 0 < p["density"] < 1 and not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1):
@@ -304,6 +393,7 @@ def _check_job(spec: MethodSpec, shared: dict[str, Any], per_model: list[dict[st
 
 
 def resolve_all(plan: MergePlan, recipe: Recipe) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """``resolve_job_parameters`` for every job, in plan order (raises on the first invalid value)."""
     return [resolve_job_parameters(plan, recipe, job) for job in plan.jobs]
 
 
@@ -325,6 +415,7 @@ def merge_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], shar
 
 
 def job_generator(spec: MethodSpec, job: TensorJob, seed: int, device: torch.device) -> torch.Generator | None:
+    """The random generator of one job's drops (seeded by ``tensor_seed``), or None for deterministic methods."""
     if not spec.random:
         return None
     generator = torch.Generator(device=device)
@@ -339,6 +430,7 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
     local = threading.local()
 
     def work(index: int, tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
+        """(name, merged tensor in its output dtype, on CPU) of job ``index``."""
         job = plan.jobs[index]
         ws = getattr(local, "ws", None)
         if ws is None:
@@ -354,8 +446,11 @@ def _merged_tensors(plan: MergePlan, params: list, device: torch.device, seed: i
 def load_job_sources(plan: MergePlan, index: int, device: torch.device) -> list[torch.Tensor]:
     """The source tensors of job ``index``, read from the checkpoints onto ``device`` in its compute dtype."""
     job = plan.jobs[index]
-    return [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
-            for m, name in job.sources]
+    tensors = [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
+               for m, name in job.sources]
+    if job.vocab:
+        tensors = plan.tokenizer.vocabulary.align([plan.models[m] for m, _ in job.sources], tensors)
+    return tensors
 
 
 def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str, progress: bool) -> Iterator[Any]:
@@ -364,8 +459,6 @@ def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str,
     Sources are read on the calling thread (sequential I/O); with ``threads > 1`` the calls run on a thread pool
     of one torch thread each (the merge kernels are too fine-grained for torch's intra-op threads), and at most
     ``threads + 1`` jobs' sources are held at once."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(plan.jobs), desc=desc, unit="tensor", disable=not progress)
     if threads <= 1:
         for index in range(len(plan.jobs)):
@@ -392,6 +485,11 @@ def map_jobs(plan: MergePlan, fn, device: torch.device, threads: int, desc: str,
 
 
 def check_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device``.
+
+    Raises:
+        EvomergeError: the name is not a device, is neither CPU nor CUDA, or CUDA is not available.
+    """
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -408,7 +506,31 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
               threads: int | None = None) -> Path:
     """Merge ``recipe`` into a checkpoint folder at ``out_dir`` (written atomically); returns it.
 
-    ``threads``: tensors merged in parallel on CPU (default: torch's thread count). Results do not depend on it.
+    Per-tensor methods stream: one output tensor's sources are read (memory-mapped), merged in the recipe's
+    compute ``dtype`` (default: the sources' own, promoted) and written in ``out_dtype`` (default: the compute
+    dtype), so peak memory is a few tensors, not a model. Data-aware methods (fisher, regmean) load each model
+    whole and run its calibration texts. The folder gets ``config.json`` (layer count and dtype updated), the
+    safetensors shards and index, the tokenizer files, ``recipe.yaml`` and a model card.
+
+    Args:
+        recipe: a validated recipe (``Recipe.load``).
+        out_dir: the checkpoint folder to create.
+        device: ``"cpu"`` or ``"cuda"``/``"cuda:N"``: where tensors are merged (CPU and CUDA random drops differ).
+        seed: seed of the random drops (DARE, DELLA) and calibration sampling; each tensor's generator is
+            seeded from it and the tensor name.
+        overwrite: replace an existing ``out_dir``.
+        allow_pickle: also read ``.bin`` (pickle) weights, with ``torch.load(weights_only=True)``.
+        shard_size: largest safetensors shard, bytes or a string such as ``"2GB"`` / ``"500MB"``.
+        progress: show a progress bar on stderr.
+        threads: tensors merged in parallel on CPU (default: torch's thread count); results do not depend on it.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        EvomergeError: ``out_dir`` exists without ``overwrite``, the device is unknown or unavailable, the sources
+            cannot be merged (see ``plan_merge``), or a parameter value is invalid for some tensor (checked for
+            every tensor before anything is computed or written). Nothing is left at ``out_dir`` on failure.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -421,32 +543,30 @@ def run_merge(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", seed:
     recipe_yaml = recipe.to_yaml()
     sources = [str(p) for p in plan.models]
     threads = torch.get_num_threads() if threads is None else max(1, int(threads))
-    return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
-                            tokenizer_dir=plan.tokenizer_dir, recipe_yaml=recipe_yaml,
-                            model_card=model_card(recipe_yaml, sources, recipe.merge_method),
-                            max_shard_size=shard_size, overwrite=overwrite, generation_config=plan.generation_config)
+    with tokenizer_folder(plan.tokenizer) as tokenizer_dir:
+        return write_checkpoint(out_dir, _merged_tensors(plan, params, dev, seed, progress, threads), plan.config,
+                                tokenizer_dir=tokenizer_dir, recipe_yaml=recipe_yaml,
+                                model_card=model_card(recipe_yaml, sources, recipe.merge_method),
+                                max_shard_size=shard_size, overwrite=overwrite,
+                                generation_config=plan.generation_config)
 
 
 def _run_data_aware(recipe: Recipe, out_dir: Path, device: torch.device, seed: int, overwrite: bool,
                     allow_pickle: bool, shard_size: str | int) -> Path:
-    import importlib
-
-    module = importlib.import_module("evomerge.alignment.recipe_methods")
-    methods, calibration_defaults = data_aware_methods()
-    table = methods[recipe.merge_method]
+    table = DATA_AWARE_METHODS[recipe.merge_method]
     paths, checkpoints = open_checkpoints(recipe, allow_pickle)
     base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     model_paths = [recipe.resolve_path(m.model) for m in recipe.models]
     per_model = [{**table.get("per_model", {}), **m.parameters} for m in recipe.models]
     params = {**table.get("global", {}), **recipe.parameters}
-    calibration = {**calibration_defaults, **(recipe.calibration or {})}
+    calibration = {**CALIBRATION_DEFAULTS, **(recipe.calibration or {})}
     if isinstance(calibration.get("path"), str):
         calibration["path"] = str(recipe.resolve_path(calibration["path"]))
     for pm in per_model:
         if isinstance(pm.get("calibration"), str):
             pm["calibration"] = str(recipe.resolve_path(pm["calibration"]))
-    merged = module.merge_data_aware(recipe.merge_method, base, model_paths, per_model, params, calibration,
-                                     str(device), seed)
+    merged = merge_data_aware(recipe.merge_method, base, model_paths, per_model, params, calibration,
+                              str(device), seed)
     reference = checkpoints[paths.index(base)] if base is not None else checkpoints[paths.index(model_paths[0])]
     config = dict(reference.config)
     out_dtype = parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype)

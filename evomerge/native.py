@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$EVOMERGE_CACHE/kernels`` (default ``~/.cache/evomerge/kernels``)."""
     root = os.environ.get("EVOMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "evomerge")
     return Path(root) / "kernels"
 
@@ -51,6 +52,8 @@ def simd_flags() -> tuple[str, list[str]]:
 def _import_shared_object(name: str, path: Path):
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot load the compiled kernel {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
@@ -66,6 +69,7 @@ class Kernel:
         self._failed = False
 
     def load(self):
+        """The compiled module (built on first use, then imported from the cache), or None where it cannot be built."""
         if self._module is not None or self._failed:
             return self._module
         with self._lock:
@@ -83,6 +87,7 @@ class Kernel:
         return self._module
 
     def available(self) -> bool:
+        """Whether the kernel loads on this machine."""
         return self.load() is not None
 
     def _build_or_import(self):
@@ -91,7 +96,7 @@ class Kernel:
         target = cache / f"{self.name}-{key.hexdigest()[:16]}.so"
         if target.is_file():
             return _import_shared_object(self.name, target)
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import load_inline  # deferred: pulls in setuptools; only a first build needs it
 
         cache.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f"{self.name}-build-", dir=cache))

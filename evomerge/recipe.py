@@ -2,8 +2,9 @@
 
 A recipe names a ``merge_method``, its sources (``models:`` with per-model ``parameters``, or ``slices:`` of
 ``sources`` with ``layer_range`` for passthrough/frankenmerges), an optional ``base_model``, global
-``parameters``, ``dtype`` (the compute dtype), ``out_dtype``, ``tokenizer_source`` and, for the data-aware
-methods (fisher, regmean), a ``calibration`` block.
+``parameters``, ``dtype`` (the compute dtype), ``out_dtype``, ``tokenizer_source`` or a ``tokenizer:`` block and
+``chat_template`` (evomerge/tokenizer_config.py), and, for the data-aware methods (fisher, regmean), a
+``calibration`` block. A model may be a LoRA reference ``base+adapter`` (evomerge/lora.py).
 
 Where mergekit silently ignores what it does not know, we refuse: unknown keys, unknown parameter names, and
 parameters the method does not take (including a global parameter given per model, or per-model parameters on
@@ -11,7 +12,7 @@ the base model of a method that ignores them) are ``EvomergeError``s naming the 
 
 Parameter values (``resolve_setting``) follow mergekit exactly:
 
-- a scalar;
+- a scalar (a number written as a string, e.g. ``1e-5``, which YAML 1.1 reads as a string, is that number);
 - a list of numbers, a *gradient*: interpolated linearly across the layers of a slice, at
   ``t = layer / (num_layers - 1)``; tensors outside the layers (embeddings, final norm, head) use t = 0;
   lists of booleans or strings pick ``values[int(t * (len - 1))]``;
@@ -26,32 +27,25 @@ back exactly as given, so a recipe round-trips.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.errors import EvomergeError
-from evomerge.methods import METHODS, REQUIRED, MethodSpec, ParamSpec, get_method
+from evomerge.lora import model_folder
+from evomerge.method_registry import get_method, is_data_aware
+from evomerge.methods import REQUIRED, MethodSpec, ParamSpec
+from evomerge.tokenizer_config import TokenizerSettings, check_chat_template, parse_tokenizer_block
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "calibration")
-_UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes", "tokenizer": "the 'tokenizer:' block (use tokenizer_source)",
-                         "chat_template": "chat_template"}
+             "tokenizer_source", "tokenizer", "chat_template", "calibration")
+_UNSUPPORTED_TOP_KEYS = {"modules": "per-module recipes"}
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-def data_aware_methods() -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
-    """fisher/regmean parameter tables from evomerge.alignment.recipe_methods (empty when it is absent)."""
-    try:
-        module = importlib.import_module("evomerge.alignment.recipe_methods")
-    except ImportError:
-        return {}, {}
-    return getattr(module, "DATA_AWARE_METHODS", {}), getattr(module, "CALIBRATION_DEFAULTS", {})
 
 
 @dataclass
@@ -81,7 +75,15 @@ class Slice:
 
 @dataclass
 class Recipe:
-    """A parsed, validated recipe. Build with ``load``, ``from_yaml`` or ``from_dict``; ``validate`` after edits."""
+    """A parsed, validated recipe. Build with ``load``, ``from_yaml`` or ``from_dict``; ``validate`` after edits.
+
+    Fields mirror mergekit 0.1.5's YAML: ``merge_method``; ``models`` (entries with per-model ``parameters``)
+    or ``slices`` (sources with ``layer_range``, layers ``[start, end)``); ``base_model``; global
+    ``parameters`` (each value a scalar, a gradient list or a filter list, see ``resolve_setting``); ``dtype``
+    (compute dtype) and ``out_dtype`` (written dtype), each one of float32 / float16 / bfloat16 / float64;
+    ``tokenizer_source`` (``base`` or a model path); ``calibration`` (fisher / regmean only). Model paths are
+    kept as written; ``root`` is the folder they resolve against.
+    """
 
     merge_method: str
     models: list[ModelEntry] = field(default_factory=list)
@@ -91,6 +93,8 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None  # the 'tokenizer:' block (evomerge/tokenizer_config.py)
+    chat_template: str | None = None
     calibration: dict[str, Any] | None = None
     root: Path | None = None  # folder that relative model paths resolve against (not written to YAML)
 
@@ -98,6 +102,12 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
+        """Read and validate a recipe YAML file; relative model paths resolve against its folder.
+
+        Raises:
+            EvomergeError: the file cannot be read, is not valid YAML, or the recipe is invalid (see
+                ``from_dict`` and ``validate``).
+        """
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -107,6 +117,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, root: str | Path | None = None, source: str = "recipe") -> Recipe:
+        """Parse (safe YAML loading) and validate a recipe's text.
+
+        Args:
+            text: the YAML document.
+            root: the folder relative model paths resolve against (default: the current folder at use).
+            source: how error messages name the recipe (e.g. its file name).
+
+        Raises:
+            EvomergeError: invalid YAML, or an invalid recipe (see ``from_dict``).
+        """
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -116,6 +136,21 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, root: str | Path | None = None, source: str = "recipe") -> Recipe:
+        """Build and validate a recipe from its mergekit mapping (what ``yaml.safe_load`` returns).
+
+        Args:
+            data: the mapping; parameter values are deep-copied.
+            root: the folder relative model paths resolve against.
+            source: how error messages name the recipe.
+
+        Returns:
+            The validated recipe.
+
+        Raises:
+            EvomergeError: one line naming the first problem: not a mapping, an unknown or unsupported key, a
+                wrong type, an unknown merge method (the message lists every method), or anything ``validate``
+                rejects.
+        """
         if not isinstance(data, Mapping):
             raise EvomergeError(f"{source} must be a mapping with at least 'merge_method'")
         data = dict(data)
@@ -140,6 +175,9 @@ class Recipe:
             dtype=_optional_str(data.get("dtype"), "dtype", source),
             out_dtype=_optional_str(data.get("out_dtype"), "out_dtype", source),
             tokenizer_source=_optional_str(data.get("tokenizer_source"), "tokenizer_source", source),
+            tokenizer=(parse_tokenizer_block(data["tokenizer"], source) if data.get("tokenizer") is not None
+                       else None),
+            chat_template=check_chat_template(data.get("chat_template"), source),
             calibration=_optional_mapping(data.get("calibration"), "calibration", source),
             root=Path(root) if root is not None else None,
         )
@@ -168,14 +206,20 @@ class Recipe:
         for key in ("dtype", "out_dtype", "tokenizer_source"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None:
+            out["tokenizer"] = copy.deepcopy(self.tokenizer.raw or {"source": self.tokenizer.source})
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.calibration is not None:
             out["calibration"] = copy.deepcopy(self.calibration)
         return out
 
     def to_yaml(self) -> str:
+        """The recipe as mergekit YAML text (``to_dict``; number lists inline); ``from_yaml`` reads it back."""
         return yaml.dump(self.to_dict(), Dumper=_FlowListDumper, sort_keys=False, default_flow_style=False)
 
     def save(self, path: str | Path) -> Path:
+        """Write ``to_yaml()`` to ``path`` (UTF-8); returns it as a ``Path``. Raises ``OSError`` if unwritable."""
         path = Path(path)
         path.write_text(self.to_yaml(), encoding="utf-8")
         return path
@@ -183,7 +227,17 @@ class Recipe:
     # ------------------------------------------------------------------ paths and methods
 
     def resolve_path(self, model: str) -> Path:
-        """A model path from the recipe, absolute: relative paths resolve against ``root`` (else the cwd)."""
+        """A model path from the recipe, absolute: relative paths resolve against ``root`` (else the cwd).
+
+        A LoRA reference ``base+adapter`` resolves both parts: the result ``/abs/base+/abs/adapter`` is the
+        source's key (see evomerge/lora.py)."""
+        from evomerge.lora import split_reference
+
+        model_part, adapter = split_reference(model)
+        path = self._resolve_one(model_part)
+        return path if adapter is None else Path(f"{path}+{self._resolve_one(adapter)}")
+
+    def _resolve_one(self, model: str) -> Path:
         path = Path(model).expanduser()
         if not path.is_absolute():
             path = (self.root or Path.cwd()) / path
@@ -191,10 +245,12 @@ class Recipe:
 
     @property
     def is_data_aware(self) -> bool:
-        return self.merge_method not in METHODS and self.merge_method in data_aware_methods()[0]
+        """Whether the method is a data-aware one (fisher, regmean): whole models plus calibration data."""
+        return is_data_aware(self.merge_method)
 
     @property
     def method(self) -> MethodSpec:
+        """The per-tensor method's spec (``EvomergeError`` for a data-aware or unknown method)."""
         return get_method(self.merge_method)
 
     def model_paths(self) -> list[Path]:
@@ -209,40 +265,63 @@ class Recipe:
             seen.setdefault(self.resolve_path(self.base_model), None)
         return list(seen)
 
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The tokenizer the recipe asks for (the 'tokenizer:' block, or tokenizer_source alone), else None."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerSettings(source=self.tokenizer_source)
+        return None
+
     def tokenizer_path(self) -> Path:
-        """Where the output's tokenizer comes from: tokenizer_source, else base_model, else the first model."""
-        if self.tokenizer_source not in (None, "base"):
-            return self.resolve_path(self.tokenizer_source)
+        """The folder whose tokenizer the output starts from: the tokenizer source's model, else base_model, else
+        the first model (for a LoRA reference, its base model's folder, as mergekit). With ``union`` it is the
+        union's starting point (base, else first model); see evomerge/vocabulary.py."""
+        settings = self.tokenizer_settings()
+        source = settings.source if settings is not None else None
+        if source not in (None, "base", "union"):
+            return model_folder(self.resolve_path(source))
         if self.base_model is not None:
-            return self.resolve_path(self.base_model)
-        if self.tokenizer_source == "base":
-            raise EvomergeError("tokenizer_source: base needs a base_model")
-        return self.model_paths()[0]
+            return model_folder(self.resolve_path(self.base_model))
+        return model_folder(self.model_paths()[0])
 
     # ------------------------------------------------------------------ validation
 
     def validate(self, source: str = "recipe") -> None:
-        """Check structure, method and parameters; raises EvomergeError naming the first problem."""
+        """Check structure, method and parameters (call after editing a recipe).
+
+        Args:
+            source: how error messages name the recipe.
+
+        Raises:
+            EvomergeError: one line naming the first problem: both or neither of models/slices, an unknown dtype,
+                an unknown method (every known method listed), a missing or superfluous base_model, a parameter
+                the method does not take, a value of the wrong type or out of range (e.g. density outside
+                [0, 1]), too few or too many models, or a data-aware recipe with unknown keys.
+        """
         if bool(self.models) == bool(self.slices):
             raise EvomergeError(f"{source}: give exactly one of 'models' or 'slices'")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value.removeprefix("torch.") not in _DTYPES:
                 raise EvomergeError(f"{source}: {key} {value!r} is not one of {', '.join(_DTYPES)}")
-        if self.tokenizer_source == "union":
-            raise EvomergeError(f"{source}: tokenizer_source: union is not supported (use base or a model path)")
-        aware, calibration_defaults = data_aware_methods()
-        if self.merge_method in aware:
-            self._validate_data_aware(aware[self.merge_method], calibration_defaults, source)
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise EvomergeError(f"{source}: give tokenizer_source or a 'tokenizer:' block, not both")
+        if is_data_aware(self.merge_method) and (self.tokenizer is not None or self.chat_template is not None
+                                                 or self.tokenizer_source == "union"):
+            raise EvomergeError(f"{source}: {self.merge_method} does not take tokenizer: blocks, union "
+                                f"tokenizers or chat_template")
+        if is_data_aware(self.merge_method):
+            self._validate_data_aware(DATA_AWARE_METHODS[self.merge_method], CALIBRATION_DEFAULTS, source)
             return
         spec = get_method(self.merge_method)
         if self.calibration is not None:
             raise EvomergeError(f"{source}: 'calibration' is only for data-aware methods "
-                                f"({', '.join(sorted(aware)) or 'fisher, regmean'}), not {spec.name}")
+                                f"({', '.join(sorted(DATA_AWARE_METHODS))}), not {spec.name}")
         base = self.resolve_path(self.base_model) if self.base_model is not None else None
         if spec.needs_base and base is None:
             raise EvomergeError(f"{source}: merge method {spec.name} needs a base_model")
-        if not spec.needs_base and base is not None:
+        if not spec.uses_base and base is not None:
             listed = {self.resolve_path(m.model) for m in self.models}
             listed |= {self.resolve_path(src.model) for s in self.slices for src in s.sources}
             if base not in listed:
@@ -273,12 +352,12 @@ class Recipe:
         groups: list[tuple[str, list[Path]]] = []
         if self.models:
             paths = [self.resolve_path(m.model) for m in self.models]
-            if spec.needs_base and base not in paths:
+            if spec.uses_base and base is not None and base not in paths:
                 paths.append(base)
             groups.append(("models", paths))
         for i, s in enumerate(self.slices):
             paths = [self.resolve_path(src.model) for src in s.sources]
-            if spec.needs_base and base not in paths:
+            if spec.uses_base and base is not None and base not in paths:
                 raise EvomergeError(f"{source}: slices[{i}] must include the base_model among its sources "
                                     f"for {spec.name}")
             groups.append((f"slices[{i}]", paths))
@@ -286,11 +365,18 @@ class Recipe:
             if len(set(paths)) != len(paths):
                 raise EvomergeError(f"{source}: {where} lists the same model twice")
             count = len(paths)
+            non_base = count - int(spec.uses_base and base in paths)
+            if non_base < spec.min_non_base or (spec.max_non_base is not None and non_base > spec.max_non_base):
+                what = (f"exactly {spec.min_non_base}" if spec.max_non_base == spec.min_non_base
+                        else f"at least {spec.min_non_base}")
+                raise EvomergeError(f"{source}: {spec.name} takes {what} models besides the base in {where}; "
+                                    f"got {non_base}")
             if count < spec.min_inputs:
                 raise EvomergeError(f"{source}: {spec.name} needs at least {spec.min_inputs} models "
                                     f"(base included) in {where}; got {count}")
             if spec.max_inputs is not None and count > spec.max_inputs:
-                what = f"exactly {spec.max_inputs}" if spec.max_inputs == spec.min_inputs else f"at most {spec.max_inputs}"
+                exact = spec.max_inputs == spec.min_inputs
+                what = f"exactly {spec.max_inputs}" if exact else f"at most {spec.max_inputs}"
                 raise EvomergeError(f"{source}: {spec.name} takes {what} models (base included) in {where}; "
                                     f"got {count}")
 
@@ -318,6 +404,8 @@ class Recipe:
 
     def _validate_data_aware(self, table: dict[str, dict[str, Any]], calibration_defaults: dict[str, Any],
                              source: str) -> None:
+        if any("+" in str(p) and not p.exists() for p in self.model_paths()):
+            raise EvomergeError(f"{source}: {self.merge_method} does not take LoRA references (model+adapter)")
         known_global = table.get("global", {})
         known_per_model = table.get("per_model", {})
         if self.slices:
@@ -341,7 +429,20 @@ class Recipe:
 
 
 def resolve_setting(setting: Any, tensor_name: str, t: float, kind: type = float) -> Any:
-    """A parameter setting's value for one tensor at gradient position t (None when no filter matches)."""
+    """A parameter setting's value for one tensor at gradient position t (None when no filter matches).
+
+    Args:
+        setting: a scalar, a gradient list, a ``{filter, value}`` mapping or a list of them (mergekit's forms).
+        tensor_name: the tensor the value is for (filters match substrings of it).
+        t: the tensor's gradient position in [0, 1] (layer ``i`` of ``L``: ``i / (L - 1)``; 0 outside layers).
+        kind: the parameter's type (float values are interpolated linearly; other lists pick an element).
+
+    Returns:
+        The value (a float for float parameters), or None when no filter matches.
+
+    Raises:
+        EvomergeError: a setting of none of these forms.
+    """
     if isinstance(setting, Mapping):
         setting = [setting]
     if _is_scalar(setting):
@@ -351,13 +452,14 @@ def resolve_setting(setting: Any, tensor_name: str, t: float, kind: type = float
             return None
         if all(_is_scalar(v) for v in setting):
             values = [_coerce(v, kind) for v in setting]
-            if kind is not float:
+            if kind not in (float, int):
                 return values[int(t * (len(values) - 1))]
             scaled = t * (len(values) - 1)
             i0 = int(scaled)
             i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * values[i0] + frac * values[i1]
+            value = (1 - frac) * values[i0] + frac * values[i1]
+            return _coerce(value, int) if kind is int else value
         for cond in setting:
             filt = cond.get("filter")
             if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
@@ -379,7 +481,11 @@ def setting_values(setting: Any) -> list[Any]:
 
 
 def check_value(name: str, value: Any, where: str = "") -> None:
-    """Range checks that apply to a resolved value (also used per tensor by the planner)."""
+    """Range checks that apply to a resolved value (also used per tensor by the planner).
+
+    Raises:
+        EvomergeError: density outside [0, 1], gamma or epsilon outside [0, 1), or a non-finite float.
+    """
     prefix = f"{where}: " if where else ""
     if name == "density" and not (0 <= value <= 1):  # 0 drops the whole task vector, as in mergekit
         raise EvomergeError(f"{prefix}density must be in [0, 1], got {value}")
@@ -387,6 +493,10 @@ def check_value(name: str, value: Any, where: str = "") -> None:
         raise EvomergeError(f"{prefix}gamma must be in [0, 1), got {value}")
     if name == "epsilon" and not (0 <= value < 1):
         raise EvomergeError(f"{prefix}epsilon must be in [0, 1), got {value}")
+    if name == "select_topk" and not (0 <= value <= 1):
+        raise EvomergeError(f"{prefix}select_topk must be in [0, 1], got {value}")
+    if name in ("tol", "max_iter") and value < 0:
+        raise EvomergeError(f"{prefix}{name} must not be negative, got {value}")
     if isinstance(value, float) and not math.isfinite(value):
         raise EvomergeError(f"{prefix}{name} must be finite, got {value}")
 
@@ -394,12 +504,19 @@ def check_value(name: str, value: Any, where: str = "") -> None:
 def _check_setting(setting: Any, param: ParamSpec, where: str, source: str) -> None:
     _check_shape(setting, where, source)
     for value in setting_values(setting):
+        if param.kind in (float, int) and isinstance(value, str):
+            value = _numeric_string(value)  # YAML reads 1e-5 as a string; mergekit parses it as a number
         if param.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 if param.default is None and value is None:
                     continue
                 raise EvomergeError(f"{source}: {where} must be a number, got {value!r}")
             check_value(param.name, float(value), f"{source}: {where}")
+        elif param.kind is int:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or float(value) != int(value)):
+                raise EvomergeError(f"{source}: {where} must be a whole number, got {value!r}")
+            check_value(param.name, int(value), f"{source}: {where}")
         elif param.kind is bool:
             if not isinstance(value, bool):
                 raise EvomergeError(f"{source}: {where} must be true or false, got {value!r}")
@@ -435,9 +552,23 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
+def _numeric_string(value: str) -> Any:
+    """A number written as a string (``1e-5``, which YAML 1.1 reads as a string), else the string unchanged."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _coerce(value: Any, kind: type) -> Any:
+    if kind in (float, int) and isinstance(value, str):
+        value = _numeric_string(value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or float(value) != int(value):
+            raise EvomergeError(f"expected a whole number, got {value}")
+        return int(value)
     return value
 
 
@@ -467,6 +598,13 @@ def _optional_str(value: Any, what: str, source: str) -> str | None:
     return value
 
 
+def _path_str(value: Any, what: str, source: str) -> str:
+    text = _optional_str(value, what, source)
+    if text is None:
+        raise EvomergeError(f"{source}: {what} must be a path string, got nothing")
+    return text
+
+
 def _optional_mapping(value: Any, what: str, source: str) -> dict[str, Any] | None:
     if value is None:
         return None
@@ -493,7 +631,7 @@ def _parse_model_entry(item: Any, index: int, source: str) -> ModelEntry:
         raise EvomergeError(f"{source}: models[{index}]: unknown key {sorted(extra)[0]!r} (known: model, parameters)")
     if "model" not in item:
         raise EvomergeError(f"{source}: models[{index}] has no 'model'")
-    model = _optional_str(item["model"], f"models[{index}].model", source)
+    model = _path_str(item["model"], f"models[{index}].model", source)
     return ModelEntry(model=model, parameters=_parameters(item.get("parameters"), f"models[{index}].parameters",
                                                           source))
 
@@ -521,7 +659,7 @@ def _parse_slice(item: Any, index: int, source: str) -> Slice:
         if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                          for x in lr) or not 0 <= lr[0] <= lr[1]):
             raise EvomergeError(f"{source}: {where}.layer_range must be [start, end) with 0 <= start <= end")
-        sources.append(SliceSource(model=_optional_str(src["model"], f"{where}.model", source),
+        sources.append(SliceSource(model=_path_str(src["model"], f"{where}.model", source),
                                    layer_range=(int(lr[0]), int(lr[1])),
                                    parameters=_parameters(src.get("parameters"), f"{where}.parameters", source)))
     return Slice(sources=sources, parameters=_parameters(item.get("parameters"), f"slices[{index}].parameters",
@@ -539,7 +677,7 @@ class _FlowListDumper(yaml.SafeDumper):
     """Writes lists of numbers inline (``[0.2, 0.8]``), like mergekit, and everything else block style."""
 
 
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNode:
+def _represent_list(dumper: yaml.SafeDumper, data: Sequence[Any]) -> yaml.SequenceNode:
     flow = bool(data) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
@@ -547,5 +685,5 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNo
 _FlowListDumper.add_representer(list, _represent_list)
 _FlowListDumper.add_representer(tuple, _represent_list)
 
-__all__ = ["ModelEntry", "Recipe", "REQUIRED", "Slice", "SliceSource", "check_value", "data_aware_methods",
-           "resolve_setting", "setting_values"]
+__all__ = ["ModelEntry", "Recipe", "REQUIRED", "Slice", "SliceSource", "check_value", "resolve_setting",
+           "setting_values"]

@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from evomerge.errors import EvomergeError
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -61,8 +63,7 @@ def expected_tensors(config: Mapping[str, Any]) -> ArchitectureTensors | None:
 
 @lru_cache(maxsize=16)
 def _expected_tensors(config_json: str) -> ArchitectureTensors | None:
-    import torch
-    import transformers
+    import transformers  # deferred: seconds to import; evomerge.checkpoint imports this module to read files
 
     config = json.loads(config_json)
     archs, model_type = config.get("architectures") or [], config.get("model_type")
@@ -75,6 +76,7 @@ def _expected_tensors(config_json: str) -> ArchitectureTensors | None:
         hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
         with torch.device("meta"):
             model = model_cls._from_config(hf_config)
+        # inside the try: older transformers lack these, and then the architecture is not checked
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 

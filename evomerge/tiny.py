@@ -11,21 +11,54 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
-_ARCH_CONFIGS = {
+_ARCH_CONFIGS = {  # tiny name: (config class, model class)
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "phi": ("PhiConfig", "PhiForCausalLM"),  # Phi-2 style: model.final_layernorm, partial rotary
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "falcon": ("FalconConfig", "FalconForCausalLM"),
 }
+_TIED_BY_DEFAULT = {"gpt2"}
+_WITH_HEAD_DIM = {"qwen3", "gemma2", "gemma3"}  # their default head_dim (128, 256) ignores hidden_size
+
+
+def _arch_kwargs(arch: str, c: dict) -> dict:
+    """The config keyword arguments of one architecture from the common tiny sizes ``c``."""
+    if arch == "gpt2":
+        return dict(n_embd=c["hidden_size"], n_layer=c["num_layers"], n_head=c["num_heads"],
+                    n_inner=c["intermediate_size"], n_positions=c["max_position_embeddings"])
+    common = dict(hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
+                  num_attention_heads=c["num_heads"], max_position_embeddings=c["max_position_embeddings"])
+    if arch == "falcon":
+        return dict(common, num_kv_heads=c["num_kv_heads"], new_decoder_architecture=True)
+    common["intermediate_size"] = c["intermediate_size"]
+    if arch == "gpt_neox":
+        return dict(common, rotary_pct=0.5)
+    common["num_key_value_heads"] = c["num_kv_heads"]
+    if arch == "phi":
+        return dict(common, partial_rotary_factor=0.5)
+    if arch in _WITH_HEAD_DIM:
+        common["head_dim"] = c["hidden_size"] // c["num_heads"]
+    if arch in ("gemma2", "gemma3"):  # alternate sliding and full attention, with a window tests can reach
+        common.update(sliding_window=6, layer_types=[("sliding_attention", "full_attention")[i % 2]
+                                                     for i in range(c["num_layers"])])
+    return common
 
 
 def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
     """A byte-level BPE tokenizer: pure bytes (259 tokens + specials) or trained on ``corpus``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -49,32 +82,21 @@ def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512):
 
 def make_config(arch: str = "llama", vocab_size: int = 300, hidden_size: int = 64, num_layers: int = 4,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                max_position_embeddings: int = 512, tie_word_embeddings: bool = False, **extra):
-    import transformers
-
+                max_position_embeddings: int = 512, tie_word_embeddings: bool | None = None, **extra):
+    """A tiny config of ``arch`` (see ``_ARCH_CONFIGS``); ``tie_word_embeddings`` None: untied, except GPT-2."""
     if arch not in _ARCH_CONFIGS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {sorted(_ARCH_CONFIGS)}")
     config_cls = getattr(transformers, _ARCH_CONFIGS[arch][0])
-    return config_cls(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
-    )
+    sizes = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
+    tied = arch in _TIED_BY_DEFAULT if tie_word_embeddings is None else tie_word_embeddings
+    kwargs = dict(_arch_kwargs(arch, sizes), vocab_size=vocab_size, tie_word_embeddings=tied, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    return config_cls(**dict(kwargs, **extra))
 
 
 def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
     """A randomly initialised causal LM (seeded) from a tiny config."""
-    import transformers
-
     config = make_config(arch, **config_kwargs)
     model_cls = getattr(transformers, _ARCH_CONFIGS[arch][1])
     with torch.random.fork_rng(devices=[]):

@@ -14,7 +14,6 @@ from evomerge.alignment.regmean import linear_input_grams, regmean_merge, with_t
 from evomerge.alignment.repair import channel_stats, repair
 from evomerge.errors import EvomergeError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 
 

@@ -8,11 +8,15 @@ from torch import nn
 
 from evomerge import tiny
 from evomerge.alignment.activation_matching import activation_matching
-from evomerge.alignment.permutation_spec import (apply_permutation, inverse_permutation, llama_permutation_spec,
-                                                 resnet_permutation_spec, sequential_permutation_spec)
+from evomerge.alignment.permutation_spec import (
+    apply_permutation,
+    inverse_permutation,
+    llama_permutation_spec,
+    resnet_permutation_spec,
+    sequential_permutation_spec,
+)
 from evomerge.alignment.weight_matching import check_compatible, weight_matching
 from evomerge.errors import EvomergeError
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 

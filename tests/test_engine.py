@@ -152,7 +152,8 @@ def test_candidate_must_match_the_engine(llama_family):
                                    dtype="bfloat16"))
     with pytest.raises(EvomergeError, match="density"):
         engine.materialize({"merge_method": "ties", "base_model": str(llama_family["base"]),
-                            "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1, "density": 2}},
+                            "models": [{"model": str(llama_family["model_1"]),
+                                        "parameters": {"weight": 1, "density": 2}},
                                        {"model": str(llama_family["model_2"]), "parameters": {"weight": 1}}]})
     # a failed candidate leaves the engine usable
     engine.materialize(recipe)

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-from test_evaluators_fixtures import arith_model, load_arith_model, math_config, problems, write_tsv
 
 from evomerge.cli import main
 from evomerge.evaluators import build_evaluator
-
+from test_evaluators_fixtures import arith_model, load_arith_model, math_config, problems, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_evaluators_fixtures import load_arith_model, math_config, problems, write_tsv
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluators import build_evaluator, evaluators_dir
 from evomerge.evaluators.generation import GenerationSettings, greedy_generate
-
+from test_evaluators_fixtures import load_arith_model, math_config, problems, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest here
 

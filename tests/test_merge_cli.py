@@ -129,8 +129,9 @@ def _ties(fam, **params) -> dict:
 
 
 def test_different_architectures(llama_family, qwen2_family, tmp_path, capsys):
-    recipe = {"merge_method": "linear", "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
-                                                   {"model": str(qwen2_family["model_1"]), "parameters": {"weight": 1}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
+                         {"model": str(qwen2_family["model_1"]), "parameters": {"weight": 1}}]}
     _expect_error(capsys, tmp_path, recipe, "different architectures")
 
 
@@ -153,9 +154,16 @@ def test_method_needs_base_model(llama_family, tmp_path, capsys):
 
 
 def test_unknown_method(llama_family, tmp_path, capsys):
+    """Exit 2, one line, and the line lists every method `evomerge merge` runs, data-aware ones included."""
+    from evomerge.method_registry import method_names
+
     recipe = _ties(llama_family)
     recipe["merge_method"] = "magic"
     _expect_error(capsys, tmp_path, recipe, "unknown merge method 'magic'")
+    code, err = _merge(capsys, str(tmp_path / "recipe.yaml"), str(tmp_path / "out"))
+    listed = err.strip().split("known methods: ", 1)[1].split(", ")
+    assert code == 2 and listed == method_names()
+    assert {"fisher", "regmean", "ties", "linear", "passthrough"} <= set(listed)
 
 
 @pytest.mark.parametrize("density", [1.5, -1])
@@ -164,8 +172,9 @@ def test_density_outside_unit_interval(density, llama_family, tmp_path, capsys):
 
 
 def test_zero_weight_sum_with_normalize(llama_family, tmp_path, capsys):
-    recipe = {"merge_method": "linear", "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
-                                                   {"model": str(llama_family["model_2"]), "parameters": {"weight": -1}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(llama_family["model_1"]), "parameters": {"weight": 1}},
+                         {"model": str(llama_family["model_2"]), "parameters": {"weight": -1}}]}
     _expect_error(capsys, tmp_path, recipe, "sum to zero")
 
 

@@ -164,7 +164,8 @@ def test_passthrough_stacks_layers(llama_family, tmp_path, mergekit_api):
     merged = _compare(RECIPES["passthrough_slices"], llama_family, tmp_path, mergekit_api, "stack")
     m2 = load_file(llama_family["model_2"] / "model.safetensors")
     # output layer 3 is model_2's layer 1, o_proj scaled by 0.5
-    assert torch.equal(merged["model.layers.3.self_attn.o_proj.weight"], m2["model.layers.1.self_attn.o_proj.weight"] * 0.5)
+    assert torch.equal(merged["model.layers.3.self_attn.o_proj.weight"],
+                       m2["model.layers.1.self_attn.o_proj.weight"] * 0.5)
     assert sum(1 for k in merged if k.endswith("input_layernorm.weight")) == 6
 
 
@@ -251,8 +252,9 @@ def test_bias_vector_and_rescale_off(mergekit_api):
     tensors = [base] + [base + torch.randn(333, generator=gen) * 0.1 for _ in range(2)]
     for name in ("dare_ties", "della", "ties"):
         shared = {"rescale": False}
-        ours = _ours(name, tensors, [0.5, 0.5], [0.4, 0.6], shared, {"epsilon": [0.1, 0.1]} if name == "della" else None, seed=5)
-        theirs = _theirs(name, tensors, [0.5, 0.5], [0.4, 0.6], shared, {"epsilon": [0.1, 0.1]} if name == "della" else None, seed=5)
+        extra = {"epsilon": [0.1, 0.1]} if name == "della" else None
+        ours = _ours(name, tensors, [0.5, 0.5], [0.4, 0.6], shared, extra, seed=5)
+        theirs = _theirs(name, tensors, [0.5, 0.5], [0.4, 0.6], shared, extra, seed=5)
         assert (ours - theirs).abs().max().item() <= TOL, name
 
 

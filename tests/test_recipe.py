@@ -95,6 +95,12 @@ def test_unsupported_mergekit_keys():
     _bad("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nmodules: {}\n", "not supported")
 
 
+def test_model_without_a_path():
+    _bad("merge_method: linear\nmodels: [{model: null}]\n", r"models\[0\]\.model must be a path string")
+    _bad("merge_method: passthrough\nslices: [{sources: [{model: null, layer_range: [0, 1]}]}]\n",
+         r"slices\[0\]\.sources\[0\]\.model must be a path string")
+
+
 def test_unknown_method():
     _bad("merge_method: frobnicate\nbase_model: b\nmodels: [{model: a}]\n", "unknown merge method 'frobnicate'")
 

@@ -242,8 +242,8 @@ def test_nan_raising_and_oom_candidates_are_failed_trials(ray_address, llama_fam
     assert pareto["trials"][0]["trial"] == max(ok, key=lambda t: t["score"])["trial"]
     # sources shipped through Ray's object store (nodes without a shared disk): same scores as from the path
     from evomerge.engine import MergeEngine
-    from evomerge.search.export import trial_candidate
     from evomerge.search.experiment import experiment_from_resolved
+    from evomerge.search.export import trial_candidate
 
     torch.set_num_threads(1)
     _, cand = trial_candidate(run, experiment_from_resolved(run.config()), ok[0])

@@ -62,6 +62,7 @@ class ActivationRecorder:
                 self.handles.append(module.register_forward_hook(lambda m, args, out, g=grab: g(out)))
 
     def close(self) -> None:
+        """Remove the forward hooks."""
         for h in self.handles:
             h.remove()
 
@@ -76,6 +77,7 @@ class _CorrelationStats:
         self.sab = z(block, n, n)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Accumulate one batch of paired activations ``a``, ``b`` (rows = samples, columns = channels)."""
         a, b = a.double(), b.double()
         self.count += a.shape[0]
         self.sa += a.sum(0)

@@ -30,7 +30,7 @@ _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
     """(model, tokenizer-or-None) from a local folder: no hub, no remote code, safetensors unless allow_pickle."""
-    import transformers
+    import transformers  # deferred: seconds to import, and `evomerge merge` reaches this module without using it
 
     Checkpoint(path, allow_pickle=allow_pickle)  # one-line errors for missing / broken folders
     try:
@@ -44,7 +44,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, allow_p
 
 
 def load_tokenizer(path: str | Path):
-    import transformers
+    """The tokenizer of a local folder (no hub, no remote code); ``EvomergeError`` when it cannot be loaded."""
+    import transformers  # deferred: seconds to import, and `evomerge merge` reaches this module without using it
 
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -75,7 +76,7 @@ def check_same_architecture(ckpt_a: Checkpoint, ckpt_b: Checkpoint) -> None:
 
 def causal_lm_spec(ckpt: Checkpoint) -> PermutationSpec:
     """The Llama-style permutation spec of a checkpoint (checked against its tensors)."""
-    import transformers
+    import transformers  # deferred: seconds to import, and `evomerge merge` reaches this module without using it
 
     model_type = ckpt.config.get("model_type")
     if model_type not in LLAMA_STYLE_MODEL_TYPES:

@@ -61,10 +61,12 @@ def classifier_fisher(model: nn.Module, batches: Iterable[Any], mode: str = "exa
     count = 0
 
     def log_probs(p, x):
+        """Log-probabilities over the classes of one example ``x`` under parameters ``p``."""
         out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
         return torch.log_softmax(out.float(), dim=-1).squeeze(0)
 
     def log_prob_of(p, x, y):
+        """Log-probability of class ``y`` for one example ``x`` under parameters ``p``."""
         return log_probs(p, x).gather(0, y.reshape(1)).squeeze(0)
 
     per_example_jac = vmap(jacrev(log_probs), in_dims=(None, 0))
@@ -126,7 +128,7 @@ def causal_lm_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
                     continue
                 positions += n_valid
                 draws = 1 if mode == "empirical" else n_samples
-                for d in range(draws):
+                for _ in range(draws):
                     model.zero_grad(set_to_none=True)
                     logits = model(input_ids=sub_ids, attention_mask=sub_mask).logits[:, :-1].float()
                     logp = torch.log_softmax(logits, dim=-1)

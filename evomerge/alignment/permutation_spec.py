@@ -73,6 +73,7 @@ class PermutationSpec:
 
 
 def identity_perms(spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """The identity permutation (``arange(n)``, int64) of every permutation group of ``spec``."""
     return {name: torch.arange(n) for name, n in spec.sizes.items()}
 
 
@@ -101,6 +102,7 @@ def apply_permutation(spec: PermutationSpec, perms: dict[str, torch.Tensor],
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation (``inv[perm[i]] = i``), same dtype and length."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(len(perm))
     return inv
@@ -138,7 +140,7 @@ def sequential_permutation_spec(model: nn.Sequential, prefix: str = "") -> Permu
     acts: dict[str, list[ActivationPoint]] = {}
     for k, i in enumerate(layer_idx[:-1]):
         name_i, layer = children[i]
-        n = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        n = layer.out_features if isinstance(layer, nn.Linear) else int(layer.out_channels)  # type: ignore[arg-type]
         pname = f"P_{k}"
         sizes[pname] = n
         axes = [Axis(f"{prefix}{name_i}.weight", 0)]
@@ -157,10 +159,11 @@ def sequential_permutation_spec(model: nn.Sequential, prefix: str = "") -> Permu
         next_name, next_layer = children[nxt]
         block = 1
         if isinstance(next_layer, nn.Linear) and next_layer.in_features != n:
-            if next_layer.in_features % n:
-                raise EvomergeError(f"layer {next_name!r} reads {next_layer.in_features} inputs, not a multiple "
+            in_features = int(next_layer.in_features)
+            if in_features % n:
+                raise EvomergeError(f"layer {next_name!r} reads {in_features} inputs, not a multiple "
                                     f"of the {n} channels before it")
-            block = next_layer.in_features // n
+            block = in_features // n
         axes.append(Axis(f"{prefix}{next_name}.weight", 1, block))
         perms[pname] = axes
         acts[pname] = [ActivationPoint(f"{prefix}{last_name}", "output", channel_dim)]
@@ -233,6 +236,7 @@ def llama_permutation_spec(config, param_names: list[str] | set[str], prefix: st
     p = prefix
 
     def have(name: str) -> bool:
+        """Whether the checkpoint has tensor ``name``."""
         return name in names
 
     res: list[Axis] = [Axis(f"{p}embed_tokens.weight", 1)]

@@ -15,7 +15,8 @@ Recipe shape (mergekit-style, plus a top-level ``calibration:`` block)::
     parameters: {alpha: 0.9}         # global keys below
     calibration: {path: calib.jsonl, field: text, samples: 64, max_length: 256, batch_size: 4}
 
-The recipe module validates keys against ``DATA_AWARE_METHODS`` / ``CALIBRATION_DEFAULTS`` and calls
+The recipe module validates keys against ``DATA_AWARE_METHODS`` / ``CALIBRATION_DEFAULTS`` (in the light
+``method_params`` module, so validating a recipe loads no model code) and ``evomerge merge`` calls
 ``merge_data_aware``.
 """
 
@@ -30,40 +31,12 @@ import torch
 from evomerge.alignment.calibration import load_texts, tokenized_batches
 from evomerge.alignment.causal_lm import check_same_architecture, load_causal_lm, load_tokenizer
 from evomerge.alignment.fisher import causal_lm_fisher, fisher_merge
+from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.alignment.regmean import HEAD_MODES, linear_input_grams, regmean_merge
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import EvomergeError
 
-#: method -> {"global": {param: default}, "per_model": {param: default}}
-DATA_AWARE_METHODS: dict[str, dict[str, dict[str, Any]]] = {
-    "fisher": {
-        "global": {
-            "fisher_mode": "sampled",  # "sampled" (tokens drawn from the model: unbiased) or "empirical"
-            "n_samples": 1,            # sampled draws per calibration batch
-            "floor": 1e-8,             # Fisher entries are clamped to at least this (no 0/0)
-            "normalize": False,        # divide each model's Fisher by its mean so models count equally
-        },
-        "per_model": {"weight": 1.0, "calibration": None},
-    },
-    "regmean": {
-        "global": {
-            "alpha": 0.9,              # off-diagonal scale of each Gram (1.0: plain least squares)
-            "ridge": 1e-6,             # ridge (times mean diagonal) when the summed Gram is singular
-            "heads": "merge",          # lm_head: "merge" (RegMean), "average", or "keep" (first model's)
-        },
-        "per_model": {"weight": 1.0, "calibration": None},
-    },
-}
-
-#: the recipe's top-level ``calibration:`` block.
-CALIBRATION_DEFAULTS: dict[str, Any] = {
-    "path": None,        # JSONL (text in `field`) or a text file with one sample per line
-    "field": "text",
-    "samples": 64,
-    "max_length": 256,   # tokens per text
-    "batch_size": 4,
-}
-
+__all__ = ["CALIBRATION_DEFAULTS", "DATA_AWARE_METHODS", "merge_data_aware"]
 
 def _with_defaults(given: Mapping[str, Any] | None, defaults: Mapping[str, Any], what: str) -> dict[str, Any]:
     given = dict(given or {})
@@ -126,6 +99,7 @@ def merge_data_aware(method: str, base_path: str | Path | None, model_paths: Seq
     tied = bool(ckpts[0].config.get("tie_word_embeddings", False))
 
     def batches_for(p: dict[str, Any]):
+        """One model's tokenized calibration batches, on ``device``."""
         path = p["calibration"] if p["calibration"] is not None else calib["path"]
         texts = load_texts(path, field=calib["field"], samples=int(calib["samples"]), seed=seed)
         out = tokenized_batches(texts, tokenizer, max_length=int(calib["max_length"]),

@@ -45,7 +45,9 @@ def linear_input_grams(model: nn.Module, batches: Iterable[Any], forward: Callab
     current: dict[str, Any] = {}
 
     def hook(name):
+        """A forward pre-hook accumulating the Gram matrix of layer ``name``'s inputs."""
         def fn(module, args):
+            """Add ``x^T x`` of this call's (unpadded) inputs to the layer's Gram."""
             x = args[0].detach()
             mask = current.get("mask")
             if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
@@ -121,6 +123,7 @@ def regmean_merge(states: Sequence[dict[str, torch.Tensor]], grams: Sequence[dic
                 gram_sum = gi if gram_sum is None else gram_sum + gi
                 rhs = term if rhs is None else rhs + term
             average = sum(w * st[name].double().T for st, w in zip(states, weights)) / wsum
+            assert gram_sum is not None and rhs is not None and isinstance(average, torch.Tensor)  # n >= 1 models
             merged[name] = _solve(gram_sum, rhs, ridge, average).T.contiguous().to(ref.dtype)
         elif not torch.is_floating_point(ref):
             merged[name] = ref.clone()

@@ -43,7 +43,9 @@ def _channel_moments(model: nn.Module, module_names: Sequence[str], batches: Ite
     sums: dict[str, list] = {n: [0, 0.0, 0.0] for n in module_names}
 
     def hook(name):
+        """A forward hook accumulating the channel sums and squares of module ``name``."""
         def fn(module, args, out=None):
+            """Add this call's per-channel count, sum and sum of squares."""
             x = _channel_view(args[0] if of_inputs else out)
             s = sums[name]
             s[0] += x.shape[0]

@@ -16,6 +16,7 @@ from evomerge.errors import EvomergeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `evomerge align` (see ``run``)."""
     parser.add_argument("model_a", help="the reference model folder (its basin is the target)")
     parser.add_argument("model_b", help="the model folder to permute")
     parser.add_argument("out_dir", help="where to write B permuted (a Hugging Face folder)")
@@ -31,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`evomerge align`: permute model B into model A's basin and write it as a checkpoint; returns 0.
+
+    Raises:
+        EvomergeError: bad folders or options, models that cannot be aligned, an existing output folder.
+    """
+    # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     import torch
 
     from evomerge.alignment.causal_lm import align_causal_lm

@@ -12,6 +12,7 @@ from evomerge.errors import EvomergeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `evomerge eval` (see ``run``)."""
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder (safetensors)")
     parser.add_argument("--evaluator", "-e", required=True, metavar="SPEC",
                         help="mgsm:LANG, gsm8k[:SPLIT], lm_eval:TASK[,METRIC], perplexity:PATH, "
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(model_dir: str, device: str = "cpu", dtype: str = "auto"):
     """Model + tokenizer from a local folder: safetensors only, no remote code, nothing downloaded."""
+    # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,13 +54,19 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "auto"):
                                                      dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as exc:
         raise EvomergeError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0]}") from None
-    from evomerge.search.dataflow import apply_dataflow_scales
+    from evomerge.search.dataflow import apply_dataflow_scales  # deferred like torch above
 
-    model = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
-    return model.to(torch_device).eval(), tokenizer
+    scaled = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
+    return scaled.to(torch_device).eval(), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
+    """`evomerge eval`: build the evaluator, load the model, print its metrics (``--json``: one object); 0.
+
+    Raises:
+        EvomergeError: a bad evaluator spec or option, or a model folder that cannot be loaded.
+    """
+    # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     from evomerge.evaluators import build_evaluator
 
     if args.limit is not None and args.limit < 1:

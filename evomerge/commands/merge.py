@@ -6,6 +6,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `evomerge merge` (see ``run``)."""
     parser.add_argument("recipe", help="recipe YAML (mergekit 0.1.5 format; see docs/METHODS.md)")
     parser.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--device", default="cpu", help="where to compute: cpu or cuda (default cpu)")
@@ -18,6 +19,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`evomerge merge RECIPE OUT_DIR`: ``Recipe.load`` then ``evomerge.merge.run_merge``.
+
+    Args:
+        args: the parsed options: ``recipe`` (a YAML path), ``out_dir``, ``device``, ``seed``, ``overwrite``,
+            ``allow_pickle``, ``shard_size``, ``no_progress``.
+
+    Returns:
+        0; the output folder's path is printed on stdout.
+
+    Raises:
+        EvomergeError: a bad recipe (unknown key, method or parameter; the unknown-method message lists every
+            method), sources that cannot be merged, or an existing output folder; ``evomerge.cli.main`` prints it
+            as one line on stderr and exits with code 2.
+    """
+    # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     from evomerge.merge import run_merge
     from evomerge.recipe import Recipe
 

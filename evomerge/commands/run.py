@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, metavar="N", help="number of workers (overrides workers.count)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed (overrides the experiment's seed)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    evolve = parser.add_argument_group("mergekit-evolve configs (genome: + tasks:; see docs/METHODS.md)")
+    evolve.add_argument("--max-fevals", type=int, metavar="N", help="trials (mergekit-evolve's default 100)")
+    evolve.add_argument("--sigma0", type=float, metavar="S", help="CMA-ES sigma0 (default 1/6)")
+    evolve.add_argument("--task-search-path", action="append", default=[], metavar="DIR",
+                        help="folder of local lm-eval task YAMLs (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +38,15 @@ def run(args: argparse.Namespace) -> int:
         run_folder = resume_run(args.resume, address=args.address, workers=args.workers,
                                 progress=not args.no_progress)
     elif args.experiment:
-        run_folder = start_run(args.experiment, out=args.out, address=args.address, workers=args.workers,
-                               seed=args.seed, progress=not args.no_progress)
+        from evomerge.mergekit_evolve import run_evolve_config
+
+        run_folder = run_evolve_config(args, start_run)
+        if run_folder is None:
+            if args.max_fevals is not None or args.sigma0 is not None or args.task_search_path:
+                raise EvomergeError("--max-fevals, --sigma0 and --task-search-path are for mergekit-evolve "
+                                    "configs (genome: + tasks:)")
+            run_folder = start_run(args.experiment, out=args.out, address=args.address, workers=args.workers,
+                                   seed=args.seed, progress=not args.no_progress)
     else:
         raise EvomergeError("give an experiment YAML (evomerge run EXPERIMENT.yaml) or --resume DIR")
     records = run_folder.trials()

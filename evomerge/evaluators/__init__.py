@@ -4,13 +4,13 @@ Specs (strings are what the command line and experiment YAMLs use):
 
 | spec | what |
 |---|---|
-| ``mgsm:LANG`` | MGSM in LANG (bn de en es fr ja ru sw te th zh); ``evaluators/mgsm_LANG.yaml`` if present, else ``evaluators/mgsm.yaml`` |
-| ``gsm8k`` / ``gsm8k:SPLIT`` | GSM8K, search split (test items 250..1318) by default; ``test`` = items 0..249, ``train`` |
+| ``mgsm:LANG`` | MGSM in LANG (bn de en es fr ja ru sw te th zh): ``evaluators/mgsm_LANG.yaml``, else ``mgsm.yaml`` |
+| ``gsm8k`` / ``gsm8k:SPLIT`` | GSM8K: search split (test items 250..1318) by default; ``test`` (0..249), ``train`` |
 | ``NAME`` / ``NAME:SPLIT`` | any ``evaluators/NAME.yaml`` |
 | ``lm_eval:TASK[,METRIC]`` | an lm-eval task (offline), e.g. ``lm_eval:gsm8k,exact_match,strict-match`` |
 | ``perplexity:PATH`` | perplexity of a text file or a JSONL field (``field`` option, default ``text``) |
 | ``custom:pkg.mod:fn`` / ``custom:path/file.py:fn`` | ``fn(model, tokenizer) -> dict`` |
-| ``path/to/file.yaml`` | an evaluator YAML (``type: math_word | lm_eval | perplexity | custom``), or an lm-eval task YAML |
+| ``path/to/file.yaml`` | an evaluator YAML (``type: math_word | lm_eval | perplexity | custom``), or an lm-eval task |
 | a dict | the same as an evaluator YAML's content (relative paths from ``base_dir``, default the current folder) |
 
 ``limit`` and ``seed`` subsample items (the same items for every candidate); other keyword options override the
@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluators.base import Evaluator
+from evomerge.evaluators.base import Evaluator, load_yaml, resolve_path
+from evomerge.evaluators.custom import CustomEvaluator
+from evomerge.evaluators.language import SUPPORTED_LANGUAGES
+from evomerge.evaluators.lm_harness import LmEvalEvaluator
 
 __all__ = ["Evaluator", "build_evaluator", "evaluators_dir", "builtin_names", "EVALUATOR_TYPES"]
 
@@ -47,8 +50,22 @@ def build_evaluator(spec: str | dict | os.PathLike, limit: int | None = None, se
                     base_dir: str | os.PathLike | None = None, **options: Any) -> Evaluator:
     """Build an evaluator once (expensive setup here); then call ``.evaluate(model, tokenizer)`` many times.
 
-    ``base_dir``: the folder relative paths in the spec are resolved against (e.g. the experiment YAML's
-    folder); default the current folder. Paths inside an evaluator YAML are relative to that YAML.
+    Args:
+        spec: what to evaluate (see the module docstring): a spec string such as ``"mgsm:ja"``,
+            ``"lm_eval:TASK"``, ``"perplexity:PATH"``, ``"custom:pkg.mod:fn"``, a YAML path, or a mapping.
+        limit: evaluate a seeded subsample of this many items (the same items for every candidate).
+        seed: seed of that subsample.
+        base_dir: the folder relative paths in the spec are resolved against (e.g. the experiment YAML's
+            folder); default the current folder. Paths inside an evaluator YAML are relative to that YAML.
+        **options: override the evaluator YAML's keys (``split``, ``batch_size``, ``max_new_tokens``,
+            ``stop``, ``fewshot``, ``template``...); None values are ignored.
+
+    Returns:
+        The evaluator; its ``metric_names`` are the keys ``evaluate`` returns.
+
+    Raises:
+        EvomergeError: an unknown spec or evaluator type, a missing file, an unknown key, or an invalid
+            ``limit``.
     """
     config, base_dir = _resolve_spec(spec, Path(base_dir) if base_dir is not None else Path.cwd())
     config = _apply_options(config, options)
@@ -56,21 +73,17 @@ def build_evaluator(spec: str | dict | os.PathLike, limit: int | None = None, se
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise EvomergeError(f"limit must be a positive integer, got {limit!r}")
     if kind == "math_word":
-        from evomerge.evaluators.math_word import MathWordEvaluator
+        from evomerge.evaluators.math_word import MathWordEvaluator  # deferred: imports torch and transformers
 
         return MathWordEvaluator(config, base_dir=base_dir, evaluators_dir=evaluators_dir(), limit=limit,
                                  seed=seed)
     if kind == "lm_eval":
-        from evomerge.evaluators.lm_harness import LmEvalEvaluator
-
         return LmEvalEvaluator(config, base_dir=base_dir, limit=limit, seed=seed)
     if kind == "perplexity":
-        from evomerge.evaluators.perplexity import PerplexityEvaluator
+        from evomerge.evaluators.perplexity import PerplexityEvaluator  # deferred: imports torch
 
         return PerplexityEvaluator(config, base_dir=base_dir, limit=limit, seed=seed)
     if kind == "custom":
-        from evomerge.evaluators.custom import CustomEvaluator
-
         return CustomEvaluator(config, base_dir=base_dir, limit=limit, seed=seed)
     raise EvomergeError(f"unknown evaluator type {kind!r}; choose from {', '.join(EVALUATOR_TYPES)}")
 
@@ -90,9 +103,6 @@ def _apply_options(config: dict[str, Any], options: dict[str, Any]) -> dict[str,
 
 
 def _resolve_spec(spec: str | dict | os.PathLike, base_dir: Path) -> tuple[dict[str, Any], Path]:
-    from evomerge.evaluators.base import resolve_path
-    from evomerge.evaluators.math_word import load_yaml
-
     if isinstance(spec, dict):
         config = dict(spec)
         return config, resolve_path(config.pop("base_dir", base_dir), base_dir)
@@ -122,14 +132,12 @@ def _resolve_spec(spec: str | dict | os.PathLike, base_dir: Path) -> tuple[dict[
         if not rest:
             raise EvomergeError("custom spec needs a function: custom:package.module:function")
         return {"type": "custom", "function": rest}, base_dir
-    return _builtin(kind, rest, load_yaml)
+    return _builtin(kind, rest)
 
 
-def _builtin(name: str, arg: str, load_yaml) -> tuple[dict[str, Any], Path]:
+def _builtin(name: str, arg: str) -> tuple[dict[str, Any], Path]:
     folder = evaluators_dir()
     if name == "mgsm":
-        from evomerge.evaluators.language import SUPPORTED_LANGUAGES
-
         if arg not in SUPPORTED_LANGUAGES:
             raise EvomergeError(f"mgsm needs a language: mgsm:LANG with LANG one of {', '.join(SUPPORTED_LANGUAGES)}")
         specific = folder / f"mgsm_{arg}.yaml"

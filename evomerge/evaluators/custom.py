@@ -15,8 +15,9 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import Evaluator, check_keys, resolve_path
@@ -37,6 +38,8 @@ def load_function(target: str, base_dir: Path) -> Callable:
         module = sys.modules.get(module_name)
         if module is None:
             spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise EvomergeError(f"custom evaluator file {path} is not a Python module")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             try:
@@ -75,6 +78,7 @@ class CustomEvaluator(Evaluator):
         self.metric_names = tuple(str(m) for m in declared)
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """The user function's metrics: ``{name: float}`` (``EvomergeError`` when it returns anything else)."""
         result = self.function(model, tokenizer, **self.kwargs)
         if not isinstance(result, dict):
             raise EvomergeError(f"custom evaluator {self.target} returned {type(result).__name__}, expected a dict")

@@ -143,6 +143,7 @@ _KERNEL = _kernel()
 
 
 def available() -> bool:
+    """Whether the C++ decode-attention kernel is built (or can be) on this machine."""
     return _KERNEL.available()
 
 
@@ -163,6 +164,7 @@ class DecodeWindow:
         return self._visible
 
     def use_kernel(self, query: torch.Tensor) -> bool:
+        """Whether this query runs on the C++ kernel (CPU, float32, one torch thread)."""
         return (query.device.type == "cpu" and query.dtype == torch.float32 and torch.get_num_threads() == 1
                 and _KERNEL.load() is not None)
 

@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from tqdm import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from evomerge.evaluators.decode_attention import DecodeWindow
 from evomerge.evaluators.lean_decode import lean_step_for
@@ -116,8 +120,6 @@ class _ForwardKwargs:
 
 
 def _new_cache(model):
-    from transformers import DynamicCache
-
     try:
         return DynamicCache(config=model.config)
     except TypeError:
@@ -149,11 +151,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], settings: GenerationSe
     order = sort_for_batching(prompts, token_ids)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(order), desc="generating", unit="item")
     if settings.max_new_tokens == 0:
-        finished = ((i, []) for i in order)
+        finished: Iterator[tuple[int, list[int]]] = ((i, []) for i in order)
     else:
         capacity = max(len(t) for t in token_ids) + settings.max_new_tokens
         capacity += max(16, capacity // 4)  # slack: the window slides right this far before it is moved back
@@ -190,7 +190,7 @@ def _with_fallback(fast, generic):
     yield from fast
 
 
-_STOP_TOKEN_FLAGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STOP_TOKEN_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tokens_that_may_end_a_stop_string(tokenizer, stop: tuple[str, ...]) -> list[bool] | None:
@@ -226,6 +226,7 @@ def _stop_check(tokenizer, settings: GenerationSettings, tail_window: int):
     may_end = _tokens_that_may_end_a_stop_string(tokenizer, stop)
 
     def finished(sequences: list[list[int]]) -> list[bool]:
+        """Per sequence (token ids), whether a stop string appears in its decoded tail."""
         hits = [False] * len(sequences)
         check = [k for k, seq in enumerate(sequences)
                  if may_end is None or not 0 <= seq[-1] < len(may_end) or may_end[seq[-1]]]
@@ -241,8 +242,6 @@ def _stop_check(tokenizer, settings: GenerationSettings, tail_window: int):
 def _slot_layer_count(model, capacity: int) -> int:
     """Number of cache layers if the model's default cache is a plain stack of full-attention layers (so its
     keys/values may live in our preallocated buffers), else 0 (the generic path is used)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     try:
         layers = _new_cache(model).layers
     except Exception:  # noqa: BLE001 - an unusual cache: take the generic path
@@ -280,6 +279,7 @@ class _KVBuffers:
         self.values: list[torch.Tensor | None] = [None] * n_layers
 
     def layer(self, index: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Layer ``index``'s key and value buffers, allocated on its first call."""
         if self.keys[index] is None:
             self.keys[index] = key_states.new_zeros((self.rows, key_states.shape[1], self.columns,
                                                      key_states.shape[3]))
@@ -288,28 +288,34 @@ class _KVBuffers:
         return self.keys[index], self.values[index]
 
     def allocated(self) -> bool:
+        """Whether every layer's buffers exist."""
         return all(k is not None for k in self.keys)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every allocated key and value buffer (all of them once ``allocated()``)."""
+        return [b for b in self.keys + self.values if b is not None]
 
     def move_rows(self, sources: list[int], targets: list[int], lo: int, hi: int) -> None:
         """Copy rows ``sources`` to rows ``targets`` (columns ``[lo, hi)`` only: the rest is masked)."""
+        buffers = self.buffers()
+        src: slice | torch.Tensor
+        dst: slice | torch.Tensor
         if len(sources) == 1:
             src, dst = slice(sources[0], sources[0] + 1), slice(targets[0], targets[0] + 1)
         else:
-            src = torch.tensor(sources, device=self.keys[0].device)
-            dst = torch.tensor(targets, device=self.keys[0].device)
-        for buffer in self.keys + self.values:
+            src = torch.tensor(sources, device=buffers[0].device)
+            dst = torch.tensor(targets, device=buffers[0].device)
+        for buffer in buffers:
             buffer[dst, :, lo:hi] = buffer[src, :, lo:hi]
 
     def move_columns(self, rows: int, lo: int, hi: int, new_lo: int) -> None:
         """Move columns ``[lo, hi)`` of the first ``rows`` rows to start at ``new_lo``."""
-        for buffer in self.keys + self.values:
+        for buffer in self.buffers():
             buffer[:rows, :, new_lo:new_lo + hi - lo] = buffer[:rows, :, lo:hi].clone()
 
 
 def _region_cache(buffers: _KVBuffers, region: _Region, n_layers: int):
     """A transformers ``Cache`` whose layers read and write ``region`` of ``buffers`` in place."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
     class RegionLayer(DynamicLayer):
         """Keys/values in a region of preallocated buffers: ``update`` writes the new states in place (no
         growing concatenation) and returns a view of the region."""
@@ -320,9 +326,11 @@ def _region_cache(buffers: _KVBuffers, region: _Region, n_layers: int):
             self.is_initialized = True
 
         def lazy_initialization(self, key_states, value_states) -> None:
+            """Nothing to allocate: the buffers are shared and preallocated."""
             pass
 
         def update(self, key_states, value_states, *args, **kwargs):
+            """Write the new keys/values at the region's end; return the region's keys and values."""
             keys, values = buffers.layer(self.index, key_states, value_states)
             end = region.hi + key_states.shape[-2]
             keys[region.row0:region.row1, :, region.hi:end] = key_states
@@ -334,9 +342,11 @@ def _region_cache(buffers: _KVBuffers, region: _Region, n_layers: int):
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
+            """Tokens cached in the region."""
             return region.hi - region.lo
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            """(key length, offset) of the attention mask for ``query_length`` new tokens."""
             return region.hi - region.lo + query_length, 0
 
     cache = DynamicCache()  # a DynamicCache (models may check the type) whose layers are ours
@@ -382,7 +392,7 @@ class _SlotDecoder:
         refill_at = max(1, settings.batch_size // self.refill_divisor)
         pending = list(reversed(order))  # pop() from the end = next in order
         # waiting[j]: the longest prompt among pending[:j + 1] (what the free columns left of hi must fit)
-        waiting = []
+        waiting: list[int] = []
         for i in pending:
             waiting.append(max(len(token_ids[i]), waiting[-1] if waiting else 0))
         rows: list[int] = []  # prompt index in each live slot
@@ -533,7 +543,11 @@ class _StreamDecoder:
         rows: list[int] = []
         fresh: list[bool] = []  # fresh[k]: rows[k]'s next token is not recorded yet
         generated: dict[int, list[int]] = {}
-        cache = attention = positions = next_tokens = None
+        # the live batch: its KV cache, attention mask, positions and next tokens (None before the first prefill)
+        cache: Any = None
+        attention: Any = None
+        positions: Any = None
+        next_tokens: Any = None
         while pending or rows:
             free = settings.batch_size - len(rows)
             # refill in groups (a quarter of the batch) so each prefill call does a useful amount of work

@@ -23,6 +23,7 @@ import importlib
 import os
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from evomerge.evaluators.decode_attention import DecodeWindow
 
@@ -34,11 +35,12 @@ _FAMILIES = {
 }
 
 
-def lean_step_for(model) -> "LeanDecodeStep | None":
+def lean_step_for(model) -> LeanDecodeStep | None:
     """The lean step for ``model``, or None where its own forward must run."""
     if os.environ.get("EVOMERGE_LEAN_DECODE", "1") == "0":
         return None
-    family = _FAMILIES.get(getattr(model.config, "model_type", None))
+    model_type = getattr(model.config, "model_type", None)
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         return None
     try:
@@ -65,8 +67,6 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 def _has_global_hooks() -> bool:
-    from torch.nn.modules import module as torch_module
-
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 

@@ -43,11 +43,11 @@ def set_offline_environment(hf_home: str | None = None) -> Path:
     Path(folder).mkdir(parents=True, exist_ok=True)
     # Libraries imported earlier read these at import time: switch them to offline too.
     if "huggingface_hub" in sys.modules:
-        import huggingface_hub.constants as hub_constants
+        import huggingface_hub.constants as hub_constants  # only when already loaded (no import for nothing)
 
         hub_constants.HF_HUB_OFFLINE = True
     if "datasets" in sys.modules:
-        import datasets.config as datasets_config
+        import datasets.config as datasets_config  # only when already loaded (no import for nothing)
 
         datasets_config.HF_DATASETS_OFFLINE = True
         datasets_config.HF_HUB_OFFLINE = True
@@ -64,7 +64,7 @@ class LmEvalEvaluator(Evaluator):
         self.hf_home = set_offline_environment(config.get("hf_home"))
         for noisy in ("lm_eval", "lm-eval"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # deferred: heavy, and must follow set_offline_environment()
 
         self.task_name = str(config["task"])
         self.name = str(config.get("name", self.task_name))
@@ -146,14 +146,15 @@ class LmEvalEvaluator(Evaluator):
     def _wrapper(self, model, tokenizer):
         """HFLM around this model object, made once and reused while the same model and tokenizer come in."""
         if self._lm is None or self._lm.model is not model or self._lm.tokenizer is not tokenizer:
-            from lm_eval.models.huggingface import HFLM
+            from lm_eval.models.huggingface import HFLM  # deferred: heavy (see TaskManager above)
 
             kwargs = {"max_length": int(self.max_length)} if self.max_length else {}
             self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **kwargs)
         return self._lm
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
-        from lm_eval import evaluator
+        """The task's metrics (lm-eval's values: accuracies as fractions) on the in-memory model."""
+        from lm_eval import evaluator  # deferred: heavy (see TaskManager above)
 
         lm = self._wrapper(model, tokenizer)
         results = evaluator.evaluate(lm=lm, task_dict=self.loaded, samples=self.samples, bootstrap_iters=0,

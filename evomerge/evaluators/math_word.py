@@ -19,11 +19,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.answers import DEFAULT_ANSWER_PHRASES, answers_equal, extract_answer, parse_number
-from evomerge.evaluators.base import Evaluator, check_keys, resolve_path
+from evomerge.evaluators.base import Evaluator, check_keys, load_yaml, resolve_path
 from evomerge.evaluators.generation import GenerationSettings, encode_prompts, greedy_generate
 from evomerge.evaluators.language import DEFAULT_THRESHOLD, SUPPORTED_LANGUAGES, is_language
 
@@ -101,19 +99,6 @@ def subsample(items: list[MathItem], limit: int | None, seed: int) -> list[MathI
         raise EvomergeError(f"limit must be >= 1, got {limit}")
     chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in chosen]
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise EvomergeError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise EvomergeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise EvomergeError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 def load_template(spec: str | dict, base_dir: Path, templates_dir: Path) -> dict[str, Any]:
@@ -284,6 +269,8 @@ class MathWordEvaluator(Evaluator):
         return extract_answer(text, self.answer_phrases, self.language)
 
     def summarize(self, results: list[ItemResult]) -> dict[str, float]:
+        """``acc``, ``answered`` and, with a language gate, ``acc_lang`` (fractions of the items), as in
+        ``metric_names``."""
         n = max(len(results), 1)
         metrics = {"acc": sum(r.correct for r in results) / n,
                    "answered": sum(r.predicted is not None for r in results) / n}
@@ -293,4 +280,5 @@ class MathWordEvaluator(Evaluator):
         return {k: float(metrics[k]) for k in self.metric_names}
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """Greedy answers to every item, scored: see ``summarize`` for the metrics (fractions in [0, 1])."""
         return self.summarize(self.run(model, tokenizer))

@@ -97,6 +97,7 @@ def normalize_numbers(text: str, language: str | None = "en") -> str:
     text = _SIGNED_CURRENCY.sub(lambda m: m.group(1), text)
 
     def plain(match: re.Match[str]) -> str:
+        """One matched number without digit-group marks, with ``.`` as its decimal mark."""
         if match["grouped"] is not None:
             digits = match["grouped"].replace(match["mark"], "")
         else:

@@ -3,7 +3,8 @@
 Each document (the whole text file, or each JSONL record's field) is tokenized once at build time. A document
 longer than ``max_length`` tokens is covered by windows of ``max_length`` tokens starting every ``stride``
 tokens; each token is scored once and sees at least ``max_length - stride`` tokens of context (all earlier
-tokens when fewer; smaller stride = more context and more compute). The first token of a document has no context and is not scored.
+tokens when fewer; smaller stride = more context and more compute). The first token of a document has no
+context and is not scored.
 Perplexity = exp(total negative log-likelihood / number of scored tokens), over all documents together
 (token-weighted, not an average of per-document perplexities).
 """
@@ -104,6 +105,8 @@ class PerplexityEvaluator(Evaluator):
 
     @torch.inference_mode()
     def evaluate(self, model, tokenizer) -> dict[str, float]:
+        """``perplexity`` (exp of the mean negative log-likelihood per scored token, >= 1) and ``nll`` (nats per
+        token), those of ``metric_names``."""
         max_length, stride = self._window_sizes(model)
         pieces: list[tuple[list[int], int]] = []  # (input ids of the window, index of the first scored target)
         for ids in self._tokens(tokenizer):

@@ -20,17 +20,23 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.methods.arcee_fusion import merge_arcee_fusion
+from evomerge.methods.karcher import merge_karcher
 from evomerge.methods.linear import merge_linear
 from evomerge.methods.model_stock import merge_model_stock
+from evomerge.methods.multislerp import merge_multislerp
+from evomerge.methods.nearswap import merge_nearswap
+from evomerge.methods.nuslerp import merge_nuslerp
 from evomerge.methods.passthrough import merge_passthrough
+from evomerge.methods.ram import merge_ram
+from evomerge.methods.sce import merge_sce
 from evomerge.methods.slerp import merge_slerp
 from evomerge.methods.sparsify import RESCALE_MODES, DeltaStats, prepare_stats
-from evomerge.methods.task_arithmetic import merge_task_arithmetic
+from evomerge.methods.task_arithmetic import TaskArithmeticSettings, merge_task_arithmetic
 from evomerge.methods.workspace import Workspace
 
-__all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "get_method",
-           "prepare_inputs", "run_method"]
+__all__ = ["METHODS", "MethodSpec", "ParamSpec", "PreparedInputs", "REQUIRED", "Workspace", "prepare_inputs",
+           "run_method"]
 
 
 class _Required:
@@ -46,7 +52,7 @@ class ParamSpec:
     """One parameter of a method: its type, default (or REQUIRED), and whether it is given per model."""
 
     name: str
-    kind: type  # float, bool or str
+    kind: type  # float, int, bool or str
     default: Any = REQUIRED
     per_model: bool = False
     choices: tuple[str, ...] | None = None
@@ -54,6 +60,7 @@ class ParamSpec:
 
     @property
     def required(self) -> bool:
+        """Whether the parameter has no default (a recipe must give it)."""
         return self.default is REQUIRED
 
 
@@ -62,11 +69,15 @@ class MethodSpec:
     """A merge method: its parameters, what inputs it takes, and which kernel family runs it."""
 
     name: str
-    family: str  # linear | slerp | task_arithmetic | model_stock | passthrough
+    family: str  # linear | slerp | task_arithmetic | model_stock | passthrough | nearswap | arcee_fusion | karcher
+    #              | multislerp | nuslerp | ram | sce
     params: tuple[ParamSpec, ...]
     needs_base: bool
     min_inputs: int = 1
     max_inputs: int | None = None
+    base_optional: bool = False  # a base_model, when given, is the origin (multislerp, nuslerp); else none is used
+    min_non_base: int = 0
+    max_non_base: int | None = None
     per_model_scope: str = "non_base"  # which inputs per-model parameters bind to: "non_base" or "input"
     sparsify: str | None = None
     consensus: bool = False
@@ -75,25 +86,35 @@ class MethodSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def uses_base(self) -> bool:
+        """Whether a given base_model is an input with a role of its own (required or optional)."""
+        return self.needs_base or self.base_optional
+
+    @property
     def random(self) -> bool:
+        """Whether the method draws random drops (needs a generator per tensor)."""
         return self.sparsify in ("random", "della_magprune")
 
     def param(self, name: str) -> ParamSpec | None:
+        """The parameter called ``name``, or None."""
         return next((p for p in self.params if p.name == name), None)
 
     @property
     def global_params(self) -> tuple[ParamSpec, ...]:
+        """The parameters given once for the merge."""
         return tuple(p for p in self.params if not p.per_model)
 
     @property
     def per_model_params(self) -> tuple[ParamSpec, ...]:
+        """The parameters given per model (with a global fallback)."""
         return tuple(p for p in self.params if p.per_model)
 
 
 def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str,
          reference: str) -> MethodSpec:
     params = [
-        ParamSpec("weight", float, per_model=True, doc="scale of this model's task vector (applied before sign election)"),
+        ParamSpec("weight", float, per_model=True,
+                  doc="scale of this model's task vector (applied before sign election)"),
         ParamSpec("density", float, 1.0, per_model=True, doc="fraction of the task vector kept, in [0, 1]"),
         ParamSpec("normalize", bool, normalize, doc="divide by the sum of the (agreeing) weights"),
         ParamSpec("rescale", bool, rescale, doc="rescale the kept elements after sparsification"),
@@ -113,6 +134,8 @@ def _gta(name: str, sparsify: str | None, consensus: bool, normalize: bool, resc
                       min_inputs=1, sparsify=sparsify, consensus=consensus, doc=doc, reference=reference)
 
 
+#: The per-tensor methods by name; a new method is one entry here (``evomerge.method_registry`` adds the
+#: data-aware ones and is where callers look a name up).
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         name="linear", family="linear", needs_base=False, per_model_scope="input",
@@ -152,17 +175,63 @@ METHODS: dict[str, MethodSpec] = {
         reference="https://arxiv.org/abs/2403.19522"),
     "passthrough": MethodSpec(
         name="passthrough", family="passthrough", needs_base=False, max_inputs=1, per_model_scope="input",
-        params=(ParamSpec("scale", float, None, per_model=True, doc="multiply the copied tensor (default: no scaling)"),),
+        params=(ParamSpec("scale", float, None, per_model=True,
+                          doc="multiply the copied tensor (default: no scaling)"),),
         doc="Copy tensors from one model; with slices, stack layer ranges of several models (frankenmerge).",
         reference=""),
+    "nearswap": MethodSpec(
+        name="nearswap", family="nearswap", needs_base=True, min_inputs=2, max_inputs=2,
+        params=(ParamSpec("t", float, doc="distance below which an element is taken from the other model"),),
+        doc="Take the other model's elements within t of the base's; move the others toward it by t / distance.",
+        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
+    "arcee_fusion": MethodSpec(
+        name="arcee_fusion", family="arcee_fusion", needs_base=True, min_inputs=2, max_inputs=2, params=(),
+        doc="Take the other model's elements whose change, weighted by the row's softmax KL divergence, is an "
+            "outlier (>= median + 1.5 IQR).",
+        reference="https://arcee.ai"),
+    "karcher": MethodSpec(
+        name="karcher", family="karcher", needs_base=False, per_model_scope="input",
+        params=(ParamSpec("max_iter", int, 10, doc="most Riemannian gradient steps"),
+                ParamSpec("tol", float, 1e-5, doc="norm / step / angle below which a term is dropped or iteration "
+                                                  "stops")),
+        doc="Karcher mean of the models' directions on the unit sphere, scaled by their mean norm.",
+        reference="https://arxiv.org/abs/2603.04972"),
+    "multislerp": MethodSpec(
+        name="multislerp", family="multislerp", needs_base=False, base_optional=True, min_non_base=1,
+        params=(ParamSpec("weight", float, per_model=True, doc="this model's weight"),
+                ParamSpec("normalize_weights", bool, True, doc="divide the weights by their sum"),
+                ParamSpec("eps", float, 1e-8, doc="added to norms; below it the mean direction counts as zero")),
+        doc="Barycentric spherical interpolation of several models (of their task vectors with a base_model).",
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    "nuslerp": MethodSpec(
+        name="nuslerp", family="nuslerp", needs_base=False, base_optional=True, min_inputs=2, max_inputs=3,
+        min_non_base=2, max_non_base=2,
+        params=(ParamSpec("weight", float, per_model=True, doc="this model's weight; t = w_2 / (w_1 + w_2)"),
+                ParamSpec("nuslerp_row_wise", bool, False, doc="without flatten: interpolate the vectors along "
+                                                               "the first axis instead of the last"),
+                ParamSpec("nuslerp_flatten", bool, True, doc="interpolate the whole tensor as one vector")),
+        doc="Spherical interpolation of two models (of their task vectors with a base_model), whole or per row.",
+        reference="https://github.com/arcee-ai/mergekit"),
+    "ram": MethodSpec(
+        name="ram", family="ram", needs_base=True,
+        params=(ParamSpec("epsilon", float, 1e-5, doc="|delta| above which an element counts as changed"),),
+        doc="Reinforced Agent Merging: elements one model changed keep its delta; shared ones are averaged.",
+        reference="https://arxiv.org/abs/2601.13572"),
+    "ramplus_tl": MethodSpec(
+        name="ramplus_tl", family="ram", needs_base=True, extra={"plus": True},
+        params=(ParamSpec("r", float, 0.1, doc="strength of the rescaling of uniquely changed elements"),
+                ParamSpec("alpha", float, 0.2, doc="cap on the shared/unique overlap ratio"),
+                ParamSpec("epsilon", float, 1e-5, doc="|delta| above which an element counts as changed")),
+        doc="RAM+ (tensor-local): RAM with each model's unique elements scaled by 1 + r * min(overlap ratio, alpha).",
+        reference="https://arxiv.org/abs/2601.13572"),
+    "sce": MethodSpec(
+        name="sce", family="sce", needs_base=True,
+        params=(ParamSpec("select_topk", float, 1.0, doc="fraction of positions kept, by largest variance across "
+                                                         "the models, in [0, 1]"),
+                ParamSpec("int8_mask", bool, False, doc="store masks as int8 (no effect on the result)")),
+        doc="SCE: select high-variance positions, weight models by task-vector energy, erase minority signs.",
+        reference="https://arxiv.org/abs/2408.07990"),
 }
-
-
-def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise EvomergeError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
 @dataclass
@@ -174,8 +243,15 @@ class PreparedInputs:
     deltas: list[torch.Tensor] = field(default_factory=list)  # task-arithmetic family: theta_i - base
     stats: list[DeltaStats | None] = field(default_factory=list)
 
+    def base_tensor(self) -> torch.Tensor:
+        """The base tensor of a method that merges against one (ValueError for linear / passthrough)."""
+        if self.base is None:
+            raise ValueError("these inputs have no base tensor (a method without a base prepared them)")
+        return self.base
+
     @property
     def nbytes(self) -> int:
+        """Bytes held by the prepared tensors (base, raw inputs, deltas and their sort orders / ranks)."""
         tensors = ([self.base] if self.base is not None else []) + self.others + self.deltas
         total = sum(t.numel() * t.element_size() for t in tensors)
         for s in self.stats:
@@ -192,10 +268,14 @@ def prepare_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_pos: 
 
     ``lazy`` (one-shot merges): skip precomputations that only pay off over many candidates (sort orders).
     """
-    if spec.family in ("linear", "passthrough"):
+    if spec.family in ("linear", "passthrough") or base_pos is None:
         return PreparedInputs(base=None, others=list(tensors))
+    if base_pos is None:
+        raise ValueError(f"{spec.name} merges against a base: base_pos must say which tensor it is")
     base = tensors[base_pos]
     rest = [t for i, t in enumerate(tensors) if i != base_pos]
+    if spec.family in ("ram", "sce"):
+        return PreparedInputs(base=base, others=[], deltas=[t - base for t in rest])
     if spec.family == "task_arithmetic":
         deltas = [t - base for t in rest]
         return PreparedInputs(base=base, others=[], deltas=deltas,
@@ -210,21 +290,61 @@ def run_method(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
     family = spec.family
     if family == "task_arithmetic":
         sparsify = spec.sparsify
-        return merge_task_arithmetic(
-            inputs.base, inputs.deltas, inputs.stats, out,
+        settings = TaskArithmeticSettings(
             weights=[p["weight"] for p in per_model], densities=[p["density"] for p in per_model],
             sparsify=sparsify, consensus=spec.consensus, normalize=shared["normalize"], rescale=shared["rescale"],
             lambda_=shared["lambda"], rescale_mode=shared.get("rescale_mode", "l1"),
             gammas=[p["gamma"] for p in per_model] if sparsify == "magnitude_outliers" else None,
-            epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None,
-            generator=generator, ws=ws)
+            epsilons=[p["epsilon"] for p in per_model] if sparsify == "della_magprune" else None)
+        return merge_task_arithmetic(inputs.base_tensor(), inputs.deltas, inputs.stats, out, settings,
+                                     generator=generator, ws=ws)
     if family == "linear":
         return merge_linear(inputs.others, out, weights=[p["weight"] for p in per_model],
                             normalize=shared["normalize"], ws=ws)
     if family == "slerp":
-        return merge_slerp(inputs.base, inputs.others[0], out, t=shared["t"])
+        return merge_slerp(inputs.base_tensor(), inputs.others[0], out, t=shared["t"])
     if family == "model_stock":
-        return merge_model_stock(inputs.base, inputs.others, out, filter_wise=shared["filter_wise"])
+        return merge_model_stock(inputs.base_tensor(), inputs.others, out, filter_wise=shared["filter_wise"])
     if family == "passthrough":
         return merge_passthrough(inputs.others[0], out, scale=per_model[0]["scale"])
+    return _run_more(spec, inputs, shared, per_model, out)
+
+
+def _run_more(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
+              out: torch.Tensor) -> torch.Tensor:
+    """The kernels of nearswap, arcee_fusion, karcher, multislerp, nuslerp, ram, ramplus_tl and sce, on one torch
+    thread: their whole-tensor reductions (sums, norms, dot products) round differently when torch splits them
+    over several threads, and a merge must not depend on the thread count."""
+    previous = torch.get_num_threads()
+    if previous != 1:
+        torch.set_num_threads(1)
+    try:
+        return _dispatch_more(spec, inputs, shared, per_model, out)
+    finally:
+        if previous != 1:
+            torch.set_num_threads(previous)
+
+
+def _dispatch_more(spec: MethodSpec, inputs: PreparedInputs, shared: dict[str, Any],
+                   per_model: list[dict[str, Any]], out: torch.Tensor) -> torch.Tensor:
+    family = spec.family
+    if family == "nearswap":
+        return merge_nearswap(inputs.base_tensor(), inputs.others[0], out, t=shared["t"])
+    if family == "arcee_fusion":
+        return merge_arcee_fusion(inputs.base_tensor(), inputs.others[0], out)
+    if family == "karcher":
+        return merge_karcher(inputs.others, out, max_iter=shared["max_iter"], tol=shared["tol"])
+    if family == "multislerp":
+        return merge_multislerp(inputs.others, inputs.base, out, weights=[p["weight"] for p in per_model],
+                                normalize_weights=shared["normalize_weights"], eps=shared["eps"])
+    if family == "nuslerp":
+        return merge_nuslerp(inputs.others, inputs.base, out, weights=[p["weight"] for p in per_model],
+                             row_wise=shared["nuslerp_row_wise"], flatten=shared["nuslerp_flatten"])
+    if family == "ram":
+        plus = bool(spec.extra.get("plus"))
+        return merge_ram(inputs.base_tensor(), inputs.deltas, out, epsilon=shared["epsilon"], plus=plus,
+                         r=shared.get("r", 0.1), alpha=shared.get("alpha", 0.2))
+    if family == "sce":
+        return merge_sce(inputs.base_tensor(), inputs.deltas, out, select_topk=shared["select_topk"],
+                         int8_mask=shared["int8_mask"])
     raise ValueError(f"unknown method family {family!r}")

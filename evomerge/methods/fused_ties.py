@@ -314,6 +314,7 @@ _KERNEL = _kernel()
 
 
 def available() -> bool:
+    """Whether the fused C++ TIES kernel is built (or can be) on this machine."""
     return _KERNEL.available()
 
 
@@ -335,10 +336,10 @@ def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: lis
     if module is None:
         return False
     prescaled = thresholds is None
-    thresholds = [None] * len(deltas) if prescaled else thresholds
+    cuts: list[Threshold | None] = [None] * len(deltas) if thresholds is None else thresholds
     none = torch.empty(0, dtype=torch.int64)
-    lambdas = [-1.0 if t is None else t.shrink_lambda(base.dtype) for t in thresholds]
-    extras = [none if t is None or t.extra is None else t.extra.to(torch.int64).contiguous() for t in thresholds]
+    lambdas = [-1.0 if t is None else t.shrink_lambda(base.dtype) for t in cuts]
+    extras = [none if t is None or t.extra is None else t.extra.to(torch.int64).contiguous() for t in cuts]
     positive = min(weights) > 0
     module.ties_combine(base, list(deltas), lambdas, extras, [float(w) for w in weights], prescaled,
                         bool(normalize), positive, float(min(weights)) if positive else 0.0, lambda_ != 1,

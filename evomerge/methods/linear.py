@@ -16,6 +16,9 @@ from evomerge.methods.workspace import Workspace
 
 def merge_linear(tensors: Sequence[torch.Tensor], out: torch.Tensor, *, weights: Sequence[float],
                  normalize: bool = True, ws: Workspace) -> torch.Tensor:
+    """out = sum_i w_i t_i (/ sum_i w_i if ``normalize``): ``tensors`` and ``out`` share shape and dtype.
+
+    Accumulated in float32 (float64 for float64) and rounded once into ``out``; returns ``out``."""
     first = tensors[0]
     acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     acc = out.view(-1) if out.dtype == acc_dtype else ws.get("linear_acc", (first.numel(),), acc_dtype)

@@ -15,6 +15,9 @@ import torch
 
 def merge_model_stock(base: torch.Tensor, others: Sequence[torch.Tensor], out: torch.Tensor, *,
                       filter_wise: bool = False) -> torch.Tensor:
+    """out = t * mean_i others_i + (1 - t) * base (see the module docstring); returns ``out``.
+
+    ``others`` (at least two) and ``out`` have ``base``'s shape and dtype; ``filter_wise``: one t per row."""
     shape = base.shape
     w0 = base
     ws = list(others)

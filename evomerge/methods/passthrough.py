@@ -8,6 +8,7 @@ import torch
 
 
 def merge_passthrough(tensor: torch.Tensor, out: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """out = tensor (times ``scale`` when given), same shape and dtype; returns ``out``."""
     if scale is None:
         out.copy_(tensor)
     else:

@@ -16,6 +16,9 @@ NORM_EPS = 1e-8
 
 
 def merge_slerp(base: torch.Tensor, other: torch.Tensor, out: torch.Tensor, *, t: float) -> torch.Tensor:
+    """out = slerp(base, other, t) over the flattened tensors (see the module docstring); returns ``out``.
+
+    ``base``, ``other`` and ``out`` share shape and dtype; ``t`` in [0, 1] (0 = base, 1 = other)."""
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     a = base.reshape(-1).to(dtype)
     b = other.reshape(-1).to(dtype)

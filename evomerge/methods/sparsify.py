@@ -215,8 +215,7 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
         if int((mags >= value).sum()) == k:
             return Threshold(value)
         del mags  # before the sort: it needs about 16 bytes per element of its own
-        ensure_order(flat, stats, "magnitude")
-    order = stats.order
+    order = ensure_order(flat, stats, "magnitude")
     if not stats.keep_order:
         stats.order = None  # one-shot: the threshold below is all that is needed from it
     value = float(flat[order[k - 1]].abs())
@@ -227,86 +226,128 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
     return Threshold(value, inclusive=False, extra=extra)
 
 
-def sparsify_into(delta: torch.Tensor, stats: DeltaStats, method: str, out: torch.Tensor, *, density: float,
-                  rescale: bool, rescale_mode: str = "l1", gamma: float = 0.0, epsilon: float = 0.0,
+@dataclass(frozen=True)
+class Sparsification:
+    """How one task vector is sparsified: mergekit 0.1.5's ``sparsify`` arguments (plus ``rescale_mode``)."""
+
+    method: str  # one of SPARSIFY_METHODS
+    density: float  # fraction of the elements kept (expected fraction for random / della_magprune), in [0, 1]
+    rescale: bool  # rescale the kept elements (see ``rescale_mode``)
+    rescale_mode: str = "l1"  # one of RESCALE_MODES
+    gamma: float = 0.0  # magnitude_outliers: fraction of the largest |delta| dropped, in [0, 1)
+    epsilon: float = 0.0  # della_magprune: keep probabilities span density +- epsilon by magnitude rank
+
+
+def sparsify_into(delta: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor, *,
                   generator: torch.Generator | None = None, ws: Workspace) -> None:
-    """out (flat, delta's dtype) = sparsified ``delta`` (rescaled if ``rescale``), like mergekit's ``sparsify``."""
+    """out = sparsified ``delta`` (rescaled if ``how.rescale``), like mergekit's ``sparsify``.
+
+    Args:
+        delta: a task vector ``theta - base``, any shape, float32/float64/bfloat16/float16.
+        stats: its parameter-free statistics (``prepare_stats`` for ``how.method``); a missing sort order is
+            computed here and kept in it.
+        how: the method and its parameters.
+        out: flat buffer of ``delta.numel()`` elements in ``delta``'s dtype and device; overwritten.
+        generator: the random stream of ``random`` / ``della_magprune`` (mergekit's masks for the same seed).
+        ws: scratch buffers, reused across calls.
+
+    Raises:
+        ValueError: ``how.method`` is not one of ``SPARSIFY_METHODS``.
+    """
     flat = delta.reshape(-1)
-    n = flat.numel()
-    if density >= 1:
+    if how.density >= 1:
         out.copy_(flat)
-        return
-    if method in ("magnitude", "magnitude_outliers"):
-        mags = ws.get("sp_mags", (n,), flat.dtype)
-        torch.abs(flat, out=mags)
-        mask = ws.get("sp_maskf", (n,), flat.dtype)  # float 0/1: multiplying by a bool mask is 5x slower
-        ensure_order(flat, stats, method)
-        if method == "magnitude":
-            if density <= 0 or n == 0:
-                out.zero_()
-                return
-            k = max(1, int(density * n))
-            _keep_sorted_range(mags, stats.order, 0, k, True, mask)
-            keep_prob = density
-        else:
-            target = int(density * n)
-            n_top = int(gamma * n)
-            n_bot = max(0, n - target - n_top)
-            _keep_sorted_range(mags, stats.order, n_bot, n_bot + target, False, mask)
-            keep_prob = density
-        if not stats.keep_order:
-            stats.order = None
-        torch.mul(flat, mask, out=out)
-        if rescale:
-            _rescale(out, stats.l1, rescale_mode, keep_prob, ws)
-        return
-    if method == "random":
-        wd = work_dtype(delta)
-        src = flat if flat.dtype == wd else flat.to(wd)
-        target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
-        if (wd in (torch.float32, torch.float64) or _float_draws(flat, wd)) and flat.device.type == "cpu":
-            _random_mask_into(target, float(torch.tensor(density, dtype=wd)), _draw_dtype(wd), generator, ws)
-            target.mul_(src)  # mask * delta == delta * mask (one rounding of the same product)
-        else:
-            if wd in (torch.float32, torch.float64):
-                mask = ws.get("sp_maskf", (n,), wd)
-                draw = ws.get("sp_rand", (n,), wd)
-                torch.rand(n, generator=generator, out=draw, dtype=wd, device=flat.device)
-                torch.lt(draw, density, out=mask)
-            else:
-                mask = torch.bernoulli(torch.full_like(src, density), generator=generator)
-            torch.mul(src, mask, out=target)
-        if rescale and density > 0:  # density 0 kept nothing (the draw still advances the stream, as mergekit's)
-            _rescale(target, stats.l1, rescale_mode, density, ws)
-        if target is not out:
-            out.copy_(target)
-        return
-    if method == "della_magprune":
-        if density <= 0:
+    elif how.method in ("magnitude", "magnitude_outliers"):
+        _magnitude_into(flat, stats, how, out, ws)
+    elif how.method == "random":
+        _random_into(flat, stats, how, out, generator, ws)
+    elif how.method == "della_magprune":
+        _della_into(flat, stats, how, out, generator, ws)
+    else:
+        raise ValueError(f"unknown sparsification {how.method!r}")
+
+
+def _magnitude_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor,
+                    ws: Workspace) -> None:
+    """TIES' top-k (``magnitude``) or breadcrumbs' band (``magnitude_outliers``) of ``flat`` into ``out``."""
+    n = flat.numel()
+    mags = ws.get("sp_mags", (n,), flat.dtype)
+    torch.abs(flat, out=mags)
+    mask = ws.get("sp_maskf", (n,), flat.dtype)  # float 0/1: multiplying by a bool mask is 5x slower
+    order = ensure_order(flat, stats, how.method)
+    if not stats.keep_order:
+        stats.order = None  # one-shot: dropped after this use (the local reference keeps it alive until then)
+    if how.method == "magnitude":
+        if how.density <= 0 or n == 0:
             out.zero_()
             return
-        wd = work_dtype(delta)
-        rank_norm = stats.rank_norm
-        probs = ws.get("sp_probs", rank_norm.shape, wd)
-        torch.mul(rank_norm, 2, out=probs)
-        probs.mul_(epsilon).add_(density - epsilon)
-        src = (flat if flat.dtype == wd else flat.to(wd)).view(rank_norm.shape)
-        target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
-        target2 = target.view(rank_norm.shape)
-        if wd in (torch.float32, torch.float64) or _float_draws(flat, wd):
-            draw = ws.get("sp_rand", rank_norm.shape, _draw_dtype(wd))
-            torch.rand(rank_norm.shape, generator=generator, out=draw, dtype=draw.dtype, device=flat.device)
-            mask = ws.get("sp_maskf", rank_norm.shape, wd)
-            torch.lt(draw, probs, out=mask)
+        k = max(1, int(how.density * n))
+        _keep_sorted_range(mags, order, 0, k, True, mask)
+    else:
+        target = int(how.density * n)
+        n_top = int(how.gamma * n)
+        n_bot = max(0, n - target - n_top)
+        _keep_sorted_range(mags, order, n_bot, n_bot + target, False, mask)
+    del order
+    torch.mul(flat, mask, out=out)
+    if how.rescale:
+        _rescale(out, stats.l1, how.rescale_mode, how.density, ws)
+
+
+def _random_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor,
+                 generator: torch.Generator | None, ws: Workspace) -> None:
+    """DARE: keep each element with probability ``density`` (drawn in mergekit's dtype, see ``work_dtype``)."""
+    n = flat.numel()
+    wd = work_dtype(flat)
+    src = flat if flat.dtype == wd else flat.to(wd)
+    target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
+    if (wd in (torch.float32, torch.float64) or _float_draws(flat, wd)) and flat.device.type == "cpu":
+        _random_mask_into(target, float(torch.tensor(how.density, dtype=wd)), _draw_dtype(wd), generator, ws)
+        target.mul_(src)  # mask * delta == delta * mask (one rounding of the same product)
+    else:
+        mask: torch.Tensor
+        if wd in (torch.float32, torch.float64):
+            draw = ws.get("sp_rand", (n,), wd)
+            torch.rand(n, generator=generator, out=draw, dtype=wd, device=flat.device)
+            mask = ws.get("sp_maskf", (n,), wd)
+            torch.lt(draw, how.density, out=mask)
         else:
-            mask = torch.bernoulli(probs, generator=generator)
-        torch.mul(src, mask, out=target2)
-        if rescale:
-            _rescale(target, stats.l1, rescale_mode, probs.reshape(-1), ws)
-        if target is not out:
-            out.copy_(target)
+            mask = torch.bernoulli(torch.full_like(src, how.density), generator=generator)
+        torch.mul(src, mask, out=target)
+    if how.rescale and how.density > 0:  # density 0 kept nothing (the draw still advances the stream, as mergekit's)
+        _rescale(target, stats.l1, how.rescale_mode, how.density, ws)
+    if target is not out:
+        out.copy_(target)
+
+
+def _della_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor,
+                generator: torch.Generator | None, ws: Workspace) -> None:
+    """DELLA: keep each element with probability ``density - epsilon + 2 * epsilon * rank_norm`` (per row)."""
+    if how.density <= 0:
+        out.zero_()
         return
-    raise ValueError(f"unknown sparsification {method!r}")
+    n = flat.numel()
+    wd = work_dtype(flat)
+    rank_norm = stats.rank_norm
+    assert rank_norm is not None, "prepare_stats(delta, 'della_magprune') computes the ranks"
+    probs = ws.get("sp_probs", rank_norm.shape, wd)
+    torch.mul(rank_norm, 2, out=probs)
+    probs.mul_(how.epsilon).add_(how.density - how.epsilon)
+    src = (flat if flat.dtype == wd else flat.to(wd)).view(rank_norm.shape)
+    target = out if out.dtype == wd else ws.get("sp_work", (n,), wd)
+    target2 = target.view(rank_norm.shape)
+    if wd in (torch.float32, torch.float64) or _float_draws(flat, wd):
+        draw = ws.get("sp_rand", rank_norm.shape, _draw_dtype(wd))
+        torch.rand(rank_norm.shape, generator=generator, out=draw, dtype=draw.dtype, device=flat.device)
+        mask = ws.get("sp_maskf", rank_norm.shape, wd)
+        torch.lt(draw, probs, out=mask)
+    else:
+        mask = torch.bernoulli(probs, generator=generator)
+    torch.mul(src, mask, out=target2)
+    if how.rescale:
+        _rescale(target, stats.l1, how.rescale_mode, probs.reshape(-1), ws)
+    if target is not out:
+        out.copy_(target)
 
 
 DRAW_CHUNK = 1 << 18  # random draws per call: the stream is the same whatever the split (one draw per element)

@@ -19,6 +19,7 @@ class Workspace:
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, key: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` viewing buffer ``key`` (grown if too small; contents undefined)."""
         numel = 1
         for dim in shape:
             numel *= int(dim)
@@ -30,4 +31,5 @@ class Workspace:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by all buffers."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())

@@ -178,6 +178,10 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     space = load_space_definition(data["search_space"], data.get("space") or {}, base_dir)
 
     models = _validate_models(data.get("models"), space["kind"], base_dir, check_models)
+    if check_models and models.get("build") is None:
+        from evomerge.search.search_space import check_space_models
+
+        check_space_models(space, models)  # an architecture that cannot run this search: refused here
 
     evaluators = _validate_evaluators(data.get("evaluators"), base_dir)
     objectives = _validate_objectives(data.get("objectives"), evaluators)

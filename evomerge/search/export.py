@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from evomerge.errors import EvomergeError
 from evomerge.search.run_folder import RunFolder, json_safe
 

@@ -5,11 +5,15 @@ range (``low + u (high - low)``, or geometrically for ``transform: log``). That 
 "all genes start at 0.5, sigma0 = 1/6" means the same thing for every space and every optimizer.
 
 Kinds:
-- ``ps``: density and weight per source model per layer group -> a mergekit-compatible ``Recipe``.
+- ``ps``: density and weight per source model per layer group -> a mergekit-compatible ``Recipe``. ``genes``
+  may also name any other numeric parameter of the method (e.g. ``sce``'s ``select_topk``, ``nearswap``'s ``t``):
+  a per-model parameter gets a gene per source model per group, a global one a gene per group (the recipe's
+  top-level ``parameters``). density and weight are always searched when the method takes them.
   ``group_size: model`` is one group per model (the paper's 6 genes for 3 models); an integer k groups k
   consecutive transformer blocks; ``embeddings: separate`` makes the input embedding (``embed``) and the output
   head with the final norm (``head``) groups of their own. Per-group values become the recipe's
-  ``[{filter, value}]`` lists (``layers.I.`` filters), so `evomerge merge` reproduces the candidate exactly.
+  ``[{filter, value}]`` lists (block filters from evomerge.architecture: ``layers.I.``, GPT-2's
+  ``transformer.h.I.``), so `evomerge merge` reproduces the candidate exactly.
   Weights are not normalised: their sum may exceed 1 (the paper's evolved weights summed to about 2).
 - ``dfs``: indicator genes over T = M x r slots and scalings (an M x M matrix or a small feed-forward net of
   (i, j, t)) -> a ``DataflowPath`` (see dataflow.py).
@@ -28,13 +32,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from evomerge import architecture
 from evomerge.errors import EvomergeError, check_keys
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
 PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "dtype",
-           "name"}
+           "name", "searched"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -143,15 +148,34 @@ def _validate_ps(data: dict) -> dict[str, Any]:
     if embeddings not in ("separate", "with_blocks"):
         raise _err(f"{where}: embeddings must be separate or with_blocks, got {embeddings!r}")
     genes_in = data.get("genes") or {}
-    check_keys(f"{where} genes", genes_in, set(PS_GENES))
+    numeric = _numeric_parameters(method)
+    check_keys(f"{where} genes", genes_in, set(PS_GENES) if numeric is None else set(numeric))
     defaults = {"density": {"low": 0.05, "high": 1.0, "init": 0.5}, "weight": {"low": 0.0, "high": 1.0, "init": 0.5}}
-    genes = {g: _gene_bounds(f"{where} genes.{g}", genes_in.get(g), defaults[g]) for g in PS_GENES}
+    searched = data.get("searched", list(PS_GENES))  # e.g. [weight] for methods without density
+    if not isinstance(searched, list) or not searched or not set(searched) <= set(PS_GENES):
+        raise _err(f"{where}: searched must be a non-empty list of {', '.join(PS_GENES)}, got {searched!r}")
+    names = [g for g in PS_GENES if g in searched and (numeric is None or g in numeric)]
+    names += [g for g in genes_in if g not in PS_GENES]
+    if not names:
+        raise _err(f"{where}: {method} has no parameter to search; name one under genes")
+    unit = {"low": 0.0, "high": 1.0, "init": 0.5}
+    genes = {g: _gene_bounds(f"{where} genes.{g}", genes_in.get(g), defaults.get(g, unit)) for g in names}
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise _err(f"{where}: parameters must be a mapping")
     return {"kind": "ps", "name": data.get("name"), "merge_method": method, "parameters": params,
             "group_size": group, "embeddings": embeddings, "genes": genes,
-            "description": data.get("description", "")}
+            "searched": [g for g in PS_GENES if g in searched], "description": data.get("description", "")}
+
+
+def _numeric_parameters(method: str) -> dict[str, bool] | None:
+    """{name: per model?} of the method's numeric parameters; None for a method without a registry entry."""
+    from evomerge.methods import METHODS
+
+    spec = METHODS.get(method)
+    if spec is None:
+        return None
+    return {p.name: p.per_model for p in spec.params if p.kind is float}
 
 
 def _validate_dfs(data: dict) -> dict[str, Any]:
@@ -210,6 +234,35 @@ def read_num_layers(model_dir: str | Path) -> int:
     return n
 
 
+def dataflow_architecture(a: str | Path, b: str | Path) -> architecture.Architecture:
+    """The common architecture of DFS models A and B; raises EvomergeError (one line naming the architecture
+    and the reason) when a data-flow search cannot run on them."""
+    arch_a, arch_b = architecture.of_checkpoint(a), architecture.of_checkpoint(b)
+    if arch_a.name != arch_b.name:
+        raise _err(f"data-flow models A and B must share an architecture: A is {arch_a.name}, B is {arch_b.name}")
+    cfg = json.loads((Path(a) / "config.json").read_text())
+    reason = architecture.dataflow_refusal(arch_a, cfg.get("text_config", cfg))
+    if reason:
+        raise _err(reason)
+    return arch_a
+
+
+def check_space_models(definition: dict[str, Any], models: dict[str, Any]) -> None:
+    """Refuse up front (one EvomergeError line) a search the models' architecture cannot run: PS layer groups
+    without a known block list, a model the in-memory engine cannot write in place, a data-flow search on an
+    architecture it does not support."""
+    kind = definition["kind"]
+    ps = definition["ps"] if kind == "ps_dfs" else definition if kind == "ps" else None
+    if ps is not None and ps["group_size"] != "model":
+        architecture.of_checkpoint(models["base"]).require_blocks("PS layer groups (group_size)")
+    if ps is not None:
+        architecture.check_in_place(models["base"])
+    if kind == "dfs":
+        dataflow_architecture(models["a"], models["b"])
+    if kind == "ps_dfs":
+        dataflow_architecture(models["base"], models["b"])
+
+
 class SearchSpace:
     """Genes + the mapping from a unit-cube genome to a candidate description."""
 
@@ -245,46 +298,58 @@ class PSSpace(SearchSpace):
         self.sources = dict(sources)
         self.dtype = dtype
         self.num_layers = read_num_layers(base)
+        self.arch = architecture.of_checkpoint(base)
         self.groups = self._layer_groups()
+        scopes = _numeric_parameters(definition["merge_method"]) or {}
+        self.model_genes = [g for g in definition["genes"] if scopes.get(g, True)]
+        self.global_genes = [g for g in definition["genes"] if not scopes.get(g, True)]
         self.genes = []
         for alias in self.sources:
             for group, _ in self.groups:
-                for g in PS_GENES:
+                for g in self.model_genes:
                     b = definition["genes"][g]
                     self.genes.append(Gene(f"{alias}.{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
+        for group, _ in self.groups:
+            for g in self.global_genes:
+                b = definition["genes"][g]
+                self.genes.append(Gene(f"{group}.{g}", b["low"], b["high"], b["init"], b["transform"]))
 
     def _layer_groups(self) -> list[tuple[str, list[str] | None]]:
         """(group name, recipe filters) in the order genes are laid out; filters None = the whole model."""
         size = self.definition["group_size"]
         if size == "model":
             return [("all", None)]
+        self.arch.require_blocks("PS layer groups (group_size)")
         size = 1 if size == "block" else int(size)
         n = self.num_layers
         blocks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
         groups: list[tuple[str, list[str] | None]] = []
         separate = self.definition["embeddings"] == "separate"
+        embed = self.arch.embedding_filters()
         if separate:
-            groups.append(("embed", ["embed_tokens"]))
+            groups.append(("embed", embed))
         for i, blk in enumerate(blocks):
             name = f"layers_{blk[0]}" if len(blk) == 1 else f"layers_{blk[0]}-{blk[-1]}"
-            filters = [f"layers.{j}." for j in blk]
+            filters = [self.arch.block_filter(j) for j in blk]
             if not separate and i == 0:
-                filters.append("embed_tokens")
+                filters += embed
             groups.append((name, filters))
         if separate:
             groups.append(("head", []))  # the fallback: lm_head, the final norm, anything else
         # without a separate head group the last block group is the fallback
         return groups
 
-    def _parameter_value(self, alias: str, gene: str, values: dict[str, float]) -> Any:
+    def _parameter_value(self, prefix: str, gene: str, values: dict[str, float]) -> Any:
+        """The recipe value of one parameter: a scalar, or one filter entry per group's layers (``prefix``: the
+        source alias and a dot for per-model genes, empty for global ones)."""
         if self.groups[0][1] is None:
-            return values[f"{alias}.all.{gene}"]
+            return values[f"{prefix}all.{gene}"]
         entries: list[dict[str, Any]] = []
         for group, filters in self.groups:
-            v = values[f"{alias}.{group}.{gene}"]
+            v = values[f"{prefix}{group}.{gene}"]
             entries.extend({"filter": f, "value": v} for f in filters)
         fallback_group = self.groups[-1][0]
-        entries.append({"value": values[f"{alias}.{fallback_group}.{gene}"]})
+        entries.append({"value": values[f"{prefix}{fallback_group}.{gene}"]})
         return entries
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:
@@ -292,12 +357,14 @@ class PSSpace(SearchSpace):
         recipe: dict[str, Any] = {"merge_method": self.definition["merge_method"], "base_model": self.base}
         if self.dtype is not None:  # else computed in the sources' dtype, as mergekit does
             recipe["dtype"] = self.dtype
-        if self.definition["parameters"]:
-            recipe["parameters"] = copy.deepcopy(self.definition["parameters"])
-        recipe["models"] = [
-            {"model": path, "parameters": {g: self._parameter_value(alias, g, values) for g in PS_GENES}}
-            for alias, path in self.sources.items()
-        ]
+        parameters = copy.deepcopy(self.definition["parameters"])
+        parameters.update({g: self._parameter_value("", g, values) for g in self.global_genes})
+        if parameters:
+            recipe["parameters"] = parameters
+        recipe["models"] = []
+        for alias, path in self.sources.items():
+            per_model = {g: self._parameter_value(f"{alias}.", g, values) for g in self.model_genes}
+            recipe["models"].append({"model": path, "parameters": per_model} if per_model else {"model": path})
         recipe["tokenizer_source"] = "base"
         return recipe
 
@@ -310,6 +377,7 @@ class DFSSpace(SearchSpace):
     def __init__(self, definition: dict[str, Any], a: str, b: str):
         self.definition = definition
         self.a, self.b = a, b
+        self.arch = dataflow_architecture(a, b)
         self.n_a, self.n_b = read_num_layers(a), read_num_layers(b)
         if self.n_a < 2:
             raise _err("model A needs at least 2 layers (its first and last are the fixed ends of the path)")

@@ -90,7 +90,6 @@ class TrialRunner:
         initial = self._local(self.setup["initial"])
         if self.kind == "ps":
             from evomerge.engine import MergeEngine
-
             from evomerge.memory_plan import MemoryOptions
 
             memory = self.setup.get("memory") or {}

@@ -35,7 +35,8 @@ from evomerge.alignment.permutation_spec import apply_permutation, sequential_pe
 from evomerge.alignment.regmean import linear_input_grams, regmean_merge
 from evomerge.alignment.repair import repair
 from evomerge.alignment.weight_matching import weight_matching
-from evomerge.methods import Workspace, get_method, prepare_inputs, run_method
+from evomerge.method_registry import get_method
+from evomerge.methods import Workspace, prepare_inputs, run_method
 
 HERE = Path(__file__).resolve().parent
 

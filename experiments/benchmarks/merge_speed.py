@@ -49,7 +49,8 @@ log = open(sys.argv[1], "wb")
 start = time.perf_counter()
 rc = subprocess.run(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT).returncode
 wall = time.perf_counter() - start
-print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_mb": peak_rss_mb}))
 """
 
 

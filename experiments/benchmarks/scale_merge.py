@@ -59,7 +59,8 @@ def tensor_shapes(s: dict[str, int]) -> dict[str, tuple[int, ...]]:
                        p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
                        p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (s["intermediate"], h), p + "mlp.up_proj.weight": (s["intermediate"], h),
+                       p + "mlp.gate_proj.weight": (s["intermediate"], h),
+                       p + "mlp.up_proj.weight": (s["intermediate"], h),
                        p + "mlp.down_proj.weight": (h, s["intermediate"])})
     shapes["model.norm.weight"] = (h,)
     return shapes
@@ -91,16 +92,10 @@ def build_family(shape: str) -> dict[str, Path]:
     tok = tiny.make_tokenizer()
     print(f"building 3 x {sum(int(torch.Size(v).numel()) for v in shapes.values()) / 1e9:.2f}B bf16 models in "
           f"{root} (once) ...", flush=True)
-    for m, (name, path) in enumerate(paths.items()):
+    for m, path in enumerate(paths.values()):
         path.mkdir(parents=True)
-        shard, shard_bytes, shards, index = {}, 0, [], {}
-
-        def flush():
-            nonlocal shard, shard_bytes
-            if shard:
-                shards.append(dict(shard))
-                shard, shard_bytes = {}, 0
-
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        shard_bytes, index = 0, {}
         for t, (tname, tshape) in enumerate(shapes.items()):
             gen = torch.Generator().manual_seed(1000 + t)
             base = torch.randn(tshape, generator=gen) * (0.02 if len(tshape) == 2 else 0.1) + (len(tshape) == 1)
@@ -108,11 +103,11 @@ def build_family(shape: str) -> dict[str, Path]:
                 gen.manual_seed(1000 * m + 7 + t * 13)
                 base += torch.randn(tshape, generator=gen) * (0.002 if len(tshape) == 2 else 0.01)
             value = base.to(torch.bfloat16)
-            if shard_bytes + value.numel() * 2 > 600 * 1024**2:
-                flush()
-            shard[tname] = value
+            if shard_bytes + value.numel() * 2 > 600 * 1024**2 and shards[-1]:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][tname] = value
             shard_bytes += value.numel() * 2
-        flush()
         for i, tensors in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(tensors, str(path / file), metadata={"format": "pt"})
@@ -122,7 +117,7 @@ def build_family(shape: str) -> dict[str, Path]:
                                                                        "weight_map": index}))
         (path / "config.json").write_text(json.dumps(qwen2_config(spec), indent=1))
         tok.save_pretrained(path)
-        del shards
+        shards.clear()  # free this model's tensors before building the next
     (root / "done").write_text("ok\n")
     return paths
 
@@ -198,7 +193,8 @@ def part_a(paths: dict[str, Path], args) -> list[dict]:
                     res = measure(tools[tool](path, out), work / f"{tool}.log", env)
                     shutil.rmtree(out, ignore_errors=True)
                     print(f"  a) {method:9s} {compute:8s} {tool:9s} {rep + 1}/{args.repeats}: {res['wall_s']:7.1f} s"
-                          f" (cpu {res['cpu_s']:6.1f} s)  peak RSS {res['peak_rss_gb']:5.2f} GB  anon {res['peak_anon_gb']:5.2f} GB", flush=True)
+                          f" (cpu {res['cpu_s']:6.1f} s)  peak RSS {res['peak_rss_gb']:5.2f} GB"
+                          f"  anon {res['peak_anon_gb']:5.2f} GB", flush=True)
                     results[tool].append(res)
             row = {"method": method, "compute": compute}
             for tool, res in results.items():

@@ -306,7 +306,8 @@ def qa_item(rng: random.Random, lang: int) -> Item:
             q = s1 + s2 + ["what", "color", "are", "the", o, "of", n, "?"]
             a = ["the", o, "of", n, "are", c, "."]
         else:
-            q = t1 + t2 + pair(["what", "color", "are", "the", o, "of", n, "?"], [n, "topic", o, "what_color", "is", "?"])[1]
+            q = t1 + t2 + pair(["what", "color", "are", "the", o, "of", n, "?"],
+                               [n, "topic", o, "what_color", "is", "?"])[1]
             a = pair(["the", o, "of", n, "are", c, "."], [n, "topic", o, c, "is", "."])[1]
     else:
         p1, p2 = rng.sample(PLACES, 2)

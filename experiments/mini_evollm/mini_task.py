@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import languages as L  # noqa: E402
 import zoo  # noqa: E402
-
 from evomerge.evaluators.answers import answers_equal, extract_answer  # noqa: E402
 
 # split name -> (task kind, language the answer must be in)
@@ -127,7 +126,8 @@ def make_evaluator(split: str = "target_search", limit: int | None = None, seed:
 _CACHE: dict[tuple, object] = {}
 
 
-def evaluate(model, tokenizer, split: str = "target_search", limit: int | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate(model, tokenizer, split: str = "target_search", limit: int | None = None,
+             seed: int = 0) -> dict[str, float]:
     """The search fitness by default: the target task (language-2 math, language-gated) on the search split.
 
     ``split`` may name several splits joined by commas (metrics then prefixed ``split/``); ``limit`` keeps a

@@ -298,7 +298,8 @@ def write_results(path: Path, ctx: dict) -> None:
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
               "", "## Settings", "",
               "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 128;",
-              "the multi-skill PS, 64 trials, runs only when the cross-skill target is missed, or with --multi always).",
+              "the multi-skill PS, 64 trials, runs only when the cross-skill target is missed, or with --multi "
+              "always).",
               "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
     if ctx.get("notes"):
         lines += ["## Notes", "", *ctx["notes"], ""]

@@ -1,0 +1,299 @@
+"""mergekit-evolve's configuration file, translated into an evomerge experiment (``evomerge run EVOLVE.yaml``).
+
+mergekit-evolve (mergekit 0.1.5's ``mergekit/evo``) reads::
+
+    genome:
+      models: [PATH, ...]
+      merge_method: ties | dare_ties | task_arithmetic | linear | slerp
+      base_model: PATH
+      tokenizer_source: null
+      layer_granularity: 0          # 0: one gene set per model; k: one per k consecutive layers
+      normalize: null               # null: true for ties, dare_ties and linear
+      allow_negative_weights: false
+      smooth: false
+      filters: null
+    tasks: [{name: TASK, weight: 1.0, metric: "acc,none"}, ...]    # lm-eval tasks; a name alone is weight 1
+    limit: null
+    num_fewshot: null
+    shuffle: false
+    random_init: false
+    apply_chat_template: true
+    fewshot_as_multiturn: true
+
+and searches, with CMA-ES (sigma0 1/6, ``--max-fevals`` 100), a weight per model (and a density for ties and
+dare_ties) per layer group, maximising ``sum(weight * metric)`` over the tasks. The translation is a parameter-space
+experiment (evomerge/search/experiment.py) over the PS space (search_space.py):
+
+- ``base_model`` is the space's base; the other ``models`` are its sources (a base listed among ``models`` gets
+  genes in mergekit that its methods ignore; here it gets none);
+- ``layer_granularity`` 0 -> ``group_size: model``; k -> ``group_size: k`` with ``embeddings: with_blocks``
+  (the embedding goes with the first group, the head and final norm with the last, like mergekit's slices);
+- genes: ``weight`` (and ``density`` for ties / dare_ties) in [0, 1] (``allow_negative_weights``: [-1, 1]),
+  starting at mergekit's 1 / len(models) and density 1; mergekit searches unbounded values and takes their
+  absolute value (density also clamped to [0, 1]), evomerge bounds the genes instead (density from 0.01, as a
+  density of 0 keeps nothing);
+- ``normalize`` -> the recipe parameter (mergekit-evolve always writes it: true for ties, dare_ties, linear);
+  merges run in bfloat16, as mergekit-evolve's;
+- each task -> an ``lm_eval`` evaluator (``limit``, ``num_fewshot``, ``apply_chat_template`` passed on; local
+  task folders from ``--task-search-path``) and an objective ``TASK/METRIC`` with the task's weight (the
+  weighted sum is mergekit-evolve's score);
+- optimizer ``cmaes`` with ``--sigma0`` (default 1/6), budget ``--max-fevals`` trials (default 100).
+
+What evomerge cannot reproduce is refused with one line: ``slerp`` and ``linear`` genomes (the PS space merges
+task vectors over a base), ``filters`` (per-filter gene sets), ``smooth`` (gradients), ``random_init``,
+``shuffle``, ``fewshot_as_multiturn`` with few-shot chat prompts, and a ``tokenizer_source`` other than base.
+``limit`` draws a seeded random subset of each task's documents (mergekit-evolve takes the first ``limit``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import EvomergeError
+
+METHOD_GENES = {"ties": ["weight", "density"], "dare_ties": ["weight", "density"], "task_arithmetic": ["weight"],
+                "linear": ["weight"], "slerp": ["t"]}
+GENOME_KEYS = {"models", "merge_method", "base_model", "tokenizer_source", "layer_granularity", "normalize",
+               "allow_negative_weights", "filters", "smooth"}
+TOP_KEYS = {"genome", "tasks", "limit", "num_fewshot", "shuffle", "random_init", "apply_chat_template",
+            "fewshot_as_multiturn"}
+TASK_KEYS = {"name", "weight", "metric"}
+
+
+@dataclass
+class EvolveOptions:
+    """mergekit-evolve's command-line settings that shape the search (its config file does not hold them)."""
+
+    max_fevals: int = 100
+    sigma0: float = 1.0 / 6.0
+    task_search_path: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Translation:
+    """A mergekit-evolve config and the evomerge experiment mapping it became (paths as in the original)."""
+
+    source: Path
+    original: dict[str, Any]
+    experiment: dict[str, Any]
+
+    def to_yaml(self) -> str:
+        header = (f"# evomerge experiment translated from the mergekit-evolve config {self.source.name}\n"
+                  f"# (relative paths are relative to that file's folder)\n")
+        return header + yaml.safe_dump(self.experiment, sort_keys=False)
+
+
+def is_evolve_config(data: Any) -> bool:
+    """A mergekit-evolve config has a ``genome`` and no ``search_space``."""
+    return isinstance(data, Mapping) and "genome" in data and "search_space" not in data
+
+
+def read_evolve_config(path: str | Path, options: EvolveOptions) -> Translation | None:
+    """The translation of ``path`` when it is a mergekit-evolve config, else None (an ordinary experiment)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None  # the experiment loader reports unreadable files
+    if not is_evolve_config(data):
+        return None
+    where = path.name
+    return Translation(source=path, original=copy.deepcopy(data),
+                       experiment=translate(data, path.resolve().parent, options, where))
+
+
+def translate(data: Mapping[str, Any], base_dir: Path, options: EvolveOptions, where: str = "config") -> dict:
+    """The experiment mapping (evomerge/search/experiment.py's YAML shape) of a mergekit-evolve config.
+
+    Raises: EvomergeError (one line) for anything unknown, invalid or that evomerge cannot honour.
+    """
+    _check_keys(data, TOP_KEYS, where)
+    genome = data["genome"]
+    if not isinstance(genome, Mapping):
+        raise EvomergeError(f"{where}: genome must be a mapping")
+    _check_keys(genome, GENOME_KEYS, f"{where}: genome")
+    _refuse_unsupported(data, genome, where)
+    method = genome.get("merge_method")
+    models = genome.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise EvomergeError(f"{where}: genome.models must be a list of model paths")
+    base = genome.get("base_model")
+    if not isinstance(base, str) or not base:
+        raise EvomergeError(f"{where}: genome.base_model is required for {method}")
+    sources = [m for m in models if not _same_path(m, base, base_dir)]
+    if not sources:
+        raise EvomergeError(f"{where}: genome.models lists no model besides the base_model")
+    space = _search_space(genome, method, len(models), base_dir, models[0], where)
+    evaluators, objectives = _tasks(data, options, base_dir, where)
+    return {"name": re.sub(r"[^A-Za-z0-9_\-]+", "_", Path(where).stem) or "evolve", "seed": 0,
+            "models": {"base": base, "sources": sources}, "search_space": space,
+            "evaluators": evaluators, "objectives": objectives,
+            "optimizer": {"name": "cmaes", "sigma0": float(options.sigma0)},
+            "budget": {"trials": int(options.max_fevals)}, "dtype": "bfloat16"}
+
+
+def _refuse_unsupported(data: Mapping[str, Any], genome: Mapping[str, Any], where: str) -> None:
+    method = genome.get("merge_method")
+    if method not in METHOD_GENES:
+        raise EvomergeError(f"{where}: genome.merge_method {method!r} is not a mergekit-evolve method "
+                            f"({', '.join(METHOD_GENES)})")
+    if method in ("slerp", "linear"):
+        raise EvomergeError(f"{where}: {method} genomes cannot be translated (evomerge's parameter-space search "
+                            f"merges task vectors over a base: use ties, dare_ties or task_arithmetic)")
+    checks = [
+        (genome.get("filters"), "genome.filters (separate genes per tensor-name filter) is not supported"),
+        (genome.get("smooth"), "genome.smooth (parameters interpolated across layers) is not supported"),
+        (data.get("random_init"), "random_init is not supported (the search starts from mergekit's initial genome)"),
+        (data.get("shuffle"), "shuffle is not supported (limit already draws a seeded random subset)"),
+        (genome.get("tokenizer_source") not in (None, "base"),
+         f"genome.tokenizer_source {genome.get('tokenizer_source')!r} is not supported (only base)"),
+        (data.get("fewshot_as_multiturn", True) and data.get("apply_chat_template", True)
+         and (data.get("num_fewshot") or 0) > 0, "fewshot_as_multiturn with few-shot chat prompts is not "
+                                                 "supported (set fewshot_as_multiturn: false)"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise EvomergeError(f"{where}: {message}")
+    for key in ("normalize",):
+        if genome.get(key) is not None and not isinstance(genome[key], bool):
+            raise EvomergeError(f"{where}: genome.{key} must be true, false or null")
+    for key in ("allow_negative_weights", "smooth", "shuffle", "random_init", "apply_chat_template",
+                "fewshot_as_multiturn"):
+        value = genome.get(key) if key in GENOME_KEYS else data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise EvomergeError(f"{where}: {key} must be true or false, got {value!r}")
+
+
+def _search_space(genome: Mapping[str, Any], method: str, n_models: int, base_dir: Path, first: str,
+                  where: str) -> dict[str, Any]:
+    granularity = genome.get("layer_granularity", 0)
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 0:
+        raise EvomergeError(f"{where}: genome.layer_granularity must be a non-negative integer")
+    space: dict[str, Any] = {"kind": "ps", "merge_method": method, "group_size": "model",
+                             "embeddings": "with_blocks"}
+    if granularity > 0:
+        layers = _num_layers(base_dir, first, where)
+        if layers % granularity:
+            raise EvomergeError(f"{where}: genome.layer_granularity {granularity} does not divide the {layers} "
+                                f"layers of {first}")
+        space["group_size"] = granularity
+    normalize = genome.get("normalize")
+    space["parameters"] = {"normalize": method in ("ties", "dare_ties", "linear") if normalize is None
+                           else bool(normalize)}
+    low = -1.0 if genome.get("allow_negative_weights") else 0.0
+    space["genes"] = {"weight": {"low": low, "high": 1.0, "init": 1.0 / n_models},
+                      "density": {"low": 0.01, "high": 1.0, "init": 1.0}}
+    space["searched"] = list(METHOD_GENES[method])
+    return space
+
+
+def _tasks(data: Mapping[str, Any], options: EvolveOptions, base_dir: Path,
+           where: str) -> tuple[list[dict], list[dict]]:
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise EvomergeError(f"{where}: tasks must be a non-empty list of lm-eval task names or {{name, weight, "
+                            f"metric}}")
+    limit = data.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise EvomergeError(f"{where}: limit must be a positive integer, got {limit!r}")
+    fewshot = data.get("num_fewshot")
+    if fewshot is not None and (isinstance(fewshot, bool) or not isinstance(fewshot, int) or fewshot < 0):
+        raise EvomergeError(f"{where}: num_fewshot must be a non-negative integer, got {fewshot!r}")
+    include = [str((Path.cwd() / p).resolve()) for p in options.task_search_path]
+    evaluators, objectives, names = [], [], set()
+    for i, task in enumerate(tasks):
+        task = {"name": task} if isinstance(task, str) else task
+        if not isinstance(task, Mapping):
+            raise EvomergeError(f"{where}: tasks[{i}] must be a task name or a mapping")
+        _check_keys(task, TASK_KEYS, f"{where}: tasks[{i}]")
+        name, weight, metric = task.get("name"), task.get("weight", 1.0), task.get("metric", "acc,none")
+        if not isinstance(name, str) or not name:
+            raise EvomergeError(f"{where}: tasks[{i}].name must be an lm-eval task name")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise EvomergeError(f"{where}: tasks[{i}].weight must be a number, got {weight!r}")
+        if not isinstance(metric, str) or not metric:
+            raise EvomergeError(f"{where}: tasks[{i}].metric must be an lm-eval metric like 'acc,none'")
+        alias = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or f"task{i}"
+        while alias in names:
+            alias += "_"
+        names.add(alias)
+        spec: dict[str, Any] = {"type": "lm_eval", "task": name, "metric": metric,
+                                "apply_chat_template": bool(data.get("apply_chat_template", True))}
+        if include:
+            spec["include_path"] = include
+        if fewshot is not None:
+            spec["num_fewshot"] = fewshot
+        evaluators.append({"name": alias, "spec": spec, **({"limit": limit} if limit else {})})
+        objectives.append({"metric": f"{alias}/{metric}", "direction": "maximize", "weight": float(weight)})
+    return evaluators, objectives
+
+
+def _num_layers(base_dir: Path, model: str, where: str) -> int:
+    path = Path(model).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise EvomergeError(f"{where}: cannot read {path / 'config.json'} (needed for layer_granularity)") from None
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int):
+        raise EvomergeError(f"{where}: {path / 'config.json'} has no num_hidden_layers")
+    return layers
+
+
+def _same_path(a: str, b: str, base_dir: Path) -> bool:
+    def resolve(p: str) -> Path:
+        path = Path(p).expanduser()
+        return (path if path.is_absolute() else base_dir / path).resolve()
+
+    return resolve(a) == resolve(b)
+
+
+def _check_keys(data: Mapping[str, Any], known: set[str], where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise EvomergeError(f"{where}: unknown key {key!r} (mergekit-evolve knows: {', '.join(sorted(known))})")
+
+
+def run_evolve_config(args: Any, start_run: Any):
+    """`evomerge run EVOLVE.yaml`: translate, print and validate the experiment, run it, and keep the
+    translation in the run folder (``mergekit_evolve.yaml``: the original; ``experiment.yaml``: the translation).
+    Returns the RunFolder, or None when ``args.experiment`` is not a mergekit-evolve config."""
+    from evomerge.search.experiment import validate_experiment
+    from evomerge.search.loop import default_out
+
+    options = EvolveOptions(task_search_path=list(args.task_search_path or []))
+    if args.max_fevals is not None:
+        if args.max_fevals < 1:
+            raise EvomergeError("--max-fevals must be at least 1")
+        options.max_fevals = args.max_fevals
+    if args.sigma0 is not None:
+        options.sigma0 = args.sigma0
+    translation = read_evolve_config(args.experiment, options)
+    if translation is None:
+        return None
+    source = Path(args.experiment)
+    experiment = validate_experiment(translation.experiment, base_dir=source.resolve().parent,
+                                     default_name=source.stem, source_file=source)
+    from evomerge.evaluators import build_evaluator
+
+    for evaluator in experiment.evaluators:  # a misspelt task or metric fails here, before any folder exists
+        build_evaluator(evaluator.spec, limit=evaluator.limit, seed=evaluator.seed)
+    print(translation.to_yaml(), end="", flush=True)
+    out = Path(args.out) if args.out else (experiment.out or default_out(experiment))
+    try:
+        return start_run(experiment, out=out, address=args.address, workers=args.workers, seed=args.seed,
+                         progress=not args.no_progress)
+    finally:
+        if (out / "config.yaml").is_file():
+            (out / "experiment.yaml").write_text(translation.to_yaml(), encoding="utf-8")
+            (out / "mergekit_evolve.yaml").write_text(yaml.safe_dump(translation.original, sort_keys=False),
+                                                      encoding="utf-8")

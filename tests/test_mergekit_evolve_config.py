@@ -1,0 +1,172 @@
+"""mergekit-evolve configuration files run with `evomerge run` (translated into an evomerge experiment).
+
+The end-to-end test uses a local lm-eval multiple-choice task (JSON data in the test folder, real lm-eval) and a
+real local Ray (conftest's session cluster), on tiny Llama checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.mergekit_evolve import EvolveOptions, translate
+from evomerge.search.experiment import validate_experiment
+from evomerge.search.search_space import build_space
+
+TASK_YAML = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("evolve_tasks")
+    items = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
+             for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (6, 3)]]
+    data = folder / "tiny_choice.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    (folder / "tiny_choice.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
+    return folder
+
+
+def _evolve(llama_family, **genome) -> dict:
+    return {"genome": {"models": [str(llama_family["model_1"]), str(llama_family["model_2"])],
+                       "merge_method": "task_arithmetic", "base_model": str(llama_family["base"]), **genome},
+            "tasks": [{"name": "tiny_choice", "weight": 2.0, "metric": "acc,none"}],
+            "limit": 4, "apply_chat_template": False}
+
+
+def test_evolve_config_runs_end_to_end(llama_family, task_dir, ray_address, tmp_path, capsys):
+    config = tmp_path / "evolve.yml"
+    config.write_text(yaml.safe_dump(_evolve(llama_family, layer_granularity=2, allow_negative_weights=True)))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["run", str(config), "--out", str(out), "--address", ray_address, "--no-progress",
+                 "--max-fevals", "3", "--task-search-path", str(task_dir)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    translated = yaml.safe_load((out / "experiment.yaml").read_text())
+    assert yaml.safe_load(printed.split("run folder:")[0]) == translated
+    assert yaml.safe_load((out / "mergekit_evolve.yaml").read_text()) == yaml.safe_load(config.read_text())
+    space = translated["search_space"]
+    assert space["merge_method"] == "task_arithmetic" and space["group_size"] == 2
+    assert space["searched"] == ["weight"] and space["genes"]["weight"]["low"] == -1.0
+    assert space["parameters"] == {"normalize": False}
+    assert translated["objectives"] == [{"metric": "tiny_choice/acc,none", "direction": "maximize", "weight": 2.0}]
+    assert translated["budget"] == {"trials": 3} and translated["dtype"] == "bfloat16"
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 3 and all(t["status"] == "ok" for t in trials)
+    for t in trials:  # score = weight * accuracy on the 4 drawn items
+        acc = t["metrics"]["tiny_choice/acc,none"]
+        assert acc in (0.0, 0.25, 0.5, 0.75, 1.0) and t["score"] == pytest.approx(2.0 * acc)
+
+
+def test_translation_matches_mergekit_genome(llama_family):
+    """Gene count and starting point are mergekit-evolve's: (layer groups x models x params), weight 1/n,
+    density 1; ties/dare_ties normalize by default; the base listed among the models gets no genes."""
+    mk_genome = pytest.importorskip("mergekit.evo.genome")
+    models = [str(llama_family["base"]), str(llama_family["model_1"]), str(llama_family["model_2"])]
+    for method, granularity in (("ties", 0), ("dare_ties", 1), ("task_arithmetic", 4)):
+        data = {"genome": {"models": models, "merge_method": method, "base_model": models[0],
+                           "layer_granularity": granularity}, "tasks": ["tiny_choice"]}
+        exp = validate_experiment(translate(data, Path("/"), EvolveOptions()), check_models=True)
+        space = build_space(exp.space, exp.models, exp.dtype)
+        theirs = mk_genome.ModelGenome(mk_genome.ModelGenomeDefinition.model_validate(data["genome"]))
+        x0 = theirs.initial_genotype()
+        groups, n_models, _, n_params = x0.shape
+        assert space.dim == groups * (n_models - 1) * n_params  # the base's genes are ignored by these methods
+        values = space.values(space.x0())
+        assert all(v == pytest.approx(1 / 3) for k, v in values.items() if k.endswith(".weight"))
+        assert all(v == 1.0 for k, v in values.items() if k.endswith(".density"))
+        recipe = space.candidate(values)
+        assert recipe["parameters"]["normalize"] is (method != "task_arithmetic")
+        assert theirs.genotype_merge_config(x0).parameters["normalize"] is (method != "task_arithmetic")
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("slerp", {"genome": {"merge_method": "slerp"}}, "slerp genomes cannot be translated"),
+    ("filters", {"genome": {"filters": ["mlp"]}}, "genome.filters"),
+    ("smooth", {"genome": {"smooth": True}}, "genome.smooth"),
+    ("granularity", {"genome": {"layer_granularity": 3}}, "does not divide the 4 layers"),
+    ("unknown_key", {"genome": {"layers": 2}}, "unknown key 'layers'"),
+    ("no_base", {"genome": {"base_model": None}}, "base_model is required"),
+    ("random_init", {"random_init": True}, "random_init"),
+    ("tokenizer", {"genome": {"tokenizer_source": "union"}}, "tokenizer_source"),
+    ("bad_task", {"tasks": [{"name": "tiny_choice", "weight": "high"}]}, "tasks[0].weight"),
+    ("unknown_metric", {"tasks": [{"name": "tiny_choice", "metric": "f1,none"}]}, "not produced"),
+])
+def test_bad_evolve_configs(case, change, message, llama_family, task_dir, tmp_path, capsys):
+    data = _evolve(llama_family)
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    config = tmp_path / "evolve.yml"
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["run", str(config), "--out", str(out), "--no-progress", "--max-fevals", "2",
+                 "--task-search-path", str(task_dir)])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert len(captured.err.strip().splitlines()) == 1 and message in captured.err, captured.err
+    assert not out.exists() and captured.out == ""
+
+
+def test_evolve_flags_need_an_evolve_config(tmp_path, capsys):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("search_space: ps_ties_dare\n")
+    assert main(["run", str(experiment), "--max-fevals", "3"]) == 2
+    assert "mergekit-evolve configs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_candidate_merges_like_mergekit_genotype(method, llama_family, tmp_path):
+    """One genome, two tools: our translated space's candidate recipe merges to the same tensors as the
+    MergeConfiguration mergekit-evolve builds from the same genotype (layer groups as slices, bfloat16)."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.merge import run_merge
+    from evomerge.recipe import Recipe
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    mk_genome = pytest.importorskip("mergekit.evo.genome")
+    mk_merge = pytest.importorskip("mergekit.merge")
+    mk_options = pytest.importorskip("mergekit.options")
+    models = [str(llama_family["base"]), str(llama_family["model_1"]), str(llama_family["model_2"])]
+    genome = {"models": models, "merge_method": method, "base_model": models[0], "layer_granularity": 2}
+    exp = validate_experiment(translate({"genome": genome, "tasks": ["t"]}, Path("/"), EvolveOptions()))
+    space = build_space(exp.space, exp.models, exp.dtype)
+    x = torch.linspace(0.15, 0.9, space.dim).tolist()
+    values = space.values(x)
+    theirs = mk_genome.ModelGenome(mk_genome.ModelGenomeDefinition.model_validate(genome))
+    genotype = theirs.initial_genotype()
+    groups = ["layers_0-1", "layers_2-3"]
+    for g, group in enumerate(groups):
+        for m, alias in enumerate(["model_1", "model_2"], start=1):
+            for p, gene in enumerate(mk_genome.METHOD_PARAM_MAPS[method]):
+                genotype[g, m, 0, p] = values[f"{alias}.{group}.{gene}"]
+    mk_merge.run_merge(theirs.genotype_merge_config(genotype), str(tmp_path / "theirs"),
+                       mk_options.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    run_merge(Recipe.from_dict(space.candidate(values)), tmp_path / "ours", progress=False)
+    ours, mk = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert set(ours) == set(mk)
+    worst = max((ours[k].double() - mk[k].double()).abs().max().item() for k in ours)
+    print(f"max |ours - mergekit-evolve genotype| {method}: {worst:.3g}")
+    assert all(ours[k].dtype == mk[k].dtype == torch.bfloat16 for k in ours) and worst <= 1e-6

@@ -27,8 +27,9 @@ from enum import Enum
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import MergePlan, TensorJob
+from evomerge.merge import MergePlan, TensorJob, plan_merge
 from evomerge.methods import MethodSpec
+from evomerge.recipe import Recipe
 
 GB = 1024**3
 
@@ -193,8 +194,9 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
                             f"has {budget / GB:.2f} GB")
     resident = _choose_resident([p.resident for p in parts], None if budget is None else budget - fixed, mode)
     if mode is SourcesMode.RESIDENT and not all(resident):
+        assert budget is not None, "without a budget every source is resident"
         need = sum(p.resident for p in parts)
-        raise EvomergeError(f"workers.sources resident: the {method} sources need {need / GB:.2f} GB on the "
+        raise EvomergeError(f"workers.sources_mode resident: the {method} sources need {need / GB:.2f} GB on the "
                             f"device and {(budget - fixed) / GB:.2f} GB are left after the candidate; "
                             f"use sources_mode auto or streamed")
     kept = sum(p.resident for p, r in zip(parts, resident) if r)
@@ -220,31 +222,27 @@ def _choose_resident(sizes: Sequence[int], room: int | None, mode: SourcesMode) 
     return chosen
 
 
-def plan_worker_memory(initial: dict, workers: dict) -> MemoryPlan:
+def plan_worker_memory(initial: Recipe, device: str, threads: int, memory: MemoryOptions) -> MemoryPlan:
     """The plan ``evomerge run`` prints before a PS search starts (the stage's initial candidate recipe).
 
     Args:
-        initial: the candidate recipe mapping every worker builds its engine from.
-        workers: the experiment's validated ``workers`` section (device, threads, device_memory_gb,
-            sources_mode).
+        initial: the candidate recipe every worker builds its engine from.
+        device: the workers' device (``auto``, ``cpu``, ``cuda`` or ``cuda:N``; experiment key ``workers.device``).
+        threads: the workers' CPU threads (``workers.threads``; one on CUDA).
+        memory: the workers' budget and sources mode (``workers.device_memory_gb``, ``workers.sources_mode``).
 
     Returns:
-        the ``MemoryPlan`` of one worker; budget from ``device_memory_gb``, else the free memory of this
+        the ``MemoryPlan`` of one worker; budget from ``memory.device_memory_gb``, else the free memory of this
         machine's first GPU when workers use CUDA, else unchecked.
 
     Raises:
         EvomergeError: nothing fits the budget (or ``sources_mode: resident`` and the sources do not).
     """
-    from evomerge.merge import plan_merge
-    from evomerge.recipe import Recipe
-
-    plan = plan_merge(Recipe.from_dict(initial))
-    cap = workers.get("device_memory_gb")
-    device = str(workers.get("device", "auto"))
+    plan = plan_merge(initial)
     budget = None
-    if cap is not None:
-        budget = int(float(cap) * GB)
+    if memory.device_memory_gb is not None:
+        budget = int(float(memory.device_memory_gb) * GB)
     elif device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         budget = device_budget(torch.device("cuda" if device == "auto" else device), None)
-    threads = int(workers.get("threads", 1)) if not device.startswith("cuda") else 1
-    return plan_memory(plan, budget=budget, threads=threads, sources=workers.get("sources_mode", "auto"))
+    threads = threads if not device.startswith("cuda") else 1
+    return plan_memory(plan, budget=budget, threads=threads, sources=memory.sources, keep_order=memory.keep_order)

@@ -268,7 +268,7 @@ def run_evolve_config(args: Any, start_run: Any):
     translation in the run folder (``mergekit_evolve.yaml``: the original; ``experiment.yaml``: the translation).
     Returns the RunFolder, or None when ``args.experiment`` is not a mergekit-evolve config."""
     from evomerge.search.experiment import validate_experiment
-    from evomerge.search.loop import default_out
+    from evomerge.search.launch import default_out
 
     options = EvolveOptions(task_search_path=list(args.task_search_path or []))
     if args.max_fevals is not None:

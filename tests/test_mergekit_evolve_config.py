@@ -85,7 +85,7 @@ def test_translation_matches_mergekit_genome(llama_family):
         data = {"genome": {"models": models, "merge_method": method, "base_model": models[0],
                            "layer_granularity": granularity}, "tasks": ["tiny_choice"]}
         exp = validate_experiment(translate(data, Path("/"), EvolveOptions()), check_models=True)
-        space = build_space(exp.space, exp.models, exp.dtype)
+        space = build_space(exp.space, exp.models.to_dict(), exp.dtype)
         theirs = mk_genome.ModelGenome(mk_genome.ModelGenomeDefinition.model_validate(data["genome"]))
         x0 = theirs.initial_genotype()
         groups, n_models, _, n_params = x0.shape
@@ -152,7 +152,7 @@ def test_candidate_merges_like_mergekit_genotype(method, llama_family, tmp_path)
     models = [str(llama_family["base"]), str(llama_family["model_1"]), str(llama_family["model_2"])]
     genome = {"models": models, "merge_method": method, "base_model": models[0], "layer_granularity": 2}
     exp = validate_experiment(translate({"genome": genome, "tasks": ["t"]}, Path("/"), EvolveOptions()))
-    space = build_space(exp.space, exp.models, exp.dtype)
+    space = build_space(exp.space, exp.models.to_dict(), exp.dtype)
     x = torch.linspace(0.15, 0.9, space.dim).tolist()
     values = space.values(x)
     theirs = mk_genome.ModelGenome(mk_genome.ModelGenomeDefinition.model_validate(genome))

@@ -118,6 +118,7 @@ def test_export_carries_generation_config_and_chat_template(kind, family, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.search.experiment import load_experiment
+    from evomerge.search.records import TrialRecord
     from evomerge.search.run_folder import RunFolder
     from evomerge.search.search_space import build_space
 
@@ -132,10 +133,11 @@ def test_export_carries_generation_config_and_chat_template(kind, family, tmp_pa
     path.write_text(yaml.safe_dump(experiment))
     exp = load_experiment(path)
     run = RunFolder.create(tmp_path / "run", exp.raw)
-    space = build_space(exp.space, exp.models, exp.dtype)
+    space = build_space(exp.space, exp.models.to_dict(), exp.dtype)
     x = [0.5] * space.dim
-    run.append_trial({"trial": 0, "status": "ok", "stage": 0, "stage_name": kind, "x": x,
-                      "genome": space.values(x), "metrics": {"s/std": 1.0}, "objectives": [1.0], "score": 1.0})
+    run.append_trial(TrialRecord.from_json({"trial": 0, "status": "ok", "stage": 0, "stage_name": kind, "x": x,
+                                            "genome": space.values(x), "metrics": {"s/std": 1.0},
+                                            "objectives": [1.0], "score": 1.0}))
     out = tmp_path / "export"
     assert main(["export", str(run.path), "--out", str(out), "--trial", "0"]) == 0
     expected = BASE_GENERATION  # PS: the base (tokenizer source); DFS: model a

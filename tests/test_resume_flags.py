@@ -57,7 +57,7 @@ def test_the_original_command_line_plus_resume_continues_the_run(run_dir, llama_
                  "--address", ray_address, "--no-progress"])
     assert code == 0, capsys.readouterr().err
     records = RunFolder.open(run_dir).trials()
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 2 and all(r.status == "ok" for r in records)
     # and once more, with only the seed repeated: nothing left to do, nothing refused
     assert main(["run", "--resume", str(run_dir), "--seed", "7", "--address", ray_address, "--no-progress"]) == 0
     assert len(RunFolder.open(run_dir).trials()) == 2

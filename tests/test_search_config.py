@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,11 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.search.experiment import load_experiment
-from evomerge.search.optimizers import build_optimizer, default_population
-from evomerge.search.run_folder import RunFolder, pareto_front
+from evomerge.search.experiment import OptimizerConfig, load_experiment
+from evomerge.search.objectives import Objective, pareto_front
+from evomerge.search.optimizers import Problem, build_optimizer, default_population
+from evomerge.search.records import TrialRecord
+from evomerge.search.run_folder import RunFolder
 from evomerge.search.search_space import DFSSpace, PSSpace, load_space_definition
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,15 +155,16 @@ def test_dfs_candidate_shares_layers_and_generates_with_cache():
 
 
 @pytest.mark.parametrize("name", ["cmaes", "tpe", "optuna_cmaes", "nsga2", "random"])
-def test_optimizer_pickle_resume_is_exact(name, tmp_path):
-    """Pickled mid-run, the optimizer proposes exactly what the uninterrupted one proposes."""
+def test_optimizer_state_resume_is_exact(name, tmp_path):
+    """Saved mid-run (state_dict through JSON) and rebuilt, the optimizer proposes exactly what the
+    uninterrupted one proposes."""
     dim = 5
-    opts = {"name": name, "sigma0": 1 / 6, "population": None, "multi_objective": "weighted_sum"}
+    problem = Problem([f"g{i}" for i in range(dim)], [0.5] * dim, [Objective("m", "maximize", 1.0)], seed=3,
+                      options=OptimizerConfig(name=name, sigma0=1 / 6))
 
     def make(folder):
-        folder.mkdir()
-        return build_optimizer(opts, dim, [0.5] * dim, [f"g{i}" for i in range(dim)], ["maximize"], [1.0], False,
-                               seed=3, run_dir=str(folder), study_name="s")
+        folder.mkdir(exist_ok=True)
+        return build_optimizer(problem, run_dir=str(folder), study_name="s")
 
     def f(x):
         return [-float(np.sum((np.asarray(x) - 0.3) ** 2))]
@@ -177,8 +179,10 @@ def test_optimizer_pickle_resume_is_exact(name, tmp_path):
         xs_b.append(xb)
         resumed.tell(kb, f(xb) if step != 3 else None)
         if step in (4, 9):
-            resumed = pickle.loads(pickle.dumps(resumed))
-            resumed.reattach(str(tmp_path / "b"))
+            state = json.loads(json.dumps(resumed.state_dict()))  # plain data, no pickled classes
+            assert state["version"] == 2 and state["kind"] == name
+            resumed = make(tmp_path / "b")
+            resumed.load_state_dict(state)
     assert xs_a == xs_b
     assert all(0.0 <= v <= 1.0 for x in xs_a for v in x)
     if name == "cmaes":
@@ -187,64 +191,61 @@ def test_optimizer_pickle_resume_is_exact(name, tmp_path):
 
 def test_run_folder_appends_repairs_and_keeps_pareto(tmp_path):
     run = RunFolder.create(tmp_path / "run", {"name": "x"})
-    objs = [{"metric": "a", "direction": "maximize"}, {"metric": "b", "direction": "minimize"}]
+    objs = [Objective("a", "maximize"), Objective("b", "minimize")]
     points = [(1.0, 1.0), (2.0, 2.0), (0.5, 0.5), (1.5, 3.0), (2.0, 2.5)]
     for i, p in enumerate(points):
-        run.append_trial({"trial": i, "status": "ok", "objectives": list(p), "score": p[0] - p[1], "genome": {}})
-    run.append_trial({"trial": 5, "status": "failed", "objectives": None, "score": None, "genome": {},
-                      "metrics": {"a": float("nan")}})
+        run.append_trial(TrialRecord.from_json({"trial": i, "status": "ok", "objectives": list(p),
+                                                "score": p[0] - p[1], "genome": {}}))
+    run.append_trial(TrialRecord.from_json({"trial": 5, "status": "failed", "objectives": None, "score": None,
+                                            "genome": {}, "metrics": {"a": float("nan")}}))
     run.close()
     with open(run.path / "trials.jsonl", "a") as f:
         f.write('{"trial": 6, "status": "o')  # a torn line: killed mid-append
-    assert [t["trial"] for t in run.trials()] == [0, 1, 2, 3, 4, 5]
+    assert [t.trial for t in run.trials()] == [0, 1, 2, 3, 4, 5]
     run.repair_trials()
     assert (run.path / "trials.jsonl").read_bytes().endswith(b"\n")
     assert json.loads((run.path / "trials.jsonl").read_text().splitlines()[5])["metrics"] == {"a": None}
     front = run.write_pareto(run.trials(), objs)
-    assert [t["trial"] for t in front] == [0, 1, 2]  # (1.5, 3) and (2, 2.5) are dominated by (2, 2)
+    assert [t.trial for t in front] == [0, 1, 2]  # (1.5, 3) and (2, 2.5) are dominated by (2, 2)
     assert [t["trial"] for t in json.loads((run.path / "pareto.json").read_text())["trials"]] == [0, 1, 2]
-    assert pareto_front(run.trials(), objs[:1])[0]["trial"] in (1, 4)
+    assert pareto_front(run.trials(), objs[:1])[0].trial in (1, 4)
 
 
 def test_smoke_experiment_is_valid():
     exp = load_experiment(REPO / "experiments" / "smoke.yaml")
-    assert exp.kind == "ps" and exp.models["build"]["n_variants"] == 2
+    assert exp.kind == "ps" and exp.models.build is not None and exp.models.build["n_variants"] == 2
     assert exp.evaluators[0].spec["base_dir"] == str(REPO / "experiments")
     for name in ("ps_ties_dare", "dfs", "ps_dfs"):
         assert load_space_definition(name)["kind"] == name.replace("_ties_dare", "")
 
 
 def test_budget_counts_trials_generations_and_wall_time_of_every_part(llama_family, tmp_path):
-    import time as _time
-
     from evomerge.search.experiment import validate_experiment
-    from evomerge.search.loop import SearchDriver, stage_definitions
+    from evomerge.search.scheduler import stage_budget
+    from evomerge.search.stages import stage_definitions
 
-    def driver(**over):
+    def budget(stage=0, population=None, **over):
         exp = validate_experiment(_experiment(llama_family, **over), base_dir=tmp_path)
-        d = SearchDriver(RunFolder.create(tmp_path / f"run{len(list(tmp_path.iterdir()))}", exp.raw), exp, None,
-                         progress=False)
-        d.state, d.part_start, d.optimizer = {"elapsed_s": 0.0}, _time.monotonic(), None
-        return d
+        return stage_budget(stage_definitions(exp), stage, population, exp.optimizer.name), exp
 
-    d = driver(budget={"trials": 10, "wall_time": "1m"})
-    assert d._stage_budget_left(0, finished=5, pending=4)
-    assert not d._stage_budget_left(0, finished=6, pending=4)  # running trials count against the budget
-    d.state["elapsed_s"] = 61.0  # time spent by earlier (killed) parts of the run
-    assert not d._stage_budget_left(0, finished=0, pending=0)
+    b, _ = budget(budget={"trials": 10, "wall_time": "1m"})
+    assert b.left(5, 4, elapsed_s=0.0)
+    assert not b.left(6, 4, elapsed_s=0.0)  # running trials count against the budget
+    assert not b.left(0, 0, elapsed_s=61.0)  # time spent by earlier (killed) parts of the run
 
-    d = driver(budget={"generations": 3})
-    d.optimizer = build_optimizer({"name": "cmaes", "sigma0": 1 / 6, "population": 6}, 4, [0.5] * 4, list("abcd"),
-                                  ["maximize"], [1.0], False, 0, str(tmp_path), "s")
-    assert d._stage_budget_left(0, 17, 0) and not d._stage_budget_left(0, 18, 0)
+    optimizer = build_optimizer(Problem(list("abcd"), [0.5] * 4, [Objective("m")], 0,
+                                        OptimizerConfig("cmaes", 1 / 6, 6)), str(tmp_path), "s")
+    b, _ = budget(population=optimizer.population, budget={"generations": 3})
+    assert b.left(17, 0, 0.0) and not b.left(18, 0, 0.0)
 
-    d = driver(search_space="ps_dfs", models={"base": str(llama_family["base"]), "b": str(llama_family["model_2"]),
-                                              "sources": [str(llama_family["model_1"])]},
-               budget={"trials": 9, "wall_time": 100})
-    stages = stage_definitions(d.exp)
-    assert [(s["name"], s["trials"], s["wall_time"]) for s in stages] == [("ps", 4, 50.0), ("dfs", 5, 50.0)]
-    d.state["elapsed_s"] = 60.0
-    assert not d._stage_budget_left(0, 0, 0) and d._stage_budget_left(1, 0, 0)
+    over = dict(search_space="ps_dfs", models={"base": str(llama_family["base"]), "b": str(llama_family["model_2"]),
+                                               "sources": [str(llama_family["model_1"])]},
+                budget={"trials": 9, "wall_time": 100})
+    ps, exp = budget(0, **over)
+    dfs, _ = budget(1, **over)
+    stages = stage_definitions(exp)
+    assert [(s.name, s.trials, s.wall_time) for s in stages] == [("ps", 4, 50.0), ("dfs", 5, 50.0)]
+    assert not ps.left(0, 0, 60.0) and dfs.left(0, 0, 60.0)
 
 
 def test_per_group_genes_reach_the_right_tensors(llama_family):
@@ -265,3 +266,79 @@ def test_per_group_genes_reach_the_right_tensors(llama_family):
     for name in base:
         expect = m1[name] if (".layers.2." in name or ".layers.3." in name) else base[name]
         assert torch.allclose(merged[name], expect, atol=1e-6), name
+
+
+@pytest.mark.parametrize("crash_at", [6, 8])  # population 4: ask 8 starts a generation (asked all at once)
+@pytest.mark.parametrize("name", ["tpe", "optuna_cmaes", "nsga2"])
+def test_an_optuna_ask_lost_in_a_crash_is_made_again(name, crash_at, tmp_path):
+    """The ask's SQLite row was written, the driver's checkpoint was not: resume puts that row back to WAITING
+    and asks again from the checkpoint, getting the same trial and genome; the run goes on as the uninterrupted
+    one."""
+    dim = 3
+    problem = Problem([f"g{i}" for i in range(dim)], [0.5] * dim, [Objective("m", "maximize", 1.0)], seed=1,
+                      options=OptimizerConfig(name=name, population=4))
+
+    def f(x):
+        return [-float(np.sum((np.asarray(x) - 0.3) ** 2))]
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = build_optimizer(problem, str(tmp_path / "a"), "s")
+    crashed = build_optimizer(problem, str(tmp_path / "b"), "s")
+    xs_a, xs_b = [], []
+    for step in range(10):
+        ka, xa = straight.ask()
+        straight.tell(ka, f(xa))
+        xs_a.append(xa)
+        if step == crash_at:
+            checkpoint = json.loads(json.dumps(crashed.state_dict()))
+            crashed.ask()  # lost: the process dies before the checkpoint
+            crashed = build_optimizer(problem, str(tmp_path / "b"), "s")
+            crashed.load_state_dict(checkpoint)
+            crashed.recover_lost_asks(set())  # what the driver does on resume (no trial was pending)
+        kb, xb = crashed.ask()
+        crashed.tell(kb, f(xb))
+        xs_b.append(xb)
+    assert xs_a == xs_b
+    trials = crashed.study.get_trials()  # the lost ask was taken up under its own number, none failed
+    assert [t.number for t in trials] == list(range(len(trials))) and "FAIL" not in {t.state.name for t in trials}
+    assert [t.state.name for t in trials[:10]] == ["COMPLETE"] * 10
+
+
+@pytest.mark.parametrize("name", ["optuna_cmaes", "nsga2", "cmaes"])
+def test_generational_optimizers_do_not_depend_on_completion_order(name, tmp_path):
+    """Several workers finish in any order: a generation is asked only when the previous one is all told, so the
+    next generation is the same whatever the order of the tells."""
+    dim = 3
+    problem = Problem([f"g{i}" for i in range(dim)], [0.5] * dim, [Objective("m", "maximize", 1.0)], seed=2,
+                      options=OptimizerConfig(name=name, population=4))
+
+    def f(x):
+        return [-float(np.sum((np.asarray(x) - 0.3) ** 2))]
+
+    def in_order(folder):
+        folder.mkdir()
+        opt = build_optimizer(problem, str(folder), "s")
+        xs = []
+        for _ in range(3):
+            asked = [opt.ask() for _ in range(4)]
+            assert opt.ask() is None  # the barrier
+            xs += [x for _, x in asked]
+            for key, x in asked:
+                opt.tell(key, f(x))
+        return xs
+
+    def interleaved(folder):  # two workers: a tell comes in before the generation is all handed out
+        folder.mkdir()
+        opt = build_optimizer(problem, str(folder), "s")
+        xs = []
+        for _ in range(3):
+            first = [opt.ask() for _ in range(2)]
+            opt.tell(first[1][0], f(first[1][1]))
+            rest = [opt.ask() for _ in range(2)]
+            for key, x in [*rest[::-1], first[0]]:
+                opt.tell(key, f(x))
+            xs += [x for _, x in [*first, *rest]]
+        return xs
+
+    assert in_order(tmp_path / "a") == interleaved(tmp_path / "b")

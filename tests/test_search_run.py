@@ -22,7 +22,7 @@ import yaml
 
 import search_helpers as helpers
 from evomerge.cli import main
-from evomerge.search.loop import resume_run, start_run
+from evomerge.search.launch import resume_run, start_run
 from evomerge.search.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def resumed_runs(ray_address, llama_family, tmp_path_factory):
 def test_kill9_then_resume_loses_and_repeats_nothing(resumed_runs):
     killed = RunFolder.open(resumed_runs["killed"]).trials()
     straight = RunFolder.open(resumed_runs["straight"]).trials()
-    assert sorted(t["trial"] for t in killed) == list(range(10))  # none lost, none twice, budget honoured
+    assert sorted(t.trial for t in killed) == list(range(10))  # none lost, none twice, budget honoured
     assert len(straight) == 10
     # every trial finished before a kill is kept as it was
     final_text = (resumed_runs["killed"] / "trials.jsonl").read_text()
@@ -117,14 +117,14 @@ def test_kill9_then_resume_loses_and_repeats_nothing(resumed_runs):
         assert final_text.startswith(complete)
     assert 3 <= len(resumed_runs["seen"][0].splitlines()) < len(resumed_runs["seen"][1].splitlines()) < 10
     # fixed seed, one worker: the same trials as the uninterrupted run
-    by_id = {t["trial"]: t for t in straight}
+    by_id = {t.trial: t for t in straight}
     for t in killed:
-        assert t["x"] == by_id[t["trial"]]["x"]
-        assert t["genome"] == by_id[t["trial"]]["genome"]
-        assert t["metrics"] == by_id[t["trial"]]["metrics"]
-        assert t["status"] == "ok"
+        assert t.x == by_id[t.trial].x
+        assert t.params == by_id[t.trial].params
+        assert t.metrics == by_id[t.trial].metrics
+        assert t.status == "ok"
     state = RunFolder.open(resumed_runs["killed"]).load_state()
-    assert state["pending"] == {} and state["next_trial"] == 10
+    assert state.pending == {} and state.next_trial == 10
 
 
 def test_resume_tells_a_finished_but_untold_trial_from_its_line(resumed_runs, ray_address, tmp_path):
@@ -135,23 +135,23 @@ def test_resume_tells_a_finished_but_untold_trial_from_its_line(resumed_runs, ra
     exp = yaml.safe_load(resumed_runs["exp"].read_text())
     exp["budget"] = {"trials": 7}
     part = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
-    assert [t["x"] for t in part.trials()] == [t["x"] for t in straight[:7]]
+    assert [t.x for t in part.trials()] == [t.x for t in straight[:7]]
     with open(part.path / "trials.jsonl", "a") as f:  # trial 7 finished; its tell never reached the state
-        f.write(json.dumps(straight[7]) + "\n")
+        f.write(json.dumps(straight[7].to_json()) + "\n")
     config = part.config()
     config["budget"]["trials"] = 10
     part.update_config(config)
     resume_run(part.path, address=ray_address, progress=False)
     trials = RunFolder.open(part.path).trials()
-    assert [t["trial"] for t in trials] == list(range(10))
+    assert [t.trial for t in trials] == list(range(10))
     assert trials[7] == straight[7]  # not run again (same pid, same finish time)
-    assert [t["x"] for t in trials] == [t["x"] for t in straight]
-    assert [t["metrics"] for t in trials[8:]] == [t["metrics"] for t in straight[8:]]
+    assert [t.x for t in trials] == [t.x for t in straight]
+    assert [t.metrics for t in trials[8:]] == [t.metrics for t in straight[8:]]
 
 
 def test_killed_driver_leaves_no_worker_behind(resumed_runs):
     """The workers of the killed drivers were Ray actors of their job: Ray ends them with the driver."""
-    pids = {t["pid"] for t in RunFolder.open(resumed_runs["killed"]).trials()}
+    pids = {t.pid for t in RunFolder.open(resumed_runs["killed"]).trials()}
     assert len(pids) >= 3  # three driver parts, a worker each
     end = time.time() + 30
     while any(_pid_alive(p) for p in pids) and time.time() < end:
@@ -164,10 +164,10 @@ def test_report_writes_pngs_and_tables(resumed_runs, capsys):
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     records = RunFolder.open(run).trials()
-    best = max(records, key=lambda t: t["score"])
-    assert f"best trial {best['trial']}: score" in out
+    best = max(records, key=lambda t: t.score)
+    assert f"best trial {best.trial}: score" in out
     text = (run / "report" / "report.md").read_text()
-    assert "## Pareto front" in text and f"| {best['trial']} | {best['objectives'][0]:.4g} |" in text
+    assert "## Pareto front" in text and f"| {best.trial} | {best.objectives[0]:.4g} |" in text
     assert text.count("\n| ") >= 10  # ranked trials + front + genome rows
     for png in ("objectives.png", "pareto.png"):
         data = (run / "report" / png).read_bytes()
@@ -180,13 +180,13 @@ def test_ps_export_is_the_recipe_and_rescores_to_the_trial(resumed_runs, tmp_pat
 
     run = resumed_runs["straight"]
     records = RunFolder.open(run).trials()
-    best = max(records, key=lambda t: t["score"])
+    best = max(records, key=lambda t: t.score)
     out = tmp_path / "best"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert f"exported trial {best['trial']}" in capsys.readouterr().out
+    assert f"exported trial {best.trial}" in capsys.readouterr().out
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["models"][0]["parameters"] == {"density": best["genome"]["m1.all.density"],
-                                                 "weight": best["genome"]["m1.all.weight"]}
+    assert recipe["models"][0]["parameters"] == {"density": best.params["m1.all.density"],
+                                                 "weight": best.params["m1.all.weight"]}
     # `evomerge merge` on the exported recipe reproduces the checkpoint bit for bit
     assert main(["merge", str(out / "recipe.yaml"), str(tmp_path / "remerged"), "--no-progress"]) == 0
     exported, remerged = load_file(out / "model.safetensors"), load_file(tmp_path / "remerged" / "model.safetensors")
@@ -195,12 +195,12 @@ def test_ps_export_is_the_recipe_and_rescores_to_the_trial(resumed_runs, tmp_pat
     # a standard checkpoint: re-scored from disk it gets the trial's score
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert helpers.logit_std(model, AutoTokenizer.from_pretrained(out))["std"] == best["metrics"]["e/std"]
+    assert helpers.logit_std(model, AutoTokenizer.from_pretrained(out))["std"] == best.metrics["e/std"]
     # another trial by id
-    other = next(t for t in records if t["trial"] != best["trial"])
-    assert main(["export", str(run), "--out", str(tmp_path / "other"), "--trial", str(other["trial"])]) == 0
+    other = next(t for t in records if t.trial != best.trial)
+    assert main(["export", str(run), "--out", str(tmp_path / "other"), "--trial", str(other.trial)]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "other").eval()
-    assert helpers.logit_std(model, None)["std"] == other["metrics"]["e/std"]
+    assert helpers.logit_std(model, None)["std"] == other.metrics["e/std"]
     assert main(["export", str(run), "--out", str(tmp_path / "x"), "--trial", "99"]) == 2
 
 
@@ -213,15 +213,15 @@ def test_worker_killed_mid_evaluation_is_retried_then_failed(ray_address, llama_
                          optimizer={"name": "random"}, budget={"trials": 3},
                          workers={"count": 1, "max_retries": 1})
     run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
-    trials = {t["trial"]: t for t in run.trials()}
+    trials = {t.trial: t for t in run.trials()}
     assert sorted(trials) == [0, 1, 2]
     # trial 0 killed its worker twice: retried once on a fresh worker, then recorded as failed
-    assert trials[0]["status"] == "failed" and "worker died 2 times" in trials[0]["error"]
+    assert trials[0].status == "failed" and "worker died 2 times" in trials[0].error
     # trial 1 killed one worker, then finished on the replacement
-    assert trials[1]["status"] == "ok" and trials[1]["attempts"] == 2
-    assert trials[2]["status"] == "ok" and trials[2]["attempts"] == 1
+    assert trials[1].status == "ok" and trials[1].attempts == 2
+    assert trials[2].status == "ok" and trials[2].attempts == 1
     assert not list(tokens.glob("token*"))
-    assert len({t["pid"] for t in trials.values() if t["status"] == "ok"}) == 1
+    assert len({t.pid for t in trials.values() if t.status == "ok"}) == 1
 
 
 def test_nan_raising_and_oom_candidates_are_failed_trials(ray_address, llama_family, tmp_path):
@@ -231,24 +231,24 @@ def test_nan_raising_and_oom_candidates_are_failed_trials(ray_address, llama_fam
                          workers={"count": 1, "sources": "object_store"})
     run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
     trials = run.trials()
-    assert sorted(t["trial"] for t in trials) == list(range(12))
-    errors = [t["error"] or "" for t in trials]
+    assert sorted(t.trial for t in trials) == list(range(12))
+    errors = [t.error or "" for t in trials]
     assert any("metric e/std is nan" in e for e in errors)
     assert any("RuntimeError: candidate rejected" in e for e in errors)
     assert any(e.startswith("out of memory: RuntimeError") for e in errors)
-    ok = [t for t in trials if t["status"] == "ok"]
-    assert ok and all(t["objectives"] == [t["metrics"]["e/std"]] for t in ok)
+    ok = [t for t in trials if t.status == "ok"]
+    assert ok and all(t.objectives == [t.metrics["e/std"]] for t in ok)
     pareto = json.loads((run.path / "pareto.json").read_text())
-    assert pareto["trials"][0]["trial"] == max(ok, key=lambda t: t["score"])["trial"]
+    assert pareto["trials"][0]["trial"] == max(ok, key=lambda t: t.score).trial
     # sources shipped through Ray's object store (nodes without a shared disk): same scores as from the path
     from evomerge.engine import MergeEngine
     from evomerge.search.experiment import experiment_from_resolved
     from evomerge.search.export import trial_candidate
 
     torch.set_num_threads(1)
-    _, cand = trial_candidate(run, experiment_from_resolved(run.config()), ok[0])
+    cand = trial_candidate(run, experiment_from_resolved(run.config()), ok[0])
     model = MergeEngine(cand).materialize(cand).eval()
-    assert helpers._logit_score(model) == ok[0]["metrics"]["e/std"]
+    assert helpers._logit_score(model) == ok[0].metrics["e/std"]
 
 
 def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family, tmp_path):
@@ -265,11 +265,11 @@ def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family
     trials = run.trials()
     # both workers serve the run; which one takes which trial depends on start-up timing (under load one
     # worker may be ready only after the other has finished all 8 cheap trials)
-    assert len(trials) == 8 and {t["worker"] for t in trials} <= {0, 1}
+    assert len(trials) == 8 and {t.worker for t in trials} <= {0, 1}
     study = optuna.load_study(study_name="exp-ps", storage=f"sqlite:///{run.path}/optuna.db")
     assert len(study.directions) == 2
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 8
-    pts = {t["trial"]: t["objectives"] for t in trials}
+    pts = {t.trial: t.objectives for t in trials}
 
     def dominated(i):
         return any(all(b <= a for a, b in zip(pts[i], pts[j])) and pts[i] != pts[j] for j in pts)
@@ -290,19 +290,19 @@ def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, 
                                                           "b": str(llama_family["model_2"])},
                          search_space="dfs", optimizer={"name": "random"}, budget={"trials": 4}, seed=3)
     run = start_run(_write(tmp_path / "dfs.yaml", dfs), out=tmp_path / "dfs", address=ray_address, progress=False)
-    best = max(run.trials(), key=lambda t: t["score"])
+    best = max(run.trials(), key=lambda t: t.score)
     assert main(["export", str(run.path), "--out", str(tmp_path / "dfs_best")]) == 0
     info = json.loads((tmp_path / "dfs_best" / "evomerge_trial.json").read_text())
     scales = json.loads((tmp_path / "dfs_best" / SCALES_FILE).read_text())["input_scales"]
     assert scales == info["scales"] and any(s != 1.0 for s in scales)
     model = load_dataflow_model(tmp_path / "dfs_best")
     assert len(model.model.layers) == len(info["layers"])
-    assert helpers.logit_std(model, None)["std"] == best["metrics"]["e/std"]
+    assert helpers.logit_std(model, None)["std"] == best.metrics["e/std"]
     # `evomerge eval` loads a scaled DFS export with its scales applied
     from evomerge.commands.eval import load_model
 
     loaded, _ = load_model(str(tmp_path / "dfs_best"))
-    assert helpers.logit_std(loaded, None)["std"] == best["metrics"]["e/std"]
+    assert helpers.logit_std(loaded, None)["std"] == best.metrics["e/std"]
 
     # PS then DFS without scalings: the winner is a standard checkpoint with the path's layers in order
     ps_dfs = _ps_experiment(llama_family, evaluator, search_space="ps_dfs",
@@ -312,16 +312,16 @@ def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, 
     run = start_run(_write(tmp_path / "ps_dfs.yaml", ps_dfs), out=tmp_path / "ps_dfs", address=ray_address,
                     progress=False)
     trials = run.trials()
-    assert [t["stage_name"] for t in trials] == ["ps"] * 3 + ["dfs"] * 3
+    assert [t.stage_name for t in trials] == ["ps"] * 3 + ["dfs"] * 3
     assert (run.path / "stages" / "ps_winner" / "recipe.yaml").is_file()
-    best = max((t for t in trials if t["stage_name"] == "dfs"), key=lambda t: t["score"])
+    best = max((t for t in trials if t.stage_name == "dfs"), key=lambda t: t.score)
     assert main(["export", str(run.path), "--out", str(tmp_path / "ps_dfs_best")]) == 0
     assert not (tmp_path / "ps_dfs_best" / SCALES_FILE).exists()
     info = json.loads((tmp_path / "ps_dfs_best" / "evomerge_trial.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ps_dfs_best").eval()
     assert model.config.num_hidden_layers == len(info["layers"])
     assert info["a"] == str(run.path / "stages" / "ps_winner")
-    assert helpers.logit_std(model, None)["std"] == best["metrics"]["e/std"]
+    assert helpers.logit_std(model, None)["std"] == best.metrics["e/std"]
 
 
 def _session_processes(session: Path) -> list[int]:
@@ -351,9 +351,9 @@ def test_smoke_experiment_with_embedded_ray_killed_and_resumed(tmp_path):
     # resumed in this process (it joins this module's Ray if one is up, else starts its own)
     resume_run(out, progress=False)
     trials = RunFolder.open(out).trials()
-    assert sorted(t["trial"] for t in trials) == list(range(48)) and all(t["status"] == "ok" for t in trials)
-    first_gen = [t["objectives"][0] for t in trials[:6]]
-    assert min(t["objectives"][0] for t in trials) < sum(first_gen) / len(first_gen)
+    assert sorted(t.trial for t in trials) == list(range(48)) and all(t.status == "ok" for t in trials)
+    first_gen = [t.objectives[0] for t in trials[:6]]
+    assert min(t.objectives[0] for t in trials) < sum(first_gen) / len(first_gen)
 
 
 def test_an_evaluator_that_cannot_be_built_stops_the_run_with_one_line(ray_address, llama_family, tmp_path, capsys):
@@ -392,4 +392,4 @@ def test_sigterm_stops_the_run_cleanly_and_it_resumes(tmp_path):
     resume_run(out, progress=False)
     after = RunFolder.open(out).trials()
     assert after[:len(before)] == before
-    assert sorted(t["trial"] for t in after) == list(range(len(before) + 4))
+    assert sorted(t.trial for t in after) == list(range(len(before) + 4))

@@ -13,14 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export the chosen trial of a run folder as a checkpoint. Returns 0."""
+    # torch and transformers load only when this command runs, not for every CLI call
     from evomerge.search.experiment import experiment_from_resolved
     from evomerge.search.export import export_trial
     from evomerge.search.report import find_trial
     from evomerge.search.run_folder import RunFolder
 
     run_folder = RunFolder.open(args.run_dir)
-    config = run_folder.config()
-    record = find_trial(run_folder.trials(), args.trial, config)
-    out = export_trial(run_folder, experiment_from_resolved(config), record, args.out, overwrite=args.overwrite)
-    print(f"exported trial {record['trial']} (score {record['score']:.6g}) to {out}")
+    record = find_trial(run_folder.trials(), args.trial)
+    exp = experiment_from_resolved(run_folder.config())
+    out = export_trial(run_folder, exp, record, args.out, overwrite=args.overwrite)
+    print(f"exported trial {record.trial} (score {record.score:.6g}) to {out}")
     return 0

@@ -11,9 +11,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the report files of a run folder and print the report. Returns 0."""
+    # matplotlib and the search modules load only when this command runs, not for every CLI call
     from evomerge.search.report import format_summary, make_report
 
     report = make_report(args.run_dir, top=args.top)
-    print(report["text"])
+    print(report.text)
     print(format_summary(report))
     return 0

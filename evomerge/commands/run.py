@@ -1,5 +1,5 @@
 """`evomerge run EXPERIMENT.yaml [--out DIR] [--address ADDR] [--workers N] [--seed S]` and
-`evomerge run --resume DIR`: start or continue an evolutionary merge search (see evomerge/search/loop.py)."""
+`evomerge run --resume DIR`: start or continue an evolutionary merge search (see evomerge/search/driver.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import resume_run, start_run
-    from evomerge.search.report import best_trial
+    """Start or resume a search; print the run folder, the trial counts and the best trial. Returns 0."""
+    # the search stack (Ray, torch, transformers) loads only when this command runs, not for every CLI call
+    from evomerge.search.launch import resume_run, start_run
+    from evomerge.search.objectives import best_trial
 
     if args.resume:
         check_resume_flags(args)
@@ -50,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise EvomergeError("give an experiment YAML (evomerge run EXPERIMENT.yaml) or --resume DIR")
     records = run_folder.trials()
-    best = best_trial(records, None)
-    failed = sum(r["status"] != "ok" for r in records)
+    best = best_trial(records)
+    failed = sum(not r.ok for r in records)
     print(f"run folder: {run_folder.path}")
     print(f"trials: {len(records)} finished, {failed} failed")
-    if best is not None:
-        print(f"best trial {best['trial']}: score {best['score']:.6g} "
-              + " ".join(f"{k}={v:.6g}" for k, v in best["metrics"].items()))
+    if best is not None and best.score is not None:
+        print(f"best trial {best.trial}: score {best.score:.6g} "
+              + " ".join(f"{k}={v:.6g}" for k, v in best.metrics.items() if v is not None))
     print(f"next: evomerge report {run_folder.path}   |   evomerge export {run_folder.path} --out MODEL_DIR")
     return 0
 
@@ -86,12 +88,13 @@ def check_resume_flags(args: argparse.Namespace) -> None:
 
 def _check_same_experiment(args: argparse.Namespace, config: dict[str, Any]) -> None:
     """EXPERIMENT.yaml given with --resume must resolve to the run's config (seed override included)."""
-    from evomerge.search.experiment import load_experiment
+    from evomerge.search.experiment import experiment_from_resolved, load_experiment
 
     fresh = dict(load_experiment(args.experiment).raw)
     if args.seed is not None:
         fresh["seed"] = args.seed
-    stored = dict(config)
+    # read through this release's schema: a run folder of an earlier release lacks keys added since (defaults)
+    stored = dict(experiment_from_resolved(config).raw)
     if stored.get("models", {}).get("build"):  # a run that builds its models records their paths once built
         fresh_models, stored_models = fresh.get("models", {}), stored.get("models", {})
         stored["models"] = {k: v for k, v in stored_models.items() if k in fresh_models and fresh_models[k]}

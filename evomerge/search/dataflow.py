@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
 
 from evomerge import architecture
 from evomerge.errors import EvomergeError
@@ -51,26 +54,28 @@ class PathLayer(nn.Module):
         self.attention_type = getattr(layer, "attention_type", None)
         self._indexed = [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The shared layer on ``hidden_states * scale`` (shape (batch, seq, hidden)) in this position's slot."""
         if self.scale != 1.0:
             hidden_states = hidden_states * self.scale
         own = [m.layer_idx for m in self._indexed]
         for m in self._indexed:
-            m.layer_idx = self.position
+            setattr(m, "layer_idx", self.position)  # noqa: B010 (nn.Module types attributes as tensors)
         try:
             return self.layer(hidden_states, *args, **kwargs)
         finally:
             for m, index in zip(self._indexed, own):
-                m.layer_idx = index
+                setattr(m, "layer_idx", index)  # noqa: B010
 
 
-def _decoder_parts(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+def _decoder_parts(model: PreTrainedModel) -> tuple[nn.Module, str, nn.ModuleList]:
     """(parent module, attribute name, block list) of a model's transformer blocks; raises EvomergeError (one
     line naming the architecture and the reason) when a data-flow path cannot be run over them."""
     arch = architecture.of_model(model)
     reason = architecture.dataflow_refusal(arch, model.config.to_dict())
     if reason:
         raise EvomergeError(reason)
+    assert arch.blocks is not None  # dataflow_refusal refuses an architecture without a block list
     parent_path, _, attr = arch.blocks.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     layers = getattr(parent, attr, None)
@@ -100,7 +105,7 @@ def _share_children(shell: nn.Module, model: nn.Module, path: list[str], attr: s
 class DataflowCandidate:
     """Model A's shell over the layers of A and B; ``set_path`` rewires it in place and returns the model."""
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module):
+    def __init__(self, model_a: PreTrainedModel, model_b: PreTrainedModel):
         _, attr, layers_a = _decoder_parts(model_a)
         _, _, layers_b = _decoder_parts(model_b)
         if type(model_a) is not type(model_b):
@@ -120,14 +125,16 @@ class DataflowCandidate:
             if self.layer_types:
                 shell_config.layer_types = self.layer_types[:1]
             shell = type(model_a)(shell_config)
-        path = architecture.of_model(model_a).blocks.split(".")[:-1]
+        path = str(architecture.of_model(model_a).blocks).split(".")[:-1]
         self.parent = _share_children(shell, model_a, path, attr)
         self.attr = attr
         for module in (shell, self.parent):
             if hasattr(module, "config"):
-                module.config = config
+                setattr(module, "config", config)  # noqa: B010 (nn.Module types attributes as tensors)
         shell.generation_config = copy.deepcopy(model_a.generation_config)
-        self.model = shell.eval()
+        shell.train(False)  # evaluation mode
+        self.model: nn.Module = shell
+        self.config = config  # the shell's config object (its layer count follows the path)
 
     def set_path(self, layers: Sequence[int], scales: Sequence[float] | None = None) -> nn.Module:
         """Rewire the shell to run ``layers`` (indices into A's then B's blocks) with input ``scales``.
@@ -150,24 +157,23 @@ class DataflowCandidate:
             raise ValueError(f"path layer out of range 0..{m - 1}")
         setattr(self.parent, self.attr, nn.ModuleList(
             PathLayer(self.source_layers[i], p, s) for p, (i, s) in enumerate(zip(layers, scales))))
-        self.model.config.num_hidden_layers = len(layers)
+        self.config.num_hidden_layers = len(layers)
         if self.layer_types:
-            self.model.config.layer_types = [self.layer_types[i] for i in layers]
+            self.config.layer_types = [self.layer_types[i] for i in layers]
         return self.model
 
 
-def path_state_dict(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+def path_state_dict(model_a: PreTrainedModel, model_b: PreTrainedModel, layers: Sequence[int]
+                    ) -> dict[str, torch.Tensor]:
     """A standard state dict with the path's layers laid out in order (copies: a file has no sharing), under
     checkpoint names (transformers' reverse renaming: GPT-NeoX's head is ``embed_out``); a head tied to the
     input embedding is left out, as ``save_pretrained`` does."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     _, _, layers_a = _decoder_parts(model_a)
     _, _, layers_b = _decoder_parts(model_b)
     blocks = architecture.of_model(model_a).blocks
     source = list(layers_a) + list(layers_b)
-    tied = set()
-    head = model_a.get_output_embeddings()
+    tied: set[str] = set()
+    head = model_a.get_output_embeddings()  # type: ignore[no-untyped-call]  # transformers leaves it untyped
     if getattr(model_a.config, "tie_word_embeddings", False) and head is not None:
         tied = {f"{name}.{k}" for name, module in model_a.named_modules() if module is head
                 for k in module.state_dict()}
@@ -181,7 +187,8 @@ def path_state_dict(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int
     return dict(revert_weight_conversion(model_a, out))
 
 
-def path_config(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int]):
+def path_config(model_a: PreTrainedModel, model_b: PreTrainedModel, layers: Sequence[int]) -> PretrainedConfig:
+    """Model A's config with the path's number of layers (and layer types, when both models declare them)."""
     config = copy.deepcopy(model_a.config)
     config.num_hidden_layers = len(layers)
     types_a = list(getattr(model_a.config, "layer_types", None) or [])
@@ -192,7 +199,7 @@ def path_config(model_a: nn.Module, model_b: nn.Module, layers: Sequence[int]):
     return config
 
 
-def apply_dataflow_scales(model: nn.Module, folder: str | Path) -> nn.Module:
+def apply_dataflow_scales(model: PreTrainedModel, folder: str | Path) -> PreTrainedModel:
     """Wrap the layers of a model loaded from ``folder`` with the input scales of ``evomerge_dataflow.json``
     (a DFS export with scalings); a folder without that file leaves the model as it is."""
     scales_file = Path(folder) / SCALES_FILE
@@ -208,10 +215,11 @@ def apply_dataflow_scales(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
-def load_dataflow_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
+def load_dataflow_model(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> PreTrainedModel:
     """Load an exported DFS checkpoint: a standard transformers model, its layers wrapped with their input
     scales when ``evomerge_dataflow.json`` is present (a checkpoint with all scales 1 needs none of this)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype or "auto", use_safetensors=True)
-    return apply_dataflow_scales(model.to(device), path).eval()
+    auto: Any = AutoModelForCausalLM  # transformers' stubs mistype from_pretrained's first argument
+    model = auto.from_pretrained(Path(path), dtype=dtype or "auto", use_safetensors=True)
+    scaled = apply_dataflow_scales(model.to(device), path)
+    scaled.train(False)  # evaluation mode
+    return scaled

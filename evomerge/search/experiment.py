@@ -19,7 +19,8 @@ Shape (every key is checked; unknown keys are errors)::
       - {name: acc, spec: "mgsm:ja", limit: 50, seed: 0}
     objectives:
       - {metric: acc/accuracy, direction: maximize, weight: 1.0}
-    optimizer: {name: cmaes, sigma0: 0.1667, population: null, multi_objective: weighted_sum}
+    optimizer: {name: cmaes, sigma0: 0.1667, population: null, multi_objective: weighted_sum,
+                seed: null}           # seed: the optimizer's own seed (default: the experiment's seed)
     budget: {trials: 100, generations: null, wall_time: null}
     workers: {count: 1, device: auto, gpus_per_worker: null, cpus_per_worker: 1, threads: 1,
               sources: path, max_retries: 1,
@@ -27,11 +28,15 @@ Shape (every key is checked; unknown keys are errors)::
               sources_mode: auto}             # auto | resident | streamed (see evomerge/memory_plan.py)
     python_path: []                   # extra import folders (relative to this file) for custom evaluators
     dtype: null                       # compute dtype; default: the sources' (bf16 sources merge in bf16)
+    description: ""                   # free text, kept in the run folder's config.yaml and shown by the report
+
+Every key above is used and every value validation accepts works (tests/test_search_schema.py).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,10 +46,12 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError, check_keys
+from evomerge.search.objectives import Direction, Objective
+from evomerge.search.search_space import check_space_models, load_space_definition
 
 OPTIMIZERS = ("cmaes", "optuna_cmaes", "tpe", "nsga2", "random")
 MULTI_OBJECTIVE = ("weighted_sum", "pareto")
-DIRECTIONS = ("maximize", "minimize")
+DIRECTIONS = tuple(d.value for d in Direction)
 TOP_KEYS = {"name", "seed", "out", "models", "search_space", "space", "evaluators", "objectives", "optimizer",
             "budget", "workers", "python_path", "dtype", "description"}
 MODEL_KEYS = {"base", "sources", "a", "b", "build"}
@@ -56,21 +63,74 @@ BUDGET_KEYS = {"trials", "generations", "wall_time"}
 WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries",
                "device_memory_gb", "sources_mode"}
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass
-class Objective:
-    metric: str
-    direction: str = "maximize"
-    weight: float = 1.0
+SOURCES_MODES = ("auto", "resident", "streamed")  # evomerge.memory_plan.SourcesMode
 
 
 @dataclass
 class EvaluatorSpec:
+    """One evaluator of an experiment: metrics are reported as ``NAME/METRIC``."""
+
     name: str
     spec: Any
     limit: int | None = None
     seed: int = 0
+
+
+@dataclass
+class ModelsConfig:
+    """``models:``: PS needs ``base`` + ``sources``, DFS ``a`` + ``b``, ps_dfs ``base`` + ``sources`` + ``b``
+    (absolute paths); ``build`` asks the run to build a tiny local family (see stages.build_models)."""
+
+    build: dict[str, Any] | None = None
+    base: str | None = None
+    sources: dict[str, str] | None = None
+    a: str | None = None
+    b: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved YAML form (only the keys that are set, ``build`` always)."""
+        out: dict[str, Any] = {"build": copy.deepcopy(self.build)}
+        for k in ("base", "sources", "a", "b"):
+            if getattr(self, k) is not None:
+                out[k] = copy.deepcopy(getattr(self, k))
+        return out
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer:``. ``seed`` (default: the experiment's ``seed``) seeds the optimizer; ``sigma0`` is the
+    initial CMA-ES step in unit-cube coordinates; ``population`` the trials per generation."""
+
+    name: str = "cmaes"
+    sigma0: float = 1.0 / 6.0
+    population: int | None = None
+    multi_objective: str = "weighted_sum"
+    seed: int | None = None
+
+
+@dataclass
+class BudgetConfig:
+    """``budget:``: trials, generations (x population) and wall time in seconds; the first reached ends it."""
+
+    trials: int | None = None
+    generations: int | None = None
+    wall_time: float | None = None
+
+
+@dataclass
+class WorkersConfig:
+    """``workers:``: how many, on which device, with which Ray resources; ``sources`` is ``path`` (a shared
+    disk) or ``object_store`` (model files shipped through Ray); ``max_retries`` after a worker died."""
+
+    count: int = 1
+    device: str = "auto"
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1
+    threads: int = 1
+    sources: str = "path"
+    max_retries: int = 1
+    device_memory_gb: float | None = None  # a worker's device budget in GiB (None: a GPU's free memory; no cap on CPU)
+    sources_mode: str = "auto"  # auto | resident | streamed (evomerge.memory_plan.MemoryOptions.sources)
 
 
 @dataclass
@@ -80,26 +140,33 @@ class Experiment:
     name: str
     seed: int
     out: Path | None
-    models: dict[str, Any]
+    models: ModelsConfig
     space: dict[str, Any]
     evaluators: list[EvaluatorSpec]
     objectives: list[Objective]
-    optimizer: dict[str, Any]
-    budget: dict[str, Any]
-    workers: dict[str, Any]
+    optimizer: OptimizerConfig
+    budget: BudgetConfig
+    workers: WorkersConfig
     python_path: list[str]
     dtype: str | None  # None: the sources' dtype
+    description: str = ""
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
-        return self.space["kind"]
+        """The search space's kind: ``ps``, ``dfs`` or ``ps_dfs``."""
+        return str(self.space["kind"])
 
     @property
     def pareto(self) -> bool:
         """Several objectives told to the optimizer as a vector (NSGA-II / MOTPE) instead of a weighted sum."""
-        return len(self.objectives) > 1 and self.optimizer["multi_objective"] == "pareto"
+        return len(self.objectives) > 1 and self.optimizer.multi_objective == "pareto"
+
+    @property
+    def optimizer_seed(self) -> int:
+        """The optimizer's seed: ``optimizer.seed`` when given, else the experiment's ``seed``."""
+        return self.seed if self.optimizer.seed is None else self.optimizer.seed
 
 
 def _err(msg: str) -> EvomergeError:
@@ -159,9 +226,21 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str = "experiment",
                         source_file: Path | None = None, check_models: bool = True) -> Experiment:
-    """Validate a mapping into an ``Experiment`` (raising one-line ``EvomergeError``s)."""
-    from evomerge.search.search_space import load_space_definition
+    """Validate a mapping into an ``Experiment``.
 
+    Args:
+        data: the experiment mapping (as read from YAML).
+        base_dir: the folder relative paths (models, python_path, evaluator files) resolve against.
+        default_name: the name when ``name`` is not given.
+        source_file: the YAML file it came from, if any.
+        check_models: whether model folders must exist (False for a run folder's resolved config).
+
+    Returns:
+        The validated ``Experiment`` with ``raw`` set to its resolved mapping.
+
+    Raises:
+        EvomergeError: the first problem, as one line naming the key.
+    """
     base_dir = Path(base_dir).resolve()
     data = copy.deepcopy(check_keys("the experiment", data, TOP_KEYS))
 
@@ -178,10 +257,8 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     space = load_space_definition(data["search_space"], data.get("space") or {}, base_dir)
 
     models = _validate_models(data.get("models"), space["kind"], base_dir, check_models)
-    if check_models and models.get("build") is None:
-        from evomerge.search.search_space import check_space_models
-
-        check_space_models(space, models)  # an architecture that cannot run this search: refused here
+    if check_models and models.build is None:
+        check_space_models(space, models.to_dict())  # an architecture that cannot run this search: refused here
 
     evaluators = _validate_evaluators(data.get("evaluators"), base_dir)
     objectives = _validate_objectives(data.get("objectives"), evaluators)
@@ -197,9 +274,12 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     if dtype is not None and dtype not in DTYPES:
         raise _err(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise _err("description must be a string")
     exp = Experiment(name=name, seed=seed, out=out_path, models=models, space=space, evaluators=evaluators,
                      objectives=objectives, optimizer=optimizer, budget=budget, workers=workers,
-                     python_path=python_path, dtype=dtype, source_file=source_file)
+                     python_path=python_path, dtype=dtype, description=description, source_file=source_file)
     exp.raw = experiment_to_dict(exp)
     return exp
 
@@ -210,13 +290,14 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         "name": exp.name,
         "seed": exp.seed,
         "out": str(exp.out) if exp.out else None,
-        "models": copy.deepcopy(exp.models),
+        "description": exp.description,
+        "models": exp.models.to_dict(),
         "search_space": copy.deepcopy(exp.space),
         "evaluators": [{"name": e.name, "spec": e.spec, "limit": e.limit, "seed": e.seed} for e in exp.evaluators],
-        "objectives": [{"metric": o.metric, "direction": o.direction, "weight": o.weight} for o in exp.objectives],
-        "optimizer": dict(exp.optimizer),
-        "budget": dict(exp.budget),
-        "workers": dict(exp.workers),
+        "objectives": [o.to_dict() for o in exp.objectives],
+        "optimizer": dataclasses.asdict(exp.optimizer),
+        "budget": dataclasses.asdict(exp.budget),
+        "workers": dataclasses.asdict(exp.workers),
         "python_path": list(exp.python_path),
         "dtype": exp.dtype,
     }
@@ -232,7 +313,7 @@ def experiment_from_resolved(data: dict[str, Any]) -> Experiment:
     return exp
 
 
-def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> dict[str, Any]:
+def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> ModelsConfig:
     """PS needs base + sources, DFS needs a + b, ps_dfs needs base + sources + b.
 
     ``build`` asks the run to build a tiny local family (base, model_1..n) into its folder; the paths are
@@ -255,8 +336,7 @@ def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> dic
         build.setdefault("seed", 0)
         if kind != "ps" and build["n_variants"] < 2:
             raise _err("models.build needs n_variants >= 2 for a data-flow search (a = model_1, b = model_2)")
-        out["build"] = build
-        return out
+        return ModelsConfig(build=build)
     out["build"] = build
     needed = _needed(kind)
     for k in ("base", "sources", "a", "b"):
@@ -284,7 +364,7 @@ def _validate_models(models: Any, kind: str, base_dir: Path, check: bool) -> dic
     for k in ("a", "b"):
         if k in needed:
             out[k] = _model_path(f"models.{k}", models[k], base_dir, check)
-    return out
+    return ModelsConfig(**out)
 
 
 def _needed(kind: str) -> tuple[str, ...]:
@@ -365,7 +445,7 @@ def _validate_objectives(objectives: Any, evaluators: list[EvaluatorSpec]) -> li
     return out
 
 
-def _validate_optimizer(opt: Any, n_objectives: int) -> dict[str, Any]:
+def _validate_optimizer(opt: Any, n_objectives: int) -> OptimizerConfig:
     if isinstance(opt, str):
         opt = {"name": opt}
     opt = dict(check_keys("optimizer", opt, OPTIMIZER_KEYS))
@@ -383,10 +463,13 @@ def _validate_optimizer(opt: Any, n_objectives: int) -> dict[str, Any]:
     if mo == "pareto" and n_objectives > 1 and name not in ("nsga2", "tpe", "random"):
         raise _err(f"optimizer {name} cannot optimize a Pareto front; use nsga2 (or tpe) or "
                    "multi_objective: weighted_sum")
-    return {"name": name, "sigma0": float(sigma0), "population": population, "multi_objective": mo}
+    seed = opt.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _err(f"optimizer.seed must be an integer, got {seed!r}")
+    return OptimizerConfig(name=name, sigma0=float(sigma0), population=population, multi_objective=mo, seed=seed)
 
 
-def _validate_budget(budget: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
+def _validate_budget(budget: Any, optimizer: OptimizerConfig) -> BudgetConfig:
     if budget is None:
         raise _err("no budget given (budget: {trials: N} or {generations: N} or {wall_time: '2h'})")
     if isinstance(budget, int) and not isinstance(budget, bool):
@@ -397,20 +480,21 @@ def _validate_budget(budget: Any, optimizer: dict[str, Any]) -> dict[str, Any]:
     wall = parse_duration(budget.get("wall_time"))
     if trials is None and generations is None and wall is None:
         raise _err("budget needs trials, generations or wall_time")
-    if generations is not None and optimizer["name"] in ("tpe", "random") and optimizer["population"] is None:
-        raise _err(f"budget.generations needs optimizer.population for {optimizer['name']} "
+    if generations is not None and optimizer.name in ("tpe", "random") and optimizer.population is None:
+        raise _err(f"budget.generations needs optimizer.population for {optimizer.name} "
                    "(it has no generations of its own)")
-    return {"trials": trials, "generations": generations, "wall_time": wall}
+    return BudgetConfig(trials=trials, generations=generations, wall_time=wall)
 
 
-def _validate_workers(workers: Any) -> dict[str, Any]:
+def _validate_workers(workers: Any) -> WorkersConfig:
     if isinstance(workers, int) and not isinstance(workers, bool):
         workers = {"count": workers}
     workers = check_keys("workers", workers, WORKER_KEYS)
     count = _positive_int("workers.count", workers.get("count", 1), allow_none=False)
     device = workers.get("device", "auto")
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        raise _err(f"workers.device must be auto, cpu, cuda or mps, got {device!r}")
+    # mps is not offered: the workers' engine and Ray's resources know CPUs and CUDA GPUs only
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise _err(f"workers.device must be auto, cpu, cuda or cuda:N, got {device!r}")
     gpus = workers.get("gpus_per_worker")
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
         raise _err(f"workers.gpus_per_worker must be a non-negative number, got {gpus!r}")
@@ -428,8 +512,9 @@ def _validate_workers(workers: Any) -> dict[str, Any]:
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
         raise _err(f"workers.device_memory_gb must be a positive number, got {memory!r}")
     mode = workers.get("sources_mode", "auto")
-    if mode not in ("auto", "resident", "streamed"):
+    if mode not in SOURCES_MODES:
         raise _err(f"workers.sources_mode must be auto, resident or streamed, got {mode!r}")
-    return {"count": count, "device": device, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
-            "threads": threads, "sources": sources, "max_retries": retries, "device_memory_gb": memory,
-            "sources_mode": mode}
+    assert count is not None and threads is not None
+    return WorkersConfig(count=count, device=device, gpus_per_worker=None if gpus is None else float(gpus),
+                         cpus_per_worker=cpus, threads=threads, sources=sources, max_retries=retries,
+                         device_memory_gb=None if memory is None else float(memory), sources_mode=mode)

@@ -53,6 +53,8 @@ def session_processes(session_dir: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
+    """``python -m evomerge.search.reaper DRIVER_PID SESSION_DIR``: wait for the driver to go, then kill what is
+    left of its Ray session. Returns the exit code 0."""
     driver, session_dir = int(argv[0]), os.path.realpath(argv[1])
     if not Path("/proc").is_dir():
         return 0

@@ -2,8 +2,10 @@
 
     config.yaml      the resolved experiment (absolute paths, defaults filled in)
     trials.jsonl     one JSON line per finished trial, appended, flushed and fsynced as each finishes
-    state.pkl        the driver's state (optimizer, trial counter, asked-but-unfinished trials, elapsed time),
-                     rewritten atomically (temp file, fsync, rename) after every ask and every tell
+    state.json       the driver's state (the optimizer's state dict, trial counter, asked-but-unfinished trials,
+                     elapsed time) as versioned JSON, rewritten atomically (temp file, fsync, rename) after
+                     every ask and every tell; a run of an earlier release has state.pkl instead, read once
+                     without unpickling any class (see legacy.py)
     pareto.json      the current Pareto front (or the best trial, with one objective)
     optuna.db        the Optuna study (Optuna optimizers only; optuna-dashboard sqlite:///.../optuna.db)
     models/          tiny models built by `models: {build: ...}`
@@ -11,7 +13,7 @@
 
 The write order is what makes resume exact: a finished trial is first appended to trials.jsonl, then told,
 then the state is checkpointed (asks are checkpointed too where asking has a side effect, i.e. Optuna's
-SQLite row; other optimizers re-ask deterministically from the last checkpoint, see loop.SearchDriver._ask).
+SQLite row; other optimizers re-ask deterministically from the last checkpoint, see driver.SearchDriver._ask).
 A trial whose line is in trials.jsonl is never evaluated again (if the crash came before its tell was
 checkpointed, resume tells it from the line); a trial whose line is missing (or torn: a last line without its
 newline) was not finished and is evaluated again.
@@ -20,20 +22,75 @@ newline) was not finished and is evaluated again.
 from __future__ import annotations
 
 import json
-import math
 import os
-import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.search.legacy import read_legacy_state
+from evomerge.search.objectives import Objective, pareto_front
+from evomerge.search.records import TrialRecord, json_safe
 
 CONFIG = "config.yaml"
 TRIALS = "trials.jsonl"
-STATE = "state.pkl"
+STATE = "state.json"
+LEGACY_STATE = "state.pkl"
 PARETO = "pareto.json"
+STATE_VERSION = 2
+
+
+@dataclass
+class PendingTrial:
+    """An asked trial without a line in trials.jsonl yet: its optimizer key, genome x and stage."""
+
+    key: Any
+    x: list[float]
+    stage: int
+
+
+@dataclass
+class DriverState:
+    """The driver's checkpoint (state.json).
+
+    Attributes:
+        stage: the stage being searched.
+        next_trial: the id the next ask gets.
+        pending: asked-but-unfinished trials by id.
+        elapsed_s: wall-clock seconds the run has searched, over every part (resumes) so far.
+        optimizer: the stage optimizer's ``state_dict()`` (None before the stage's optimizer exists).
+        version: the file format's version (2; state.pkl of earlier releases is version 1).
+    """
+
+    stage: int = 0
+    next_trial: int = 0
+    pending: dict[int, PendingTrial] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    optimizer: dict[str, Any] | None = None
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (pending trial ids as strings)."""
+        return {"version": self.version, "stage": self.stage, "next_trial": self.next_trial,
+                "pending": {str(t): {"key": p.key, "x": p.x, "stage": p.stage} for t, p in self.pending.items()},
+                "elapsed_s": self.elapsed_s, "optimizer": self.optimizer}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DriverState:
+        """Inverse of ``to_json``.
+
+        Raises:
+            EvomergeError: a state of another version.
+        """
+        if data.get("version") != STATE_VERSION:
+            raise EvomergeError(f"{STATE} has version {data.get('version')!r}; this release reads {STATE_VERSION}")
+        pending = {int(t): PendingTrial(p["key"], [float(v) for v in p["x"]], int(p["stage"]))
+                   for t, p in data["pending"].items()}
+        return cls(stage=int(data["stage"]), next_trial=int(data["next_trial"]), pending=pending,
+                   elapsed_s=float(data["elapsed_s"]), optimizer=data["optimizer"])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,25 +122,25 @@ def atomic_write_bytes(path: Path, data: bytes, sync: str = "full") -> None:
         _fsync_dir(path.parent)
 
 
-def json_safe(value: Any) -> Any:
-    """NaN and infinities become None so every line is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 class RunFolder:
+    """A run folder (see module docstring): created once, then opened by resume, report and export.
+
+    Args:
+        path: the folder (made absolute).
+    """
+
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
-        self._trials_file = None
+        self._trials_file: IO[str] | None = None
 
     # -- creation and opening ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, config: dict[str, Any]) -> "RunFolder":
+    def create(cls, path: str | Path, config: dict[str, Any]) -> RunFolder:
+        """Create the folder with config.yaml and an empty trials.jsonl.
+
+        Raises:
+            EvomergeError: the folder exists and is not empty (a run there is named, with how to resume it).
+        """
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             if (path / CONFIG).is_file():
@@ -97,16 +154,24 @@ class RunFolder:
         return run
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunFolder":
+    def open(cls, path: str | Path) -> RunFolder:
+        """Open an existing run folder.
+
+        Raises:
+            EvomergeError: ``path`` has no config.yaml.
+        """
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise EvomergeError(f"{path} is not a run folder (no {CONFIG})")
         return cls(path)
 
     def config(self) -> dict[str, Any]:
-        return yaml.safe_load((self.path / CONFIG).read_text())
+        """The resolved experiment mapping (config.yaml)."""
+        data: dict[str, Any] = yaml.safe_load((self.path / CONFIG).read_text())
+        return data
 
     def update_config(self, config: dict[str, Any]) -> None:
+        """Rewrite config.yaml atomically."""
         atomic_write_bytes(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
 
     # -- trials -------------------------------------------------------------------------------------------
@@ -124,14 +189,16 @@ class RunFolder:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def append_trial(self, record: dict[str, Any]) -> None:
+    def append_trial(self, record: TrialRecord) -> None:
+        """Append one finished trial to trials.jsonl, flushed and fsynced before returning."""
         if self._trials_file is None:
             self._trials_file = open(self.path / TRIALS, "a", encoding="utf-8")
-        self._trials_file.write(json.dumps(json_safe(record), sort_keys=False, allow_nan=False) + "\n")
+        self._trials_file.write(json.dumps(record.to_json(), sort_keys=False, allow_nan=False) + "\n")
         self._trials_file.flush()
         os.fsync(self._trials_file.fileno())
 
-    def trials(self) -> list[dict[str, Any]]:
+    def trials(self) -> list[TrialRecord]:
+        """The finished trials in file order (a torn last line is not a finished trial)."""
         p = self.path / TRIALS
         if not p.exists():
             return []
@@ -141,49 +208,43 @@ class RunFolder:
                 break  # torn last line: that trial did not finish
             line = line.strip()
             if line:
-                out.append(json.loads(line))
+                out.append(TrialRecord.from_json(json.loads(line)))
         return out
 
     def close(self) -> None:
+        """Close trials.jsonl (appends reopen it)."""
         if self._trials_file is not None:
             self._trials_file.close()
             self._trials_file = None
 
     # -- driver state -------------------------------------------------------------------------------------
-    def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write_bytes(self.path / STATE, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), sync="file")
+    def save_state(self, state: DriverState) -> None:
+        """Checkpoint the driver's state (state.json, atomically; the file is fsynced, the folder not)."""
+        atomic_write_bytes(self.path / STATE, json.dumps(state.to_json()).encode(), sync="file")
 
-    def load_state(self) -> dict[str, Any] | None:
+    def load_state(self) -> DriverState | None:
+        """The last checkpoint: state.json, else an earlier release's state.pkl (converted), else None."""
         p = self.path / STATE
-        if not p.exists():
-            return None
-        with open(p, "rb") as f:
-            return pickle.load(f)  # our own file, written by this driver (never user-supplied weights)
+        if p.exists():
+            return DriverState.from_json(json.loads(p.read_text()))
+        if (self.path / LEGACY_STATE).exists():
+            old = read_legacy_state(self.path / LEGACY_STATE)
+            pending = {t: PendingTrial(p["key"], list(p["x"]), int(p.get("stage", 0)))
+                       for t, p in old["pending"].items()}
+            return DriverState(stage=old["stage"], next_trial=old["next_trial"], pending=pending,
+                               elapsed_s=old["elapsed_s"], optimizer=old["optimizer"])
+        return None
 
     # -- Pareto front -------------------------------------------------------------------------------------
-    def write_pareto(self, trials: list[dict[str, Any]], objectives: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def write_pareto(self, trials: Sequence[TrialRecord], objectives: Sequence[Objective]) -> list[TrialRecord]:
+        """Write pareto.json: the objectives and the Pareto front of ``trials`` (objectives.pareto_front).
+
+        Returns:
+            The front.
+        """
         front = pareto_front(trials, objectives)
-        doc = {"objectives": objectives,
-               "trials": [{k: t.get(k) for k in ("trial", "stage", "objectives", "score", "genome")} for t in front]}
+        doc = {"objectives": [o.to_dict() for o in objectives],
+               "trials": [{"trial": t.trial, "stage": t.stage, "objectives": t.objectives, "score": t.score,
+                           "params": t.params} for t in front]}
         atomic_write_bytes(self.path / PARETO, json.dumps(json_safe(doc), indent=1).encode(), sync="none")
         return front
-
-
-def dominates(a: list[float], b: list[float]) -> bool:
-    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
-
-
-def pareto_front(trials: list[dict[str, Any]], objectives: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Successful trials that no other successful trial dominates (all objectives oriented to maximize).
-
-    With one objective that is the best trial(s). Trials of the last stage only (ps_dfs: the DFS stage,
-    whose candidates build on the PS winner), unless no later stage has finished trials yet.
-    """
-    ok = [t for t in trials if t.get("status") == "ok" and t.get("objectives") is not None]
-    if ok:
-        last_stage = max(t.get("stage", 0) for t in ok)
-        ok = [t for t in ok if t.get("stage", 0) == last_stage]
-    signs = [1.0 if o["direction"] == "maximize" else -1.0 for o in objectives]
-    pts = [[s * v for s, v in zip(signs, t["objectives"])] for t in ok]
-    front = [t for i, t in enumerate(ok) if not any(dominates(pts[j], pts[i]) for j in range(len(ok)) if j != i)]
-    return sorted(front, key=lambda t: t["trial"])

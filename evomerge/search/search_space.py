@@ -25,21 +25,24 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from evomerge import architecture
 from evomerge.errors import EvomergeError, check_keys
+from evomerge.methods import METHODS
+from evomerge.recipe import Recipe
+from evomerge.search.candidates import Candidate, LayerPath
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
-PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "dtype",
-           "name", "searched"}
+PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "name",
+           "searched"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -57,12 +60,14 @@ class Gene:
     transform: str = "linear"
 
     def value(self, u: float) -> float:
+        """The gene's value of unit coordinate ``u`` (clipped to [0, 1]), linear or log between low and high."""
         u = min(1.0, max(0.0, float(u)))
         if self.transform == "log":
             return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
         return float(self.low + u * (self.high - self.low))
 
     def unit(self, value: float) -> float:
+        """Inverse of ``value``: the unit coordinate of a value in [low, high]."""
         if self.transform == "log":
             return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
         return (value - self.low) / (self.high - self.low)
@@ -106,7 +111,7 @@ def load_space_definition(spec: Any, overrides: dict[str, Any] | None = None,
     return _validate_ps_dfs(data, base_dir)
 
 
-def _deep_update(base: dict, over: dict) -> dict:
+def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
@@ -116,8 +121,8 @@ def _deep_update(base: dict, over: dict) -> dict:
     return out
 
 
-def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, Any]:
-    spec = dict(default, **check_keys(where, spec if spec is not None else {}, GENE_KEYS))
+def _gene_bounds(where: str, given: Any, default: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = dict(default, **check_keys(where, given if given is not None else {}, GENE_KEYS))
     for k in ("low", "high", "init"):
         v = spec.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -135,7 +140,7 @@ def _gene_bounds(where: str, spec: Any, default: dict[str, Any]) -> dict[str, An
     return spec
 
 
-def _validate_ps(data: dict) -> dict[str, Any]:
+def _validate_ps(data: dict[str, Any]) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, PS_KEYS)
     method = data.get("merge_method", "dare_ties")
@@ -170,15 +175,13 @@ def _validate_ps(data: dict) -> dict[str, Any]:
 
 def _numeric_parameters(method: str) -> dict[str, bool] | None:
     """{name: per model?} of the method's numeric parameters; None for a method without a registry entry."""
-    from evomerge.methods import METHODS
-
     spec = METHODS.get(method)
     if spec is None:
         return None
     return {p.name: p.per_model for p in spec.params if p.kind is float}
 
 
-def _validate_dfs(data: dict) -> dict[str, Any]:
+def _validate_dfs(data: dict[str, Any]) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, DFS_KEYS)
     repeats = data.get("repeats", 2)
@@ -205,7 +208,7 @@ def _validate_dfs(data: dict) -> dict[str, Any]:
             "description": data.get("description", "")}
 
 
-def _validate_ps_dfs(data: dict, base_dir: str | Path) -> dict[str, Any]:
+def _validate_ps_dfs(data: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
     where = f"search space {data.get('name')!r}"
     check_keys(where, data, PS_DFS_KEYS)
     ps = load_space_definition(data.get("ps", "ps_ties_dare"), {}, base_dir)
@@ -223,6 +226,11 @@ def _validate_ps_dfs(data: dict, base_dir: str | Path) -> dict[str, Any]:
 # concrete spaces (definition + the actual models)
 
 def read_num_layers(model_dir: str | Path) -> int:
+    """The number of decoder layers a model folder's config.json declares.
+
+    Raises:
+        EvomergeError: no readable config.json, or no layer count in it.
+    """
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -271,20 +279,39 @@ class SearchSpace:
 
     @property
     def dim(self) -> int:
+        """Number of genes n."""
         return len(self.genes)
 
     @property
     def names(self) -> list[str]:
+        """Gene names in genome order."""
         return [g.name for g in self.genes]
 
-    def x0(self) -> np.ndarray:
-        return np.array([g.unit(g.init) for g in self.genes], dtype=float)
+    def x0(self) -> list[float]:
+        """The starting genome: every gene's ``init`` in unit coordinates (length ``dim``)."""
+        return [float(g.unit(g.init)) for g in self.genes]
 
-    def values(self, x: Any) -> dict[str, float]:
+    def values(self, x: Sequence[float]) -> dict[str, float]:
+        """The decoded gene values {name: value in its declared range} of a genome x (n floats in [0, 1])."""
         return {g.name: g.value(u) for g, u in zip(self.genes, x)}
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:  # pragma: no cover - abstract
+        """The candidate of decoded gene values, as a plain mapping (a recipe mapping or a layer path)."""
         raise NotImplementedError
+
+    def decode(self, x: Sequence[float]) -> Candidate:
+        """The typed candidate of a genome.
+
+        Args:
+            x: the genome, one float in [0, 1] per gene (length ``dim``).
+
+        Returns:
+            A ``Recipe`` (PS) or a ``LayerPath`` (DFS).
+        """
+        mapping = self.candidate(self.values(x))
+        if self.kind == "dfs":
+            return LayerPath.from_dict(mapping)
+        return Recipe.from_dict(mapping, source="the candidate recipe")
 
 
 class PSSpace(SearchSpace):
@@ -347,7 +374,7 @@ class PSSpace(SearchSpace):
         entries: list[dict[str, Any]] = []
         for group, filters in self.groups:
             v = values[f"{prefix}{group}.{gene}"]
-            entries.extend({"filter": f, "value": v} for f in filters)
+            entries.extend({"filter": f, "value": v} for f in filters or [])
         fallback_group = self.groups[-1][0]
         entries.append({"value": values[f"{prefix}{fallback_group}.{gene}"]})
         return entries
@@ -393,15 +420,15 @@ class DFSSpace(SearchSpace):
             self.genes.append(Gene(f"I.{s}", ind["low"], ind["high"], init))
         sc = definition["scaling"]
         if sc == "matrix":
-            b = definition["scale"]
-            self.genes += [Gene(f"W.{i}.{j}", b["low"], b["high"], b["init"], b["transform"])
+            bounds = definition["scale"]
+            self.genes += [Gene(f"W.{i}.{j}", bounds["low"], bounds["high"], bounds["init"], bounds["transform"])
                            for i in range(self.m) for j in range(self.m)]
         elif sc == "ffn":
-            b = definition["ffn_weight"]
+            bounds = definition["ffn_weight"]
             h = definition["ffn_hidden"]
             names = [f"ffn.w1.{k}.{c}" for k in range(h) for c in range(3)] + [f"ffn.b1.{k}" for k in range(h)]
             names += [f"ffn.w2.{k}" for k in range(h)] + ["ffn.b2"]
-            self.genes += [Gene(n, b["low"], b["high"], b["init"], b["transform"]) for n in names]
+            self.genes += [Gene(n, bounds["low"], bounds["high"], bounds["init"], bounds["transform"]) for n in names]
 
     def path(self, values: dict[str, float]) -> tuple[list[int], list[int]]:
         """(layers, slots): combined layer indices (A's 0..n_a-1, then B's) along the path, and their slots."""
@@ -409,6 +436,7 @@ class DFSSpace(SearchSpace):
         return [s % self.m for s in slots], slots
 
     def scale(self, i: int, j: int, t: int, values: dict[str, float]) -> float:
+        """The input scale W[i, j] for the step from layer i to layer j at slot t (unitless, matrix or FFN)."""
         sc = self.definition["scaling"]
         if sc == "none":
             return 1.0

@@ -3,7 +3,7 @@
 ``TrialRunner`` is a plain class (usable without Ray); ``TrialWorker`` is the Ray actor around it. A worker
 is set up once per stage: for PS it builds a ``MergeEngine`` (sources loaded once, one model written in
 place per trial); for DFS it loads models A and B once and rewires a ``DataflowCandidate`` per trial. Every
-trial returns a plain dict; a candidate that raises, runs out of memory or scores NaN comes back as
+trial returns a ``TrialResult``; a candidate that raises, runs out of memory or scores NaN comes back as
 ``status: failed`` with the reason, and the worker stays usable.
 
 Sources reach the worker either by path (a shared file system) or, with ``workers.sources: object_store``,
@@ -12,6 +12,7 @@ as file blobs put in Ray's object store by the driver and written to a local tem
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -19,31 +20,87 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError
+from evomerge.evaluators import build_evaluator
+from evomerge.memory_plan import MemoryOptions
+from evomerge.recipe import Recipe
+from evomerge.search.candidates import Candidate, LayerPath
+from evomerge.search.dataflow import DataflowCandidate
+from evomerge.search.experiment import EvaluatorSpec
+from evomerge.search.objectives import Objective
+from evomerge.search.records import TrialResult, TrialStatus
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker is built with, once per stage.
+
+    Attributes:
+        kind: ``ps`` or ``dfs``.
+        initial: the stage's starting candidate (its models are loaded once from it).
+        evaluators: the experiment's evaluators.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; threads: torch's CPU threads.
+        dtype: the candidates' torch dtype name (``float32``, ``float16``, ``bfloat16``; None: the sources').
+        memory: the PS engine's device budget and sources mode (``workers.device_memory_gb``,
+            ``workers.sources_mode``).
+        python_path: folders custom evaluators import from.
+        blobs: {model folder: object ref of its files} with ``workers.sources: object_store``, else None.
+        worker: this worker's id.
+    """
+
+    kind: str
+    initial: Candidate
+    evaluators: list[EvaluatorSpec]
+    device: str = "auto"
+    threads: int = 1
+    dtype: str | None = None
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    python_path: list[str] = field(default_factory=list)
+    blobs: dict[str, Any] | None = None
+    worker: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's answer once set up: ``error`` (None when ready), its metric names, where it runs."""
+
+    error: str | None
+    metric_names: list[str]
+    pid: int
+    host: str
+    device: str | None
+
+    def check(self, objectives: Sequence[Objective]) -> None:
+        """Raise when the worker could not be set up, or an objective is not among its metrics.
+
+        Raises:
+            EvomergeError: the setup error, or the first objective whose metric no evaluator reports.
+        """
+        if self.error is not None:
+            raise EvomergeError(self.error)
+        missing = [o.metric for o in objectives if o.metric not in self.metric_names]
+        if self.metric_names and missing:
+            raise EvomergeError(f"objective {missing[0]} is not a metric of the evaluators "
+                                f"(they report: {', '.join(self.metric_names)})")
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values as given."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def recipe_from_mapping(mapping: dict[str, Any]):
-    """The engine's Recipe from a recipe mapping (the mergekit YAML structure)."""
-    from evomerge.recipe import Recipe
-
-    for name in ("from_dict", "from_mapping", "parse"):
-        fn = getattr(Recipe, name, None)
-        if callable(fn):
-            return fn(mapping)
-    import yaml
-
-    return Recipe.from_yaml(yaml.safe_dump(mapping, sort_keys=False))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -54,12 +111,16 @@ def _one_line(exc: BaseException) -> str:
 class TrialRunner:
     """Materializes and scores candidates of one search stage (see module docstring)."""
 
-    def __init__(self, setup: dict[str, Any]):
+    def __init__(self, setup: WorkerSetup):
         self.setup = setup
-        self.worker_id = setup.get("worker", 0)
         self.error: str | None = None
         self.metric_names: list[str] = []
         self.path_map: dict[str, str] = {}
+        self.device = resolve_device(setup.device)
+        self.engine: MergeEngine | None = None
+        self.dataflow: DataflowCandidate | None = None
+        self.tokenizer: Any = None
+        self.evaluators: list[tuple[str, Any]] = []
         try:
             self._init()
         except EvomergeError as exc:
@@ -71,54 +132,33 @@ class TrialRunner:
     def _init(self) -> None:
         for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
             os.environ.setdefault(key, "1")
-        import torch
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-
-        for p in reversed(self.setup.get("python_path", [])):
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        for p in reversed(self.setup.python_path):
             if p not in sys.path:
                 sys.path.insert(0, p)
-        torch.set_num_threads(int(self.setup.get("threads", 1)))
-        self.device = resolve_device(self.setup.get("device", "auto"))
-        dtype = self.setup.get("dtype")
-        self.dtype = getattr(torch, dtype) if dtype else "auto"  # None: the sources' dtype
-        blobs = self.setup.get("blobs")
-        if blobs:
-            self._unpack_blobs(blobs)
-        self.kind = self.setup["kind"]
-        initial = self._local(self.setup["initial"])
-        if self.kind == "ps":
-            from evomerge.engine import MergeEngine
-            from evomerge.memory_plan import MemoryOptions
-
-            memory = self.setup.get("memory") or {}
-            self.engine = MergeEngine(recipe_from_mapping(initial), device=self.device,
-                                      memory=MemoryOptions(**memory))
+        torch.set_num_threads(int(self.setup.threads))
+        if self.setup.blobs:
+            self._unpack_blobs(self.setup.blobs)
+        initial = self._local(self.setup.initial)
+        if isinstance(initial, Recipe):
+            self.engine = MergeEngine(initial, device=self.device, memory=self.setup.memory)
             self.engine.model.eval()
             self.tokenizer = self.engine.tokenizer
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            from evomerge.search.dataflow import DataflowCandidate
-
-            load = dict(dtype=self.dtype, use_safetensors=True)
-            self.model_a = AutoModelForCausalLM.from_pretrained(initial["a"], **load).to(self.device).eval()
-            self.model_b = AutoModelForCausalLM.from_pretrained(initial["b"], **load).to(self.device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(initial["a"])
-            self.dataflow = DataflowCandidate(self.model_a, self.model_b)
-        from evomerge.evaluators import build_evaluator
-
-        self.evaluators = []
-        for ev in self.setup["evaluators"]:
-            built = build_evaluator(ev["spec"], limit=ev.get("limit"), seed=ev.get("seed", 0))
-            self.evaluators.append((ev["name"], built))
-            self.metric_names += [f"{ev['name']}/{m}" for m in getattr(built, "metric_names", [])]
+            dtype = getattr(torch, self.setup.dtype) if self.setup.dtype else "auto"  # None: the sources' dtype
+            load: dict[str, Any] = dict(dtype=dtype, use_safetensors=True)
+            auto: Any = AutoModelForCausalLM  # transformers' stubs mistype from_pretrained's first argument
+            model_a = auto.from_pretrained(initial.a, **load).to(self.device).eval()
+            model_b = auto.from_pretrained(initial.b, **load).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(initial.a)
+            self.dataflow = DataflowCandidate(model_a, model_b)
+        for ev in self.setup.evaluators:
+            built = build_evaluator(ev.spec, limit=ev.limit, seed=ev.seed)
+            self.evaluators.append((ev.name, built))
+            self.metric_names += [f"{ev.name}/{m}" for m in getattr(built, "metric_names", [])]
 
     def _unpack_blobs(self, blobs: dict[str, Any]) -> None:
         """Write source folders shipped through Ray's object store to a local temporary folder."""
-        import ray
-
         root = Path(tempfile.mkdtemp(prefix="evomerge-sources-"))
         for i, (orig, ref) in enumerate(sorted(blobs.items())):
             files = ray.get(ref) if not isinstance(ref, dict) else ref
@@ -129,31 +169,46 @@ class TrialRunner:
                 target.write_bytes(data)
             self.path_map[orig] = str(local)
 
-    def _local(self, candidate: dict[str, Any]) -> dict[str, Any]:
+    def _local(self, candidate: Candidate) -> Candidate:
+        """The candidate with model folders shipped as blobs replaced by their local copies."""
         if not self.path_map:
             return candidate
-        c = dict(candidate)
-        for key in ("base_model", "a", "b"):
-            if key in c and c[key] in self.path_map:
-                c[key] = self.path_map[c[key]]
-        if "models" in c:
-            c["models"] = [dict(m, model=self.path_map.get(m["model"], m["model"])) for m in c["models"]]
-        return c
+        if isinstance(candidate, LayerPath):
+            return dataclasses.replace(candidate, a=self.path_map.get(candidate.a, candidate.a),
+                                       b=self.path_map.get(candidate.b, candidate.b))
+        mapping = candidate.to_dict()
+        if mapping.get("base_model") in self.path_map:
+            mapping["base_model"] = self.path_map[mapping["base_model"]]
+        mapping["models"] = [dict(m, model=self.path_map.get(m["model"], m["model"])) for m in mapping["models"]]
+        return Recipe.from_dict(mapping, source="the candidate recipe")
 
-    def ready(self) -> dict[str, Any]:
-        return {"ok": self.error is None, "error": self.error, "metric_names": self.metric_names,
-                "pid": os.getpid(), "host": socket.gethostname(), "device": getattr(self, "device", None)}
+    def ready(self) -> WorkerInfo:
+        """Whether setup worked (``error``), and the metric names the evaluators declare."""
+        return WorkerInfo(self.error, list(self.metric_names), os.getpid(), socket.gethostname(), self.device)
 
-    def materialize(self, candidate: dict[str, Any]):
-        if self.kind == "ps":
-            return self.engine.materialize(recipe_from_mapping(self._local(candidate)))
-        return self.dataflow.set_path(candidate["layers"], candidate["scales"])
+    def materialize(self, candidate: Candidate) -> nn.Module:
+        """The candidate's model (written in place into the worker's one preallocated model)."""
+        candidate = self._local(candidate)
+        if isinstance(candidate, LayerPath):
+            assert self.dataflow is not None
+            return self.dataflow.set_path(candidate.layers, candidate.scales)
+        assert self.engine is not None
+        model: nn.Module = self.engine.materialize(candidate)
+        return model
 
-    def evaluate(self, trial: int, candidate: dict[str, Any]) -> dict[str, Any]:
-        import torch
+    def evaluate(self, trial: int, candidate: Candidate) -> TrialResult:
+        """Materialize and score one candidate; any failure is a failed result, never an exception.
 
-        out: dict[str, Any] = {"trial": trial, "worker": self.worker_id, "pid": os.getpid(),
-                               "host": socket.gethostname(), "metrics": {}, "error": None}
+        Args:
+            trial: the trial id.
+            candidate: a ``Recipe`` (PS) or ``LayerPath`` (DFS).
+
+        Returns:
+            The metrics {"EVALUATOR/METRIC": float} with status ok, or status failed with a one-line error
+            (an exception, out of memory, or a non-finite metric); times in seconds.
+        """
+        metrics: dict[str, float] = {}
+        error: str | None = None
         t0 = time.perf_counter()
         t1 = t0
         try:
@@ -162,36 +217,39 @@ class TrialRunner:
             with torch.inference_mode():
                 model = self.materialize(candidate)
                 t1 = time.perf_counter()
-                for name, ev in self.evaluators:
-                    for k, v in ev.evaluate(model, self.tokenizer).items():
-                        if isinstance(v, (int, float)) and not isinstance(v, bool):
-                            out["metrics"][f"{name}/{k}"] = float(v)
-            bad = [k for k, v in out["metrics"].items() if not math.isfinite(v)]
-            out["status"] = "failed" if bad else "ok"
+                metrics = self._score(model)
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
-                out["error"] = f"metric {bad[0]} is {out['metrics'][bad[0]]}"
+                error = f"metric {bad[0]} is {metrics[bad[0]]}"
         except torch.OutOfMemoryError as exc:
-            out["status"], out["error"] = "failed", f"out of memory: {_one_line(exc)}"
+            error = f"out of memory: {_one_line(exc)}"
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         except Exception as exc:
             text = str(exc)
             oom = isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-            out["status"], out["error"] = "failed", ("out of memory: " if oom else "") + _one_line(exc)
+            error = ("out of memory: " if oom else "") + _one_line(exc)
         t2 = time.perf_counter()
-        out["materialize_s"] = t1 - t0
-        out["evaluate_s"] = t2 - t1
-        out["seconds"] = t2 - t0
-        return out
+        return TrialResult(trial=trial, status=TrialStatus.FAILED if error else TrialStatus.OK, metrics=metrics,
+                           error=error, worker=self.setup.worker, host=socket.gethostname(), pid=os.getpid(),
+                           seconds=t2 - t0, materialize_s=t1 - t0, evaluate_s=t2 - t1)
+
+    def _score(self, model: nn.Module) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, ev in self.evaluators:
+            for k, v in ev.evaluate(model, self.tokenizer).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics[f"{name}/{k}"] = float(v)
+        return metrics
 
 
-def make_worker_class(num_cpus: float, num_gpus: float):
+def make_worker_class(num_cpus: float, num_gpus: float) -> Any:
     """The Ray actor class with this run's resources (one candidate at a time, never restarted by Ray:
     the driver replaces a dead worker itself and retries its candidate elsewhere)."""
-    import ray
 
-    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)
-    class TrialWorker(TrialRunner):
-        pass
+    remote: Any = ray.remote  # Ray's stubs lack the actor options (max_concurrency)
+    return remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)(TrialWorker)
 
-    return TrialWorker
+
+class TrialWorker(TrialRunner):
+    """The class the Ray actor is made of (named apart from ``TrialRunner`` in Ray's logs and dashboard)."""

@@ -1,4 +1,4 @@
-"""Loop overhead and worker utilisation of the search driver (evomerge/search/loop.py).
+"""Loop overhead and worker utilisation of the search driver (evomerge/search/driver.py).
 
 1. Overhead per trial, one worker, a zero-cost evaluator: for consecutive trials, the time between two
    finishes minus the worker's own materialize + evaluate time of the second: everything the loop adds to a
@@ -42,8 +42,8 @@ def experiment(family, evaluator: dict, optimizer: str, trials: int, workers: in
     }
 
 
-def run(tmp: Path, name: str, exp: dict, address: str) -> list[dict]:
-    from evomerge.search.loop import start_run
+def run(tmp: Path, name: str, exp: dict, address: str) -> list:
+    from evomerge.search.launch import start_run
 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(exp))
@@ -56,7 +56,7 @@ DRIVER_MS: list[float] = []
 def time_driver_bookkeeping() -> None:
     """Measure the driver's own work per trial (record + tell + checkpoint + next ask), which the two-slot
     worker queue overlaps with the worker's next trial."""
-    from evomerge.search.loop import SearchDriver
+    from evomerge.search.driver import SearchDriver
 
     finish, ask = SearchDriver._finish, SearchDriver._ask
 
@@ -75,35 +75,36 @@ def time_driver_bookkeeping() -> None:
     SearchDriver._finish, SearchDriver._ask = timed_finish, timed_ask
 
 
-def per_trial_overhead_ms(trials: list[dict]) -> list[float]:
-    trials = sorted(trials, key=lambda t: t["finished_at"])
-    return [1000 * ((b["finished_at"] - a["finished_at"]) - b["seconds"]) for a, b in zip(trials, trials[1:])]
+def per_trial_overhead_ms(trials: list) -> list[float]:
+    trials = sorted(trials, key=lambda t: t.finished_at)
+    return [1000 * ((b.finished_at - a.finished_at) - b.seconds) for a, b in zip(trials, trials[1:])]
 
 
 def bare_ray_overhead_ms(family, n: int) -> list[float]:
     """Baseline: the same worker class, called back to back from a plain loop (no optimizer, no files)."""
     import ray
 
+    from evomerge.search.experiment import EvaluatorSpec
     from evomerge.search.search_space import PSSpace, load_space_definition
-    from evomerge.search.worker import make_worker_class
+    from evomerge.search.worker import WorkerSetup, make_worker_class
 
     space = PSSpace(load_space_definition("ps_ties_dare"), str(family["base"]),
                     {"m1": str(family["model_1"]), "m2": str(family["model_2"])})
-    setup = {"kind": "ps", "initial": space.candidate(space.values(space.x0())), "threads": 1, "device": "cpu",
-             "evaluators": [{"name": "e", "spec": {"type": "custom", "function": f"{HELPERS}:zero_cost"}}]}
+    setup = WorkerSetup(kind="ps", initial=space.decode(space.x0()), threads=1, device="cpu",
+                        evaluators=[EvaluatorSpec("e", {"type": "custom", "function": f"{HELPERS}:zero_cost"})])
     worker = make_worker_class(1, 0).remote(setup)
-    assert ray.get(worker.ready.remote())["ok"]
+    assert ray.get(worker.ready.remote()).error is None
     import numpy as np
 
     rng = np.random.default_rng(0)
     out = []
     prev = time.time()
     for i in range(n):
-        cand = space.candidate(space.values(rng.random(space.dim)))
+        cand = space.decode(rng.random(space.dim))
         res = ray.get(worker.evaluate.remote(i, cand))
         now = time.time()
         if i:
-            out.append(1000 * ((now - prev) - res["seconds"]))
+            out.append(1000 * ((now - prev) - res.seconds))
         prev = now
     ray.kill(worker)
     return out
@@ -135,14 +136,14 @@ def main() -> int:
         trials = run(tmp, "zero", experiment(family, zero, args.optimizer, args.trials, 1), address)
         loop_ms = per_trial_overhead_ms(trials)
         driver_ms = list(DRIVER_MS)
-        work_ms = [1000 * t["seconds"] for t in trials]
+        work_ms = [1000 * t.seconds for t in trials]
         bare_ms = bare_ray_overhead_ms(family, args.trials)
 
         fixed = {"type": "custom", "function": f"{HELPERS}:fixed_cost", "kwargs": {"seconds": args.cost}}
         util_trials = run(tmp, "fixed", experiment(family, fixed, args.optimizer, args.util_trials, 2), address)
-        start = min(t["finished_at"] - t["seconds"] for t in util_trials)
-        end = max(t["finished_at"] for t in util_trials)
-        busy = sum(t["seconds"] for t in util_trials)
+        start = min(t.finished_at - t.seconds for t in util_trials)
+        end = max(t.finished_at for t in util_trials)
+        busy = sum(t.seconds for t in util_trials)
         utilisation = busy / (2 * (end - start))
     finally:
         ray.shutdown()

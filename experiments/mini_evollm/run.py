@@ -82,8 +82,8 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
                workers: int, address: str | None = None) -> dict:
     from evomerge.search.experiment import experiment_from_resolved
     from evomerge.search.export import export_trial, load_exported
-    from evomerge.search.loop import start_run
-    from evomerge.search.report import best_trial
+    from evomerge.search.launch import start_run
+    from evomerge.search.objectives import best_trial
 
     run_dir = out_root / f"{name}-seed{seed}"
     if run_dir.exists():
@@ -96,16 +96,16 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
     wall = time.perf_counter() - t0
     records = run.trials()
     config = run.config()
-    best = best_trial(records, config)
+    best = best_trial(records)
     export_dir = run_dir / "best"
     export_trial(run, experiment_from_resolved(config), best, export_dir)
     model, tok = load_exported(export_dir)            # re-scored from disk, not from the search's memory
     metrics, per_item = score_model(model, tok)
-    log(f"{name} seed {seed}: {len(records)} trials in {wall:.0f} s, best search score {best['score']:.3f}, "
+    log(f"{name} seed {seed}: {len(records)} trials in {wall:.0f} s, best search score {best.score:.3f}, "
         f"test target {metrics['target_test/accuracy']:.3f}, own-task mean {metrics['own_tasks_mean']:.3f}")
     return {"name": name, "seed": seed, "trials": len(records), "wall_s": wall, "metrics": metrics,
-            "per_item": per_item, "search_score": best["score"], "run_dir": str(run_dir),
-            "best_trial": best["trial"], "layers": _path_layers(export_dir)}
+            "per_item": per_item, "search_score": best.score, "run_dir": str(run_dir),
+            "best_trial": best.trial, "layers": _path_layers(export_dir)}
 
 
 def _path_layers(export_dir: Path) -> int | None:

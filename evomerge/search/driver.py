@@ -1,0 +1,260 @@
+"""The search driver: optimizer <-> workers, with the run folder as the single source of truth.
+
+One trial: ``optimizer.ask`` -> checkpoint -> a worker materializes and evaluates -> the record is appended to
+trials.jsonl (fsynced) -> ``optimizer.tell`` -> checkpoint. Workers are refilled as soon as the optimizer can
+propose (scheduler.py); there is no other barrier. A failed candidate (exception, OOM, NaN) is a failed trial;
+a dead worker is replaced and its trial retried (scheduler.py).
+
+Resume (see run_folder.py for the write order): trials in trials.jsonl are never re-run (told from their line
+if the crash came before the tell was checkpointed); asked-but-unfinished trials run again first, with their
+recorded genomes; the optimizer continues from its saved state, so with a fixed seed and one worker the trials
+are those of an uninterrupted run. The budget counts every part.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from evomerge.errors import EvomergeError
+from evomerge.memory_plan import plan_worker_memory
+from evomerge.recipe import Recipe
+from evomerge.search import legacy
+from evomerge.search.experiment import Experiment
+from evomerge.search.export import export_ps_winner
+from evomerge.search.objectives import pareto_front, update_front
+from evomerge.search.optimizers import Optimizer, Problem, build_optimizer
+from evomerge.search.pool import Died, Done, Event, Lost, Ready, WorkerPool, worker_setup
+from evomerge.search.progress import Progress
+from evomerge.search.ray_runtime import gpus_per_worker, ray_session
+from evomerge.search.records import Placement, TrialRecord, TrialResult, TrialStatus, record_of
+from evomerge.search.run_folder import DriverState, PendingTrial, RunFolder
+from evomerge.search.scheduler import Scheduler, StageBudget, stage_budget
+from evomerge.search.search_space import SearchSpace
+from evomerge.search.stages import Stage, stage_definitions, stage_space
+
+
+@dataclass
+class StageRun:
+    """One stage being searched: its space and optimizer, its budget and its running tallies."""
+
+    index: int
+    stage: Stage
+    space: SearchSpace
+    optimizer: Optimizer
+    budget: StageBudget
+    done: int = 0
+    failed: int = 0
+    best: float | None = None  # the best weighted score so far
+    front: list[TrialRecord] = field(default_factory=list)
+    progress: Progress = field(default_factory=lambda: Progress(False, None, 0, ""))
+
+
+class SearchDriver:
+    """Runs (or resumes) the search of one run folder.
+
+    Args:
+        run: the run folder (config.yaml already resolved, models built).
+        exp: the experiment read from it.
+        address: a Ray cluster to join, or None for an embedded local Ray.
+        progress: show a live progress bar on stderr.
+    """
+
+    def __init__(self, run: RunFolder, exp: Experiment, address: str | None = None, progress: bool = True):
+        self.run = run
+        self.exp = exp
+        self.address = address
+        self.show_progress = progress
+        self.stages = stage_definitions(exp)
+        self.records = run.trials()
+        self.by_id = {r.trial: r for r in self.records}
+        self.state = run.load_state() or DriverState()
+        self.elapsed_before = self.state.elapsed_s  # seconds searched by earlier parts of the run
+        self.part_start = time.monotonic()
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.part_start)
+
+    def _checkpoint(self, sr: StageRun) -> None:
+        self.state.optimizer = sr.optimizer.state_dict()
+        self.state.elapsed_s = self._elapsed()
+        self.run.save_state(self.state)
+
+    # -- main ---------------------------------------------------------------------------------------------
+    def run_search(self) -> None:
+        """Search every stage until its budget is spent (a finished run resumed does nothing).
+
+        Raises:
+            EvomergeError: a worker cannot be set up, an objective is not a metric, or every worker died.
+            KeyboardInterrupt: Ctrl-C or SIGTERM; every finished trial is saved and the run can be resumed.
+        """
+        if self._finished():
+            return
+        with ray_session(self.address, self.exp):
+            try:
+                self._run_stages()
+            except KeyboardInterrupt:
+                print(f"evomerge run: stopped; every finished trial is saved. Continue with: "
+                      f"evomerge run --resume {self.run.path}", file=sys.stderr)
+                raise
+            finally:
+                self.run.close()
+
+    def _run_stages(self) -> None:
+        while True:
+            index = self.state.stage
+            sr = self._open_stage(index)
+            try:
+                self._search(sr)
+                if index + 1 == len(self.stages):
+                    return  # the last stage keeps its optimizer: a resume with a larger budget continues it
+                self.state.pending = {}  # asks that will never run (a wall-time stop): the optimizer forgets them
+                sr.optimizer.resolve_orphans(set())
+            finally:
+                sr.optimizer.close()
+            export_ps_winner(self.run, self.exp, self.records, index)
+            self.state.stage, self.state.optimizer = index + 1, None
+            self.run.save_state(self.state)
+
+    def _finished(self) -> bool:
+        """Whether a resumed run has nothing left: last stage, no pending trial, budget spent."""
+        st = self.state
+        if st.stage + 1 < len(self.stages) or st.optimizer is None or st.pending:
+            return False
+        sr = self._open_stage(st.stage)
+        sr.optimizer.close()
+        return not sr.budget.left(sr.done, 0, self._elapsed())
+
+    def _open_stage(self, index: int) -> StageRun:
+        """The stage's space and optimizer (restored from the checkpoint), reconciled with trials.jsonl."""
+        exp = self.exp
+        space = stage_space(exp, self.run.path, index)
+        problem = Problem(space.names, [float(v) for v in space.x0()], exp.objectives,
+                          exp.optimizer_seed + 1000 * index, exp.optimizer, exp.pareto)
+        optimizer = build_optimizer(problem, str(self.run.path), f"{exp.name}-{self.stages[index].name}")
+        done = [r for r in self.records if r.stage == index]
+        sr = StageRun(index, self.stages[index], space, optimizer,
+                      stage_budget(self.stages, index, optimizer.population, exp.optimizer.name), done=len(done),
+                      failed=sum(not r.ok for r in done), best=max((r.score for r in done if r.ok and r.score
+                                                                    is not None), default=None),
+                      front=pareto_front(self.records, exp.objectives))
+        saved, pending = self.state.optimizer, self.state.pending
+        if saved is not None and saved.get("version") == legacy.LEGACY_VERSION:
+            legacy.upgrade_optimizer(optimizer, saved, done)
+            for p in pending.values():
+                p.key = legacy.legacy_key(optimizer, p.key)
+        elif saved is not None:
+            optimizer.load_state_dict(saved)
+        # reconcile after a crash: finished-but-untold trials are told from their records
+        for tid in sorted(pending):
+            rec = self.by_id.get(tid)
+            if rec is not None:
+                optimizer.tell(pending.pop(tid).key, rec.objectives if rec.ok else None)
+        optimizer.recover_lost_asks({p.key for p in pending.values()})
+        self._checkpoint(sr)
+        return sr
+
+    # -- one stage ----------------------------------------------------------------------------------------
+    def _search(self, sr: StageRun) -> None:
+        queue = sorted(self.state.pending)  # unfinished asks, evaluated again first, in order
+        if not queue and not sr.budget.left(sr.done, 0, self._elapsed()):
+            return  # nothing left to do here (a finished stage, or a finished run resumed)
+        w = self.exp.workers
+        sr.progress = Progress(self.show_progress, sr.budget.max_trials, sr.done, f"{self.exp.name}:{sr.stage.name}")
+        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives)
+        setup = worker_setup(self.exp, self.run.path, sr.index, sr.space)
+        if isinstance(setup.initial, Recipe):  # the planned memory per worker; refused here (exit 2) if nothing fits
+            plan = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory)
+            print(plan.describe(), flush=True)
+        scheduler = Scheduler.start(queue, w.max_retries, w.count)
+        pool = WorkerPool(setup, w.cpus_per_worker, gpus_per_worker(self.exp))
+        try:
+            for _ in range(w.count):
+                pool.start()
+            while True:
+                while (assignment := scheduler.next_assignment(lambda: self._ask(sr))) is not None:
+                    tid, worker = assignment
+                    pool.submit(worker, tid, sr.space.decode(self.state.pending[tid].x))
+                if pool.empty:
+                    if not scheduler.has_idle and (scheduler.queue or self._budget_left(sr)):
+                        raise EvomergeError("no live workers left (every worker died and the replacements "
+                                            "ran out); the run can be resumed with --resume")
+                    return
+                self._handle(sr, pool.wait(), scheduler, pool)
+        finally:
+            sr.progress.close()
+            pool.close()
+
+    def _budget_left(self, sr: StageRun) -> bool:
+        return sr.budget.left(sr.done, len(self.state.pending), self._elapsed())
+
+    def _handle(self, sr: StageRun, event: Event, scheduler: Scheduler, pool: WorkerPool) -> None:
+        if isinstance(event, Ready):
+            event.info.check(self.exp.objectives)
+            scheduler.worker_ready(event.worker)
+        elif isinstance(event, Lost):
+            scheduler.worker_lost(event.worker)
+        elif isinstance(event, Done):
+            self._finish(sr, event.result, scheduler.finished(event.result.trial, event.worker))
+        elif isinstance(event, Died):
+            death = scheduler.worker_died(event.worker, event.trial)
+            if death.replace:
+                pool.start()
+            if death.failed is not None:
+                error = f"worker died {death.attempts} times: {event.error}"
+                self._finish(sr, TrialResult(death.failed, TrialStatus.FAILED, error=error, worker=event.worker),
+                             death.attempts)
+
+    def _ask(self, sr: StageRun) -> int | None:
+        """A new trial id with its genome in ``pending``, or None (budget spent or generation barrier).
+
+        An ask made after the last checkpoint is lost in a crash; asking again from the checkpointed optimizer
+        state reproduces it (same id, same genome: no tell happened in between, since every tell checkpoints).
+        If that trial had already finished (its line is in trials.jsonl), it is told from its line, not run.
+        """
+        pending = self.state.pending
+        while self._budget_left(sr):
+            asked = sr.optimizer.ask()
+            if asked is None:
+                return None
+            key, x = asked
+            tid = self.state.next_trial
+            self.state.next_trial += 1
+            done = self.by_id.get(tid)
+            if done is not None and done.x != x:
+                # the checkpoint is older than the lines in an unreproducible way (several workers and a lost
+                # disk cache): keep the old lines as they are and give this genome a fresh id
+                tid = max(self.by_id) + 1
+                self.state.next_trial = tid + 1
+                done = None
+            if done is not None:
+                sr.optimizer.tell(key, done.objectives if done.ok else None)
+                self._checkpoint(sr)
+                continue
+            pending[tid] = PendingTrial(key, x, sr.index)
+            if sr.optimizer.persistent_ask:
+                self._checkpoint(sr)  # Optuna's ask has a side effect (a trial row in SQLite): checkpoint it
+            return tid
+        return None
+
+    def _finish(self, sr: StageRun, result: TrialResult, attempts: int) -> None:
+        """Record, then tell, then checkpoint: the order resume relies on."""
+        entry = self.state.pending[result.trial]
+        record = record_of(result, Placement(sr.index, sr.stage.name, entry.x, attempts), sr.space,
+                           self.exp.objectives)
+        self.run.append_trial(record)
+        self.records.append(record)
+        self.by_id[record.trial] = record
+        sr.optimizer.tell(entry.key, record.objectives if record.ok else None)
+        del self.state.pending[record.trial]
+        self._checkpoint(sr)
+        sr.done += 1
+        if not record.ok:
+            sr.failed += 1
+        elif record.score is not None and (sr.best is None or record.score > sr.best):
+            sr.best = record.score
+        if record.ok and (front := update_front(sr.front, record, self.exp.objectives)) is not None:
+            sr.front = front
+            self.run.write_pareto(front, self.exp.objectives)
+        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives)

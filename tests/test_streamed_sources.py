@@ -70,6 +70,34 @@ def test_streamed_candidate_equals_resident_bit_for_bit(bf16_family, method, dty
         _same(want, _state(streamed.materialize(candidate) and streamed))
 
 
+# the methods of issue 15 item 1, with each method's own parameters (models: the non-base sources)
+NEW_METHODS = {"karcher": ({}, {}, ("base", "model_1", "model_2"), False),
+               "multislerp": ({}, {"weight": 0.5}, ("model_1", "model_2"), True),
+               "nuslerp": ({}, {"weight": 0.5}, ("model_1", "model_2"), True),
+               "nearswap": ({"t": 0.5}, {}, ("model_1",), True),
+               "arcee_fusion": ({}, {}, ("model_1",), True),
+               "ram": ({}, {}, ("model_1", "model_2"), True),
+               "ramplus_tl": ({}, {}, ("model_1", "model_2"), True),
+               "sce": ({"select_topk": 0.5}, {}, ("model_1", "model_2"), True)}
+
+
+@pytest.mark.parametrize("method", sorted(NEW_METHODS))
+def test_streamed_equals_resident_for_every_method(bf16_family, method):
+    """Every per-tensor method streams: its one-shot merge of sources read per candidate equals the resident one."""
+    parameters, per, models, with_base = NEW_METHODS[method]
+    data: dict = {"merge_method": method,
+                  "models": [{"model": str(bf16_family[m]), **({"parameters": per} if per else {})} for m in models]}
+    if with_base:
+        data["base_model"] = str(bf16_family["base"])
+    if parameters:
+        data["parameters"] = parameters
+    recipe = Recipe.from_dict(data)
+    resident = MergeEngine(recipe, seed=5)
+    streamed = MergeEngine(recipe, seed=5, memory=MemoryOptions(sources="streamed"))
+    assert all(resident.memory.resident) and not any(streamed.memory.resident) and streamed.source_bytes == 0
+    _same(_state(resident), _state(streamed))
+
+
 def test_plan_is_one_line_and_nothing_fits_is_refused(bf16_family):
     recipe = _recipe(bf16_family, "ties")
     engine = MergeEngine(recipe, threads=1)

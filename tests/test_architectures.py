@@ -235,6 +235,7 @@ def _experiment(fam: dict, tmp_path: Path) -> Path:
 
 def test_search_ps_then_dfs_exports_rescore_to_the_trial(family, ray_address, tmp_path, one_torch_thread):
     from evomerge.search.dataflow import load_dataflow_model
+    from evomerge.search.records import TrialStatus
     from evomerge.search.run_folder import RunFolder
 
     arch_name, fam = family
@@ -243,23 +244,23 @@ def test_search_ps_then_dfs_exports_rescore_to_the_trial(family, ray_address, tm
     assert main(["run", str(_experiment(fam, tmp_path)), "--out", str(run), "--address", ray_address,
                  "--no-progress"]) == 0
     trials = RunFolder.open(run).trials()
-    assert [t["stage_name"] for t in trials] == ["ps"] * 3 + ["dfs"] * 3
-    assert all(t["status"] == "ok" for t in trials), [t.get("error") for t in trials]
+    assert [t.stage_name for t in trials] == ["ps"] * 3 + ["dfs"] * 3
+    assert all(t.status is TrialStatus.OK for t in trials), [t.error for t in trials]
     # PS: the layer groups use this architecture's block names; the export re-scores as its trial did
-    ps = max((t for t in trials if t["stage_name"] == "ps"), key=lambda t: t["score"])
-    assert main(["export", str(run), "--out", str(tmp_path / "ps"), "--trial", str(ps["trial"])]) == 0
+    ps = max((t for t in trials if t.stage_name == "ps"), key=lambda t: t.score or 0.0)
+    assert main(["export", str(run), "--out", str(tmp_path / "ps"), "--trial", str(ps.trial)]) == 0
     recipe = (tmp_path / "ps" / "recipe.yaml").read_text()
     assert all(arch.block_filter(j) in recipe for j in range(4))
-    assert helpers.logit_std(_load_clean(tmp_path / "ps"), None)["std"] == ps["metrics"]["e/std"]
+    assert helpers.logit_std(_load_clean(tmp_path / "ps"), None)["std"] == ps.metrics["e/std"]
     # DFS: a standard checkpoint plus input scales; re-scored from disk it gets its trial's score exactly
-    dfs = max((t for t in trials if t["stage_name"] == "dfs"), key=lambda t: t["score"])
+    dfs = max((t for t in trials if t.stage_name == "dfs"), key=lambda t: t.score or 0.0)
     assert main(["export", str(run), "--out", str(tmp_path / "dfs")]) == 0
     info = json.loads((tmp_path / "dfs" / "evomerge_trial.json").read_text())
-    assert info["trial"] == dfs["trial"]
+    assert info["trial"] == dfs.trial
     _load_clean(tmp_path / "dfs")
     model = load_dataflow_model(tmp_path / "dfs")
     assert model.config.num_hidden_layers == len(info["layers"])
-    assert helpers.logit_std(model, None)["std"] == dfs["metrics"]["e/std"]
+    assert helpers.logit_std(model, None)["std"] == dfs.metrics["e/std"]
 
 
 def _run_exit(tmp_path: Path, exp: dict, capsys) -> tuple[int, str]:

@@ -72,24 +72,27 @@ class Architecture:
         The short form ``layers.3.`` / ``h.3.`` when the blocks' last name component is ``layers`` (the form
         mergekit users write); otherwise the full prefix ``transformer.h.3.``, which cannot match another block.
         """
-        self.require_blocks("layer groups")
-        last = self.blocks.rsplit(".", 1)[-1]
-        return f"{last}.{index}." if last == "layers" else f"{self.blocks}.{index}."
+        blocks = self.require_blocks("layer groups")
+        last = blocks.rsplit(".", 1)[-1]
+        return f"{last}.{index}." if last == "layers" else f"{blocks}.{index}."
 
     def embedding_filters(self) -> list[str]:
         """Recipe filters selecting the input embeddings (``embed_tokens``, ``wte`` and ``wpe``, ...)."""
         return [e.rsplit(".", 1)[-1] if e.rsplit(".", 1)[-1].startswith("embed") else e for e in self.embeddings]
 
-    def require_blocks(self, what: str) -> None:
-        """Raises EvomergeError (one line) when the block list of this architecture is unknown."""
+    def require_blocks(self, what: str) -> str:
+        """The block prefix (``blocks``) of an architecture that has one.
+
+        Args: what: the feature that needs the blocks, named in the error.
+        Returns: ``blocks``. Raises: EvomergeError (one line) when the block list of this architecture is unknown."""
         if self.blocks is None:
             raise EvomergeError(f"{self.name}: {what} need the transformer blocks, and no block list "
                                 f"(tensors named PREFIX.N.*) was found in this architecture's checkpoint")
+        return self.blocks
 
 
 def _table() -> dict[str, Architecture]:
-    llama_like = dict(blocks="model.layers", embeddings=("model.embed_tokens",), final_norm="model.norm")
-    entries = [Architecture(name, **llama_like) for name in (
+    entries = [Architecture(name, "model.layers", ("model.embed_tokens",), "model.norm") for name in (
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")]
     entries += [
@@ -104,8 +107,18 @@ def _table() -> dict[str, Architecture]:
 
 
 KNOWN: dict[str, Architecture] = _table()
+
+
+def _block_name_pattern() -> re.Pattern[str]:
+    prefixes = set()
+    for arch in KNOWN.values():
+        assert arch.blocks is not None, f"{arch.name}: every table entry names its block list"
+        prefixes.add(re.escape(arch.blocks))
+    return re.compile("^(?:" + "|".join(sorted(prefixes)) + r")\.(\d+)\.")
+
+
 #: a block tensor of any architecture in the table; group 1 is the block index
-BLOCK_NAME = re.compile("^(?:" + "|".join(sorted({re.escape(a.blocks) for a in KNOWN.values()})) + r")\.(\d+)\.")
+BLOCK_NAME = _block_name_pattern()
 NUM_LAYERS_KEYS = tuple(sorted({a.num_layers_key for a in KNOWN.values()}))
 
 
@@ -149,17 +162,6 @@ def resolve(config: Mapping[str, Any], tensor_names: Iterable[str], num_layers: 
         num_layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
                            if isinstance(config.get(k), int)), None)
     return infer(name, tensor_names, num_layers)
-
-
-def of_checkpoint(path) -> Architecture:
-    """The architecture of the checkpoint folder ``path`` (reads config.json and the safetensors headers)."""
-    from evomerge.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(path)
-    try:
-        return resolve(ckpt.config, ckpt.tensor_names, ckpt.num_layers)
-    finally:
-        ckpt.close()
 
 
 def of_model(model) -> Architecture:
@@ -219,4 +221,4 @@ def dataflow_refusal(arch: Architecture, config: Mapping[str, Any]) -> str | Non
 
 
 __all__ = ["Architecture", "BLOCK_NAME", "KNOWN", "NUM_LAYERS_KEYS", "architecture_name", "check_in_place",
-           "checkpoint_tensors", "dataflow_refusal", "infer", "of_checkpoint", "of_model", "resolve"]
+           "checkpoint_tensors", "dataflow_refusal", "infer", "of_model", "resolve"]

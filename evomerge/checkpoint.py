@@ -35,7 +35,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from evomerge.architecture import BLOCK_NAME, NUM_LAYERS_KEYS
+from evomerge.architecture import BLOCK_NAME, NUM_LAYERS_KEYS, Architecture, resolve
 from evomerge.errors import EvomergeError
 from evomerge.tensor_sets import check_written_tensors, source_tied_heads
 
@@ -724,3 +724,22 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         old.rename(out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_architecture(path: str | Path) -> Architecture:
+    """The architecture (evomerge/architecture.py) of the checkpoint folder ``path``.
+
+    Args:
+        path: a Hugging Face checkpoint folder; its config.json and safetensors headers are read, no tensor.
+
+    Returns:
+        Where its blocks, embeddings, final norm and head are (``Architecture``).
+
+    Raises:
+        EvomergeError: the folder cannot be opened as a checkpoint.
+    """
+    ckpt = Checkpoint(path)
+    try:
+        return resolve(ckpt.config, ckpt.tensor_names, ckpt.num_layers)
+    finally:
+        ckpt.close()

@@ -258,7 +258,7 @@ class MergeEngine:
     def tokenizer(self) -> Any:
         """The output's tokenizer (``Recipe.tokenizer_path``), loaded on first use."""
         if self._tokenizer is None:
-            built = self.plan.tokenizer.tokenizer if self.plan.tokenizer is not None else None
+            built = self.plan.tokenizer.tokenizer
             self._tokenizer = (built if built is not None
                                else AutoTokenizer.from_pretrained(str(self.plan.tokenizer_dir)))
         return self._tokenizer

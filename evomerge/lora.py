@@ -60,6 +60,7 @@ def open_source(path: Path, allow_pickle: bool = False) -> Checkpoint:
     """A Checkpoint for a resolved source key: plain folder, or ``base+adapter`` with the adapter applied."""
     if "+" in str(path) and not path.exists():
         base, adapter = split_reference(str(path))
+        assert adapter is not None, f"{path}: a reference with '+' splits into a model and an adapter"
         return LoraCheckpoint(Path(base), Path(adapter), allow_pickle=allow_pickle)
     return Checkpoint(path, allow_pickle=allow_pickle)
 
@@ -130,6 +131,7 @@ class Adapter:
     def delta(self, name: str) -> torch.Tensor:
         """The float32 update of base tensor ``name`` (its shape)."""
         update = self.updates[name]
+        assert update.a is not None and update.b is not None, f"{name}: Adapter.load checks both LoRA factors"
         product = update.b @ update.a
         if update.embedding or self.fan_in_fan_out:
             product = product.T

@@ -84,8 +84,8 @@ class MergePlan:
     out_dtype: torch.dtype | None
     num_layers: int
     tokenizer_dir: Path
+    tokenizer: TokenizerPlan  # the output tokenizer and vocabulary re-indexing
     structure: tuple = field(default=())
-    tokenizer: TokenizerPlan | None = None  # the output tokenizer and vocabulary re-indexing
     generation_config: Path | None = None  # generation_config.json carried into the output (tokenizer source's)
 
     def out_dtype_for(self, job: TensorJob) -> torch.dtype:
@@ -279,6 +279,7 @@ def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: fl
     vocab = (vocabulary is not None and ctx.arch.split_block(out_name) is None and len(shapes[0]) == 2
              and all(s[0] == vocabulary.vocab_sizes[ctx.paths[m]] for (m, _), s in zip(refs, shapes)))
     if vocab:
+        assert vocabulary is not None, f"{out_name}: a vocabulary tensor implies a vocabulary plan"
         shapes = [(vocabulary.size, *s[1:]) for s in shapes]
     if len(set(shapes)) != 1:
         detail = ", ".join(f"{ctx.paths[m].name} {list(s)}" for (m, _), s in zip(refs, shapes))
@@ -449,7 +450,9 @@ def load_job_sources(plan: MergePlan, index: int, device: torch.device) -> list[
     tensors = [plan.checkpoints[m].get(name, device=device, dtype=job.compute_dtype if job.floating else None)
                for m, name in job.sources]
     if job.vocab:
-        tensors = plan.tokenizer.vocabulary.align([plan.models[m] for m, _ in job.sources], tensors)
+        vocabulary = plan.tokenizer.vocabulary
+        assert vocabulary is not None, f"{job.name}: a vocabulary job implies a vocabulary plan"
+        tensors = vocabulary.align([plan.models[m] for m, _ in job.sources], tensors)
     return tensors
 
 

@@ -131,6 +131,7 @@ def translate(data: Mapping[str, Any], base_dir: Path, options: EvolveOptions, w
     sources = [m for m in models if not _same_path(m, base, base_dir)]
     if not sources:
         raise EvomergeError(f"{where}: genome.models lists no model besides the base_model")
+    assert isinstance(method, str), f"{where}: _refuse_unsupported admits only the METHOD_GENES names"
     space = _search_space(genome, method, len(models), base_dir, models[0], where)
     evaluators, objectives = _tasks(data, options, base_dir, where)
     return {"name": re.sub(r"[^A-Za-z0-9_\-]+", "_", Path(where).stem) or "evolve", "seed": 0,

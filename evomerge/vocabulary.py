@@ -42,7 +42,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.lora import model_folder
-from evomerge.tokenizer_config import MODEL_TOKEN, ZERO, TokenizerSettings, TokenSetting, is_template_name
+from evomerge.tokenizer_config import MODEL_TOKEN, ZERO, TokenizerSettings, TokenSetting, TokenSource, is_template_name
 
 #: Files that define a vocabulary (two folders with the same ones share it, token for token).
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
@@ -86,7 +86,7 @@ class VocabularyPlan:
             index = self.vocab[token]
             forced[index] = setting.force
             if setting.source is not None and (setting.force or not bool(present[:, index].all())):
-                defaults[index] = self._configured_row(token, setting, keys, tensors, perms[:, index])
+                defaults[index] = self._configured_row(token, setting.source, keys, tensors, perms[:, index])
             elif setting.source is None and not bool(present[:, index].all()):
                 raise EvomergeError(f"tokenizer.tokens[{token!r}] has no source, and "
                                     f"{keys[int((~present[:, index]).nonzero()[0])]} lacks that token")
@@ -114,9 +114,8 @@ class VocabularyPlan:
             mean = torch.where(use_base, rows[b], mean)
         return mean
 
-    def _configured_row(self, token: str, setting: TokenSetting, keys: list[Path], tensors: list[torch.Tensor],
+    def _configured_row(self, token: str, source: TokenSource, keys: list[Path], tensors: list[torch.Tensor],
                         perm_column: torch.Tensor) -> torch.Tensor:
-        source = setting.source
         if source.kind == ZERO:
             return tensors[0].new_zeros(tensors[0].shape[1:])
         key = self.resolve(source.model)
@@ -127,6 +126,7 @@ class VocabularyPlan:
         if source.kind == MODEL_TOKEN:
             row = source.token_id
             if row is None:
+                assert source.token is not None, f"{token}: model_token is validated to have token or token_id"
                 if source.token not in self.original_vocabs[key]:
                     raise EvomergeError(f"tokenizer.tokens[{token!r}]: token {source.token!r} is not in the "
                                         f"vocabulary of {source.model}")
@@ -182,12 +182,12 @@ def plan_tokenizer(recipe: Any, keys: list[Path], configs: list[dict[str, Any]])
     for key in keys:
         if key not in tokenizers and _has_tokenizer(model_folder(key)):
             tokenizers[key] = _load_tokenizer(model_folder(key))
-    sizes = {k: sizes[k] or len(tokenizers.get(k, tokenizers[base_key]).get_vocab()) for k in keys}
-    _check_no_unused_tokens(tokenizers[base_key], sizes[base_key], base_key)
+    vocab_sizes = {k: sizes[k] or len(tokenizers.get(k, tokenizers[base_key]).get_vocab()) for k in keys}
+    _check_no_unused_tokens(tokenizers[base_key], vocab_sizes[base_key], base_key)
     if settings.source == "base":
         out = tokenizers[base_key]
     elif settings.source == "union":
-        out = _union_tokenizer(tokenizers, base_key, keys, sizes)
+        out = _union_tokenizer(tokenizers, base_key, keys, vocab_sizes)
     else:
         out = _load_tokenizer(model_folder(recipe.resolve_path(settings.source)))
     existing = set(out.get_vocab())
@@ -200,8 +200,8 @@ def plan_tokenizer(recipe: Any, keys: list[Path], configs: list[dict[str, Any]])
     if settings.pad_to_multiple_of and size % settings.pad_to_multiple_of:
         size += settings.pad_to_multiple_of - size % settings.pad_to_multiple_of
     originals = {k: tokenizers.get(k, tokenizers[base_key]).get_vocab() for k in keys}
-    permutations = {k: _permutation(vocab, originals[k], sizes[k]) for k in keys}
-    plan = VocabularyPlan(vocab=vocab, size=size, permutations=permutations, vocab_sizes=sizes,
+    permutations = {k: _permutation(vocab, originals[k], vocab_sizes[k]) for k in keys}
+    plan = VocabularyPlan(vocab=vocab, size=size, permutations=permutations, vocab_sizes=vocab_sizes,
                           original_vocabs=originals, settings=dict(settings.tokens),
                           base=recipe.resolve_path(recipe.base_model) if recipe.base_model else None,
                           resolve=recipe.resolve_path)
@@ -318,7 +318,9 @@ def _shares_vocabulary(settings: TokenizerSettings, keys: list[Path], sizes: dic
     # mergekit sizes the output by the tokenizer: a model with more rows than tokens is re-indexed (truncated).
     # A tokenizer with more tokens than rows keeps every row in place too (mergekit also strips those tokens
     # from the tokenizer it writes; evomerge copies the tokenizer files as they are).
-    return _has_tokenizer(folder) and len(_load_tokenizer(folder).get_vocab()) >= next(iter(sizes.values()))
+    # No config stating its vocab_size: the identity is not certain, so the sizes are taken from the tokenizers.
+    rows = next(iter(sizes.values()))
+    return rows is not None and _has_tokenizer(folder) and len(_load_tokenizer(folder).get_vocab()) >= rows
 
 
 def _with_chat_template(tokenizer: Any, recipe: Any, keys: list[Path]):

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import search_helpers as helpers
 from evomerge import architecture, tiny
+from evomerge.checkpoint import checkpoint_architecture
 from evomerge.cli import main
 from evomerge.engine import MergeEngine
 
@@ -90,7 +91,7 @@ def _owner(arch: architecture.Architecture, name: str) -> str:
 
 def test_block_naming_covers_every_tensor(family):
     arch_name, fam = family
-    arch = architecture.of_checkpoint(fam["base"])
+    arch = checkpoint_architecture(fam["base"])
     assert arch.known and arch.blocks is not None
     names = list(_tensors(fam["base"]))
     blocks = {arch.split_block(n)[0] for n in names if arch.split_block(n)}
@@ -104,7 +105,7 @@ def test_block_naming_covers_every_tensor(family):
 
 def test_merge_engine_and_frankenmerge(family, tmp_path):
     arch_name, fam = family
-    arch = architecture.of_checkpoint(fam["base"])
+    arch = checkpoint_architecture(fam["base"])
     ties = {"merge_method": "ties", "base_model": str(fam["base"]), "dtype": "float32",
             "models": [{"model": str(fam["model_1"]), "parameters": {"density": 0.6, "weight": 0.7}},
                        {"model": str(fam["model_2"]), "parameters": {"density": [0.3, 0.9], "weight": 0.5}}]}
@@ -152,7 +153,7 @@ def test_frankenmerge_equals_mergekit(arch_name, tmp_path, tokenizer):
     a, b = _tensors(ours), _tensors(tmp_path / "mk")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    key = architecture.of_checkpoint(fam["base"]).num_layers_key  # n_layer for GPT-2
+    key = checkpoint_architecture(fam["base"]).num_layers_key  # n_layer for GPT-2
     ours_cfg, their_cfg = (json.loads((folder / "config.json").read_text()) for folder in (ours, tmp_path / "mk"))
     assert ours_cfg[key] == their_cfg[key] == 5
 
@@ -239,7 +240,7 @@ def test_search_ps_then_dfs_exports_rescore_to_the_trial(family, ray_address, tm
     from evomerge.search.run_folder import RunFolder
 
     arch_name, fam = family
-    arch = architecture.of_checkpoint(fam["base"])
+    arch = checkpoint_architecture(fam["base"])
     run = tmp_path / "run"
     assert main(["run", str(_experiment(fam, tmp_path)), "--out", str(run), "--address", ray_address,
                  "--no-progress"]) == 0

@@ -289,3 +289,23 @@ def test_engine_materializes_what_merge_writes(vocab_models, tmp_path):
     a, b = _load(tmp_path / "merged"), _load(tmp_path / "engine")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert _tokenizer_view(tmp_path / "merged") == _tokenizer_view(tmp_path / "engine")
+
+
+def test_configs_without_vocab_size_share_the_vocabulary(vocab_models, tmp_path):
+    """Sources whose config.json states no vocab_size (a tokenizer: block, base source): the merge sizes them
+    from their tokenizers and writes the same tensors as with vocab_size stated (was a TypeError, int >= None)."""
+    import shutil
+
+    stripped = {}
+    for name in ("base", "model_1"):
+        stripped[name] = shutil.copytree(vocab_models[name], tmp_path / name)
+        config = json.loads((stripped[name] / "config.json").read_text())
+        assert isinstance(config.pop("vocab_size"), int)
+        (stripped[name] / "config.json").write_text(json.dumps(config))
+    recipe = {"merge_method": "linear", "tokenizer": {"source": "base"}, "models": [
+        {"model": "base", "parameters": {"weight": 0.3}}, {"model": "model_1", "parameters": {"weight": 0.7}}]}
+    run_merge(Recipe.from_dict(_absolute(recipe, stripped)), tmp_path / "stripped", progress=False)
+    run_merge(Recipe.from_dict(_absolute(recipe, vocab_models)), tmp_path / "stated", progress=False)
+    a, b = _load(tmp_path / "stripped"), _load(tmp_path / "stated")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _tokenizer_view(tmp_path / "stripped") == _tokenizer_view(tmp_path / "stated")

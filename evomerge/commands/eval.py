@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import EvomergeError
 
@@ -56,7 +57,7 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "auto"):
         raise EvomergeError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0]}") from None
     from evomerge.search.dataflow import apply_dataflow_scales  # deferred like torch above
 
-    scaled = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
+    scaled: Any = apply_dataflow_scales(model, path)  # a DFS export with input scalings (evomerge_dataflow.json)
     return scaled.to(torch_device).eval(), tokenizer
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from evomerge import architecture
+from evomerge.checkpoint import checkpoint_architecture
 from evomerge.errors import EvomergeError, check_keys
 from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
@@ -245,7 +246,7 @@ def read_num_layers(model_dir: str | Path) -> int:
 def dataflow_architecture(a: str | Path, b: str | Path) -> architecture.Architecture:
     """The common architecture of DFS models A and B; raises EvomergeError (one line naming the architecture
     and the reason) when a data-flow search cannot run on them."""
-    arch_a, arch_b = architecture.of_checkpoint(a), architecture.of_checkpoint(b)
+    arch_a, arch_b = checkpoint_architecture(a), checkpoint_architecture(b)
     if arch_a.name != arch_b.name:
         raise _err(f"data-flow models A and B must share an architecture: A is {arch_a.name}, B is {arch_b.name}")
     cfg = json.loads((Path(a) / "config.json").read_text())
@@ -262,7 +263,7 @@ def check_space_models(definition: dict[str, Any], models: dict[str, Any]) -> No
     kind = definition["kind"]
     ps = definition["ps"] if kind == "ps_dfs" else definition if kind == "ps" else None
     if ps is not None and ps["group_size"] != "model":
-        architecture.of_checkpoint(models["base"]).require_blocks("PS layer groups (group_size)")
+        checkpoint_architecture(models["base"]).require_blocks("PS layer groups (group_size)")
     if ps is not None:
         architecture.check_in_place(models["base"])
     if kind == "dfs":
@@ -325,7 +326,7 @@ class PSSpace(SearchSpace):
         self.sources = dict(sources)
         self.dtype = dtype
         self.num_layers = read_num_layers(base)
-        self.arch = architecture.of_checkpoint(base)
+        self.arch = checkpoint_architecture(base)
         self.groups = self._layer_groups()
         scopes = _numeric_parameters(definition["merge_method"]) or {}
         self.model_genes = [g for g in definition["genes"] if scopes.get(g, True)]

@@ -422,7 +422,7 @@ def test_search_space_searches_sce_select_topk_and_nuslerp_weights(llama_family)
         "search_space": "ps_sce",  # search_spaces/ps_sce.yaml: select_topk in [0.05, 1], groups of 2 blocks
         "evaluators": [{"name": "e", "spec": "custom:search_helpers:logit_std"}],
         "objectives": [{"metric": "e/std", "direction": "maximize"}], "budget": {"trials": 2}})
-    space = build_space(exp.space, exp.models, exp.dtype)
+    space = build_space(exp.space, exp.models.to_dict(), exp.dtype)
     assert space.names == ["embed.select_topk", "layers_0-1.select_topk", "layers_2-3.select_topk",
                            "head.select_topk"]
     low = space.candidate(space.values([1.0, 0.0, 1.0, 1.0]))
@@ -437,7 +437,7 @@ def test_search_space_searches_sce_select_topk_and_nuslerp_weights(llama_family)
 
     nuslerp = load_space_definition({"kind": "ps", "merge_method": "nuslerp"})
     assert set(nuslerp["genes"]) == {"weight"}
-    space = build_space(nuslerp, exp.models)
+    space = build_space(nuslerp, exp.models.to_dict())
     assert space.names == ["m1.all.weight", "m2.all.weight"]
     MergeEngine(space.candidate(space.values(space.x0())))
     with pytest.raises(EvomergeError, match="select_topk"):

@@ -111,7 +111,7 @@ def test_plan_is_one_line_and_nothing_fits_is_refused(bf16_family):
     with pytest.raises(EvomergeError, match="nothing fits") as err:
         MergeEngine(recipe, memory=MemoryOptions(device_memory_gb=1e-6))
     assert "\n" not in str(err.value)
-    with pytest.raises(EvomergeError, match="sources resident"):
+    with pytest.raises(EvomergeError, match="workers.sources_mode resident"):
         MergeEngine(recipe, memory=MemoryOptions(device_memory_gb=engine.memory.candidate * 1.5 / GB,
                                                  sources="resident"))
 
@@ -139,7 +139,7 @@ def test_run_prints_the_plan_and_refuses_when_nothing_fits(bf16_family, ray_addr
     assert code == 2 and "nothing fits" in err[-1] and not any("Traceback" in line for line in err)
     exp.write_text(yaml.safe_dump(_experiment(bf16_family, {"device_memory_gb": 4, "sources_mode": "streamed"})))
     code = main(["run", str(exp), "--out", str(tmp_path / "yes"), "--address", ray_address, "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    plan = next(line for line in out.splitlines() if line.startswith("memory per worker"))
+    printed = capsys.readouterr()
+    assert code == 0, printed.out
+    plan = next(line for line in printed.err.splitlines() if line.startswith("memory per worker"))
     assert "streamed from host memory" in plan and "budget 4.00 GB" in plan

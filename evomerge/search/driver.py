@@ -166,7 +166,7 @@ class SearchDriver:
         setup = worker_setup(self.exp, self.run.path, sr.index, sr.space)
         if isinstance(setup.initial, Recipe):  # the planned memory per worker; refused here (exit 2) if nothing fits
             plan = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory)
-            print(plan.describe(), flush=True)
+            print(plan.describe(), file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
         pool = WorkerPool(setup, w.cpus_per_worker, gpus_per_worker(self.exp))
         try:

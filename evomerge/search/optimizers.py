@@ -19,6 +19,12 @@ resume exact (same proposals as an uninterrupted run). No object is pickled.
 
 Several objectives are either scalarised (objectives.scalarize) or, with ``multi_objective: pareto``, told as a
 vector to NSGA-II / MOTPE / random.
+
+Several workers: ``cmaes``, ``optuna_cmaes`` and ``nsga2`` ask a whole generation at once and ask the next only
+when every member is told, and ``random`` ignores tells, so their trials do not depend on which worker finishes
+first (a run with 2 workers, killed and resumed, gives the 1-worker run's trials). ``tpe`` proposes from the
+trials finished so far, so its trials depend on completion order; it is exact across kill and resume with one
+worker (the driver takes one worker's results in the order it ran them).
 """
 
 from __future__ import annotations

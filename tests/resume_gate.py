@@ -1,0 +1,52 @@
+"""A custom evaluator whose evaluations finish only on the test's say-so (the kill-and-resume tests).
+
+The test copies this file into a gate folder and names that copy in the experiment. Each evaluation scores the
+candidate for real (the spread of its logits on fixed tokens), then may return only after claiming a ticket: a
+``ticket-*`` file in the gate folder, claimed by an atomic rename (two evaluations never get the same one);
+while there is none it waits. A file ``open`` in the gate folder lets every evaluation through. With N tickets
+a run writes exactly N more lines to trials.jsonl, however slow or loaded the machine: that is how the tests
+choose their kill points by trial count, never by sleeping.
+
+Every process that imports the copy (a worker builds its evaluators before it reports ready, so before it is
+given any trial) leaves a ``process-<pid>`` marker beside it: after killing a run, the test waits until those
+processes are gone, so that no worker of a dead run claims a ticket meant for the next part.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if (HERE / "GATE").exists():
+    (HERE / f"process-{os.getpid()}").touch()
+
+
+def _score(model) -> float:
+    gen = torch.Generator().manual_seed(7)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(4, vocab, (2, 8), generator=gen)
+    with torch.inference_mode():
+        logits = model(ids.to(next(model.parameters()).device)).logits.float()
+    return float(logits.std())
+
+
+def gated(model, tokenizer, gate: str) -> dict[str, float]:
+    """``std``: the candidate's logit spread, returned once a ticket is claimed (or the gate is open)."""
+    result = {"std": _score(model)}
+    folder = Path(gate)
+    while not (folder / "open").exists():
+        for ticket in sorted(folder.glob("ticket-*")):
+            try:
+                os.rename(ticket, folder / f"used-{ticket.name}")
+            except FileNotFoundError:
+                continue  # another evaluation claimed it first
+            return result
+        time.sleep(0.01)
+    return result
+
+
+gated.metric_names = ("std",)

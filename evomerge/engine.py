@@ -15,6 +15,13 @@ same device), and the same recipe twice gives bit-identical weights.
 
 A candidate must keep the engine's method, sources, layer ranges and dtypes; only parameters may change
 (scalars, gradients or filter lists, as in mergekit).
+
+Memory (``evomerge/memory_plan.py``, docs/MEMORY.md): the engine plans its bytes per tensor before loading
+anything. Tensors whose sources do not fit the device budget (``MemoryOptions.device_memory_gb``; by default a
+CUDA device's free memory, no cap on CPU) are *streamed*: nothing of them is kept, and each candidate reads
+their sources from the checkpoints (host memory / page cache) and merges them with the one-shot kernels of
+``evomerge merge``, which give the same tensors as the resident path. When not even the candidate fits, the
+engine refuses with an ``EvomergeError``.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from evomerge.checkpoint import model_card, write_checkpoint
 from evomerge.errors import EvomergeError
+from evomerge.memory_plan import MemoryOptions, MemoryPlan, device_budget, plan_memory
 from evomerge.merge import (
     MergePlan,
     check_device,
     job_generator,
-    map_jobs,
+    load_job_sources,
     plan_merge,
     recipe_structure,
     resolve_job_parameters,
@@ -49,15 +57,18 @@ from evomerge.vocabulary import tokenizer_folder
 class MergeEngine:
     """Sources loaded once; ``materialize(recipe)`` writes a candidate into ``self.model`` in place.
 
-    Memory: the sources in the compute dtype (the base plus one task vector per model for the task-arithmetic
-    family, with an int32 sort order per vector for magnitude sparsification), one model, and kernel scratch
-    (``source_bytes``, ``workspace_bytes``). Attributes: ``model`` (a ``transformers`` causal LM on ``device``
-    whose parameters are the merge's output tensors, in the recipe's ``out_dtype`` or compute dtype), ``plan``
-    (the ``MergePlan`` shared with ``evomerge merge``), ``spec`` (the method).
+    Memory: the resident sources in the compute dtype (the base plus one task vector per model for the
+    task-arithmetic family, with an int32 sort order per vector for magnitude sparsification), one model, and
+    kernel scratch (``source_bytes``, ``workspace_bytes``); tensors the device budget cannot hold are streamed (read
+    per candidate, see ``memory``). Attributes: ``model`` (a ``transformers`` causal LM on ``device`` whose
+    parameters are the merge's output tensors, in the recipe's ``out_dtype`` or compute dtype), ``plan`` (the
+    ``MergePlan`` shared with ``evomerge merge``), ``spec`` (the method), ``memory`` (the ``MemoryPlan``: which
+    tensors are resident, planned bytes).
     """
 
     def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
-                 allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None):
+                 allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None,
+                 memory: MemoryOptions | None = None):
         """Plan ``recipe``, load its sources once, build the model and materialize ``recipe`` into it.
 
         Args:
@@ -70,10 +81,14 @@ class MergeEngine:
             progress: show a progress bar while the sources load.
             threads: CPU threads merging tensors in parallel (default: torch's thread count); results do not
                 depend on it.
+            memory: the device budget in GiB (default: a CUDA device's free memory, no cap on CPU), the sources
+                mode (``auto``, ``resident`` or ``streamed``) and whether TIES keeps its sort orders
+                (``MemoryOptions``; docs/MEMORY.md).
 
         Raises:
             EvomergeError: the recipe is invalid or data-aware (fisher, regmean), the device is unknown or
-                unavailable, or the sources cannot be merged (see ``plan_merge``).
+                unavailable, the sources cannot be merged (see ``plan_merge``), or the budget cannot hold even a
+                streamed candidate.
         """
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_dict(recipe)
@@ -88,12 +103,19 @@ class MergeEngine:
         # CPU: tensors are merged by `threads` Python threads running one torch thread each (the chunked
         # kernels are too fine-grained for torch's intra-op threads). Results never depend on the thread count.
         self.threads = 1 if self.device.type != "cpu" else max(1, threads or torch.get_num_threads())
+        memory = memory or MemoryOptions()
+        self.keep_order = memory.keep_order
+        budget = device_budget(self.device, memory.device_memory_gb)
+        if memory.device_memory_gb is None and self.device.type == "cpu":
+            budget = None  # host memory: no cap unless one is configured
+        self.memory: MemoryPlan = plan_memory(self.plan, budget=budget, threads=self.threads,
+                                              sources=memory.sources, keep_order=memory.keep_order)
         self._prepared: list[PreparedInputs | None] = [None] * len(self.plan.jobs)
         self._raw_first: list[torch.Tensor | None] = [None] * len(self.plan.jobs)  # non-floating: first source's
-        self._load_sources(progress)
         self._local = threading.local()
         self._workspaces: list[Workspace] = []
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._load_sources(progress)
         # biggest tensors first, so the pool's threads finish together
         self._schedule = sorted(range(len(self.plan.jobs)), key=lambda i: -math.prod(self.plan.jobs[i].shape))
         self.model = self._build_model()
@@ -104,19 +126,53 @@ class MergeEngine:
     # ------------------------------------------------------------------ construction
 
     def _load_sources(self, progress: bool) -> None:
-        """Read every job's sources once (sequentially: I/O) and precompute deltas and sort orders (in parallel
-        on CPU: the sorts dominate the engine's start-up)."""
+        """Read the resident jobs' sources once (sequentially: I/O) and precompute deltas and sort orders (in
+        parallel on CPU: the sorts dominate the engine's start-up). Streamed jobs are read per candidate."""
+        from tqdm.auto import tqdm
+
+        indices = [i for i, keep in enumerate(self.memory.resident) if keep]
+        bar = tqdm(total=len(indices), desc="loading sources", unit="tensor", disable=not progress)
 
         def prepare(index: int, tensors: list[torch.Tensor]) -> None:
             """Keep job ``index``'s prepared inputs (floating tensors) or its first source (others)."""
-            job = self.plan.jobs[index]
-            if job.floating:
-                self._prepared[index] = prepare_inputs(self.spec, tensors, job.base_pos)
-            else:
-                self._raw_first[index] = tensors[0]
+            self._prepared[index], self._raw_first[index] = self._prepare(index, tensors, lazy=not self.keep_order)
+            bar.update()
 
-        for _ in map_jobs(self.plan, prepare, self.device, self.threads, "loading sources", progress):
-            pass
+        try:
+            self._run_each(indices, prepare, load=True)
+        finally:
+            bar.close()
+
+    def _prepare(self, index: int, tensors: list[torch.Tensor],
+                 lazy: bool) -> tuple[PreparedInputs | None, torch.Tensor | None]:
+        job = self.plan.jobs[index]
+        if job.floating:
+            return prepare_inputs(self.spec, tensors, job.base_pos, lazy=lazy), None
+        return None, tensors[0]
+
+    def _run_each(self, indices: Sequence[int], fn, load: bool) -> None:
+        """``fn(index)`` (``fn(index, sources)`` with ``load``) for each index, on the pool when there is one;
+        with ``load`` the sources are read on this thread and at most ``threads + 1`` jobs' are held at once."""
+        if self._pool is None:
+            for index in indices:
+                fn(index, load_job_sources(self.plan, index, self.device)) if load else fn(index)
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if not load:
+                for _ in self._pool.map(fn, indices):
+                    pass
+                return
+            pending = []
+            for index in indices:
+                pending.append(self._pool.submit(fn, index, load_job_sources(self.plan, index, self.device)))
+                if len(pending) > self.threads:
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+        finally:
+            torch.set_num_threads(previous)
 
     @classmethod
     def from_models(cls, base_model: str | Path | None, models: Sequence[str | Path], method: str = "ties",
@@ -214,7 +270,7 @@ class MergeEngine:
 
     @property
     def source_bytes(self) -> int:
-        """Bytes held for the sources (base, task vectors, precomputed statistics)."""
+        """Bytes held for the resident sources (base, task vectors, precomputed statistics); 0 when streamed."""
         total = sum(p.nbytes for p in self._prepared if p is not None)
         return total + sum(t.numel() * t.element_size() for t in self._raw_first if t is not None)
 
@@ -260,8 +316,10 @@ class MergeEngine:
         def work(index: int) -> None:
             """Merge job ``index`` into its model parameter."""
             job, prepared, target = self.plan.jobs[index], self._prepared[index], self._targets[index]
+            raw = self._raw_first[index]
+            if not self.memory.resident[index]:  # streamed: read from host memory, merged one-shot
+                prepared, raw = self._prepare(index, load_job_sources(self.plan, index, self.device), lazy=True)
             if prepared is None:
-                raw = self._raw_first[index]
                 assert raw is not None, "a job without prepared inputs is a non-floating one, kept raw"
                 target.copy_(raw)
                 return
@@ -275,17 +333,7 @@ class MergeEngine:
                 target.copy_(out)
 
         with torch.no_grad():
-            if self._pool is None:
-                for index in self._schedule:
-                    work(index)
-            else:
-                previous = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    for _ in self._pool.map(work, self._schedule):
-                        pass
-                finally:
-                    torch.set_num_threads(previous)
+            self._run_each(self._schedule, work, load=False)
         return self.model
 
     def _workspace(self) -> Workspace:

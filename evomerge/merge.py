@@ -403,11 +403,14 @@ def resolve_all(plan: MergePlan, recipe: Recipe) -> list[tuple[dict[str, Any], l
 
 def merge_job(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor], shared: dict[str, Any],
               per_model: list[dict[str, Any]], out: torch.Tensor, *, seed: int, ws: Workspace) -> torch.Tensor:
-    """Merge one job's (already loaded) source tensors into ``out`` (compute dtype); the CLI's path."""
+    """Merge one job's (already loaded) source tensors into ``out`` (compute dtype); the CLI's path.
+
+    ``tensors`` is consumed (emptied once the task vectors exist), so the raw sources' memory is freed early."""
     if not job.floating:
         out.copy_(tensors[0])
         return out
     prepared = prepare_inputs(plan.spec, tensors, job.base_pos, lazy=True)
+    tensors.clear()  # consumed: what the kernel needs is in `prepared` (base and task vectors); the rest goes now
     generator = job_generator(plan.spec, job, seed, out.device)
     return run_method(plan.spec, prepared, shared, per_model, out, generator=generator, ws=ws)
 

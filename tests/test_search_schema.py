@@ -2,7 +2,8 @@
 
 Each section is validated with every key set to a value other than its default; the resolved config (what the
 run folder keeps and every later step reads) must carry each of them, and the keys whose effect is not a copied
-value (optimizer.seed, workers.device, workers.threads, models.build) are followed to where they act.
+value (optimizer.seed, workers.device, workers.threads, workers.device_memory_gb, workers.sources_mode,
+models.build) are followed to where they act.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.memory_plan import GB, MemoryOptions, SourcesMode, plan_worker_memory
 from evomerge.search import experiment as schema
 from evomerge.search.experiment import validate_experiment
 from evomerge.search.objectives import Objective
 from evomerge.search.optimizers import Problem, build_optimizer
+from evomerge.search.pool import worker_setup
 from evomerge.search.run_folder import RunFolder
 from evomerge.search.search_space import (
     PS_KEYS,
@@ -45,7 +48,7 @@ def _full(family) -> dict:
         "optimizer": {"name": "random", "sigma0": 0.25, "population": 5, "multi_objective": "pareto", "seed": 99},
         "budget": {"trials": 7, "generations": 2, "wall_time": "2m"},
         "workers": {"count": 3, "device": "cpu", "gpus_per_worker": 0.5, "cpus_per_worker": 2, "threads": 2,
-                    "sources": "object_store", "max_retries": 4},
+                    "sources": "object_store", "max_retries": 4, "device_memory_gb": 2.5, "sources_mode": "streamed"},
         "python_path": ["lib"], "dtype": "bfloat16",
     }
 
@@ -134,6 +137,44 @@ def test_every_accepted_device_works_in_a_worker(device, llama_family, tmp_path)
         runner = TrialRunner(WorkerSetup("ps", space.decode(space.x0()), exp.evaluators, device=exp.workers.device,
                                          threads=exp.workers.threads, python_path=[str(tmp_path)]))
         assert runner.ready().error is None and torch.get_num_threads() == 1  # workers.threads applied
+        result = runner.evaluate(0, space.decode(space.x0()))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.status == "ok" and result.metrics["e/std"] > 0
+
+
+@pytest.mark.parametrize("memory,mode", [(None, "auto"), (4, "auto"), (4, "resident"), (2.5, "streamed"),
+                                         (1e-6, "auto"), (0, "auto"), (True, "auto"), ("4", "auto"), (4, "lazy")])
+def test_every_accepted_memory_setting_works_in_a_worker(memory, mode, llama_family, tmp_path):
+    """workers.device_memory_gb and workers.sources_mode reach the workers' engine (and the plan `evomerge run`
+    prints); a budget nothing fits in is refused in one line before any worker starts."""
+    data = dict(_full(llama_family), workers={"device": "cpu", "threads": 1, "device_memory_gb": memory,
+                                              "sources_mode": mode})
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        with pytest.raises(EvomergeError, match="workers.device_memory_gb must be a positive number"):
+            validate_experiment(data, base_dir=tmp_path)
+        return
+    if mode not in schema.SOURCES_MODES:
+        with pytest.raises(EvomergeError, match="workers.sources_mode must be auto, resident or streamed"):
+            validate_experiment(data, base_dir=tmp_path)
+        return
+    exp = validate_experiment(data, base_dir=tmp_path)
+    space = stage_space(exp, tmp_path, 0)
+    setup = worker_setup(exp, tmp_path, 0, space)
+    assert setup.memory == MemoryOptions(device_memory_gb=memory, sources=mode)
+    if memory is not None and memory < 1e-3:
+        with pytest.raises(EvomergeError, match="nothing fits"):
+            plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory)
+        return
+    plan = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory)
+    assert plan.budget == (None if memory is None else int(memory * GB))
+    threads = torch.get_num_threads()
+    try:
+        runner = TrialRunner(setup)
+        assert runner.ready().error is None and runner.engine is not None
+        expected = SourcesMode.STREAMED if mode == "streamed" else SourcesMode.RESIDENT
+        assert runner.engine.memory.mode is expected and plan.mode is expected
+        assert runner.engine.memory.resident == plan.resident
         result = runner.evaluate(0, space.decode(space.x0()))
     finally:
         torch.set_num_threads(threads)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from evomerge.errors import EvomergeError
+from evomerge.memory_plan import plan_worker_memory
+from evomerge.recipe import Recipe
 from evomerge.search import legacy
 from evomerge.search.experiment import Experiment
 from evomerge.search.export import export_ps_winner
@@ -161,9 +163,12 @@ class SearchDriver:
         w = self.exp.workers
         sr.progress = Progress(self.show_progress, sr.budget.max_trials, sr.done, f"{self.exp.name}:{sr.stage.name}")
         sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives)
+        setup = worker_setup(self.exp, self.run.path, sr.index, sr.space)
+        if isinstance(setup.initial, Recipe):  # the planned memory per worker; refused here (exit 2) if nothing fits
+            plan = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory)
+            print(plan.describe(), file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
-        pool = WorkerPool(worker_setup(self.exp, self.run.path, sr.index, sr.space), w.cpus_per_worker,
-                          gpus_per_worker(self.exp))
+        pool = WorkerPool(setup, w.cpus_per_worker, gpus_per_worker(self.exp))
         try:
             for _ in range(w.count):
                 pool.start()

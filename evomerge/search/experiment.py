@@ -23,9 +23,11 @@ Shape (every key is checked; unknown keys are errors)::
                 seed: null}           # seed: the optimizer's own seed (default: the experiment's seed)
     budget: {trials: 100, generations: null, wall_time: null}
     workers: {count: 1, device: auto, gpus_per_worker: null, cpus_per_worker: 1, threads: 1,
-              sources: path, max_retries: 1}
+              sources: path, max_retries: 1,
+              device_memory_gb: null,         # a worker's device budget (default: a GPU's free memory)
+              sources_mode: auto}             # auto | resident | streamed (see evomerge/memory_plan.py)
     python_path: []                   # extra import folders (relative to this file) for custom evaluators
-    dtype: float32
+    dtype: null                       # compute dtype; default: the sources' (bf16 sources merge in bf16)
     description: ""                   # free text, kept in the run folder's config.yaml and shown by the report
 
 Every key above is used and every value validation accepts works (tests/test_search_schema.py).
@@ -58,8 +60,10 @@ EVALUATOR_KEYS = {"name", "spec", "limit", "seed"}
 OBJECTIVE_KEYS = {"metric", "direction", "weight"}
 OPTIMIZER_KEYS = {"name", "sigma0", "population", "multi_objective", "seed"}
 BUDGET_KEYS = {"trials", "generations", "wall_time"}
-WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries"}
+WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries",
+               "device_memory_gb", "sources_mode"}
 DTYPES = ("float32", "float16", "bfloat16")
+SOURCES_MODES = ("auto", "resident", "streamed")  # evomerge.memory_plan.SourcesMode
 
 
 @dataclass
@@ -125,6 +129,8 @@ class WorkersConfig:
     threads: int = 1
     sources: str = "path"
     max_retries: int = 1
+    device_memory_gb: float | None = None  # a worker's device budget in GiB (None: a GPU's free memory; no cap on CPU)
+    sources_mode: str = "auto"  # auto | resident | streamed (evomerge.memory_plan.MemoryOptions.sources)
 
 
 @dataclass
@@ -142,7 +148,7 @@ class Experiment:
     budget: BudgetConfig
     workers: WorkersConfig
     python_path: list[str]
-    dtype: str
+    dtype: str | None  # None: the sources' dtype
     description: str = ""
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
@@ -264,8 +270,8 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
         raise _err("python_path must be a list of folders")
     python_path = [str((base_dir / p).resolve()) for p in python_path]
-    dtype = data.get("dtype", "float32")
-    if dtype not in DTYPES:
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
         raise _err(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
     description = data.get("description") or ""
@@ -502,6 +508,13 @@ def _validate_workers(workers: Any) -> WorkersConfig:
     retries = workers.get("max_retries", 1)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise _err(f"workers.max_retries must be a non-negative integer, got {retries!r}")
+    memory = workers.get("device_memory_gb")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        raise _err(f"workers.device_memory_gb must be a positive number, got {memory!r}")
+    mode = workers.get("sources_mode", "auto")
+    if mode not in SOURCES_MODES:
+        raise _err(f"workers.sources_mode must be auto, resident or streamed, got {mode!r}")
     assert count is not None and threads is not None
     return WorkersConfig(count=count, device=device, gpus_per_worker=None if gpus is None else float(gpus),
-                         cpus_per_worker=cpus, threads=threads, sources=sources, max_retries=retries)
+                         cpus_per_worker=cpus, threads=threads, sources=sources, max_retries=retries,
+                         device_memory_gb=None if memory is None else float(memory), sources_mode=mode)

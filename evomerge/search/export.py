@@ -3,7 +3,8 @@
 The candidate is read from the trial's record (runs of earlier releases: decoded from its genome, exactly
 as the driver decoded it).
 
-- PS trial: the trial's recipe is materialized by the same engine the workers used and written as a standard
+- PS trial: the trial's recipe is merged tensor by tensor by `evomerge merge`'s path (no more memory than that
+  command; the same tensors as the engine the workers used: same kernels, same seeds) and written as a standard
   Hugging Face checkpoint (AutoModelForCausalLM, no custom code) with ``recipe.yaml``: exactly that recipe, so
   ``evomerge merge recipe.yaml`` reproduces the weights bit for bit.
 - DFS trial: the path's layers are copied in order into a standard checkpoint (A's embeddings, norm, head and
@@ -30,8 +31,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from evomerge.checkpoint import find_generation_config, write_checkpoint
-from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError
+from evomerge.merge import run_merge
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import SCALES_FILE, load_dataflow_model, path_config, path_state_dict
 from evomerge.search.experiment import Experiment
@@ -66,7 +67,7 @@ def export_trial(run: RunFolder, exp: Experiment, record: TrialRecord, out: str 
 
     Args:
         run: the trial's run folder.
-        exp: the run's experiment (its ``dtype`` is the DFS checkpoint's dtype).
+        exp: the run's experiment (its ``dtype`` is the DFS checkpoint's dtype; None: the sources').
         record: the trial.
         out: the checkpoint folder to write.
         overwrite: replace ``out`` if it exists.
@@ -87,9 +88,11 @@ def export_trial(run: RunFolder, exp: Experiment, record: TrialRecord, out: str 
     try:
         if isinstance(cand, LayerPath):
             card = _model_card("dfs", record, run, _scale_note(cand))
-            _write_dataflow(cand, staging, getattr(torch, exp.dtype), card)
+            _write_dataflow(cand, staging, getattr(torch, exp.dtype) if exp.dtype else "auto", card)
         else:
-            MergeEngine(cand, device="cpu").save(staging, cand)  # exactly what `evomerge merge` writes
+            # the merge path, tensor by tensor: no more memory than `evomerge merge` of the recipe, and the
+            # same tensors as the engine the workers used (same kernels, same per-tensor seeds)
+            run_merge(cand, staging, progress=False)
         info: dict[str, Any] = {
             "run": str(run.path), "trial": record.trial, "stage": record.stage_name,
             "kind": "dfs" if isinstance(cand, LayerPath) else "ps", "params": record.params, "x": record.x,
@@ -111,7 +114,7 @@ def _scale_note(path: LayerPath) -> str:
     return "\nThe layers carry input scales: load with `evomerge.search.dataflow.load_dataflow_model(PATH)`.\n"
 
 
-def _write_dataflow(path: LayerPath, staging: Path, dtype: torch.dtype, card: str) -> None:
+def _write_dataflow(path: LayerPath, staging: Path, dtype: torch.dtype | str, card: str) -> None:
     """The path's layers copied in order into a standard checkpoint (A's embeddings, norm, head, tokenizer)."""
     a = AutoModelForCausalLM.from_pretrained(path.a, dtype=dtype, use_safetensors=True)
     b = AutoModelForCausalLM.from_pretrained(path.b, dtype=dtype, use_safetensors=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from evomerge.memory_plan import MemoryOptions
 from evomerge.search.candidates import Candidate
 from evomerge.search.experiment import Experiment
 from evomerge.search.ray_runtime import put_source_blobs
@@ -136,4 +137,6 @@ def worker_setup(exp: Experiment, run_path: Path, stage: int, space: SearchSpace
         blobs = put_source_blobs([p for p in paths if p is not None])
     return WorkerSetup(kind=space.kind, initial=space.decode(space.x0()), evaluators=exp.evaluators,
                        device=exp.workers.device, threads=exp.workers.threads, dtype=exp.dtype,
+                       memory=MemoryOptions(device_memory_gb=exp.workers.device_memory_gb,
+                                            sources=exp.workers.sources_mode),
                        python_path=[*exp.python_path, os.getcwd()], blobs=blobs)

@@ -456,7 +456,7 @@ class PSSpace(SearchSpace):
 
     kind = "ps"
 
-    def __init__(self, definition: PSSpaceDef, base: str, sources: dict[str, str], dtype: str = "float32"):
+    def __init__(self, definition: PSSpaceDef, base: str, sources: dict[str, str], dtype: str | None = None):
         self.definition = definition
         self.base = base
         self.sources = dict(sources)
@@ -511,8 +511,9 @@ class PSSpace(SearchSpace):
 
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:
         """The recipe (mergekit YAML as a mapping) of this genome."""
-        recipe: dict[str, Any] = {"merge_method": self.definition.merge_method, "base_model": self.base,
-                                  "dtype": self.dtype}
+        recipe: dict[str, Any] = {"merge_method": self.definition.merge_method, "base_model": self.base}
+        if self.dtype is not None:  # else computed in the sources' dtype, as mergekit does
+            recipe["dtype"] = self.dtype
         parameters = copy.deepcopy(self.definition.parameters)
         parameters.update({g: self._parameter_value("", g, values) for g in self.global_genes})
         if parameters:
@@ -580,7 +581,7 @@ class DFSSpace(SearchSpace):
         return {"a": self.a, "b": self.b, "n_a": self.n_a, "layers": layers, "scales": scales}
 
 
-def build_space(definition: SpaceDef, models: dict[str, Any], dtype: str = "float32") -> SearchSpace:
+def build_space(definition: SpaceDef, models: dict[str, Any], dtype: str | None = None) -> SearchSpace:
     """The concrete space of one stage: ``definition`` is a validated ps or dfs definition."""
     if isinstance(definition, PSSpaceDef):
         return PSSpace(definition, models["base"], models["sources"], dtype)

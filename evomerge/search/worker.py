@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError
 from evomerge.evaluators import build_evaluator
+from evomerge.memory_plan import MemoryOptions
 from evomerge.recipe import Recipe
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import DataflowCandidate
@@ -51,7 +52,9 @@ class WorkerSetup:
         initial: the stage's starting candidate (its models are loaded once from it).
         evaluators: the experiment's evaluators.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; threads: torch's CPU threads.
-        dtype: the candidates' torch dtype name (``float32``, ``float16``, ``bfloat16``).
+        dtype: the candidates' torch dtype name (``float32``, ``float16``, ``bfloat16``; None: the sources').
+        memory: the PS engine's device budget and sources mode (``workers.device_memory_gb``,
+            ``workers.sources_mode``).
         python_path: folders custom evaluators import from.
         blobs: {model folder: object ref of its files} with ``workers.sources: object_store``, else None.
         worker: this worker's id.
@@ -62,7 +65,8 @@ class WorkerSetup:
     evaluators: list[EvaluatorSpec]
     device: str = "auto"
     threads: int = 1
-    dtype: str = "float32"
+    dtype: str | None = None
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
     python_path: list[str] = field(default_factory=list)
     blobs: dict[str, Any] | None = None
     worker: int = 0
@@ -137,11 +141,12 @@ class TrialRunner:
             self._unpack_blobs(self.setup.blobs)
         initial = self._local(self.setup.initial)
         if isinstance(initial, Recipe):
-            self.engine = MergeEngine(initial, device=self.device)
+            self.engine = MergeEngine(initial, device=self.device, memory=self.setup.memory)
             self.engine.model.eval()
             self.tokenizer = self.engine.tokenizer
         else:
-            load: dict[str, Any] = dict(dtype=getattr(torch, self.setup.dtype), use_safetensors=True)
+            dtype = getattr(torch, self.setup.dtype) if self.setup.dtype else "auto"  # None: the sources' dtype
+            load: dict[str, Any] = dict(dtype=dtype, use_safetensors=True)
             auto: Any = AutoModelForCausalLM  # transformers' stubs mistype from_pretrained's first argument
             model_a = auto.from_pretrained(initial.a, **load).to(self.device).eval()
             model_b = auto.from_pretrained(initial.b, **load).to(self.device).eval()

@@ -1,0 +1,121 @@
+"""bfloat16 and float16 sources take the fused C++ TIES kernel (evomerge/methods/fused_ties.py), and stay
+bit-identical: to the torch kernel on adversarial tensors (ties at the cut, cancelling sums, exact zeros, zero and
+negative weights, several chunks), and to mergekit 0.1.5 through ``evomerge merge`` and the in-memory engine on a
+small bf16/fp16 family (the fast path asserted used, the compile counted once per machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.methods import METHODS, Workspace, fused_ties, prepare_inputs, run_method
+
+REDUCED = [torch.bfloat16, torch.float16]
+
+
+def _merge(method, tensors, weights, densities, normalize, lambda_, seed):
+    spec = METHODS[method]
+    shared = {p.name: p.default for p in spec.global_params} | {"normalize": normalize, "lambda": lambda_}
+    per_model = [{p.name: p.default for p in spec.per_model_params} | {"weight": w, "density": d}
+                 for w, d in zip(weights, densities)]
+    out = torch.empty_like(tensors[0])
+    run_method(spec, prepare_inputs(spec, tensors, 0), shared, per_model, out, ws=Workspace(),
+               generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls that the fused kernel handled (returned True)."""
+    if not fused_ties.available():
+        pytest.skip("no C++ toolchain here: the torch kernel does the work")
+    calls = []
+    real = fused_ties.ties_combine
+
+    def counting(*args, **kwargs):
+        handled = real(*args, **kwargs)
+        calls.append(handled)
+        return handled
+
+    monkeypatch.setattr(fused_ties, "ties_combine", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_fused_reduced_precision_equals_the_torch_kernel_bit_for_bit(method, dtype, fused_calls, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(131, 257, generator=gen).to(dtype)   # many kernel blocks and a ragged end
+    deltas = [(torch.randn(base.shape, generator=gen) * s).to(dtype) for s in (0.02, 0.05, 0.01, 0.03)]
+    deltas[1][:40] = -deltas[0][:40]          # cancelling sums
+    deltas[2][40:60] = 0                      # exact zeros
+    deltas[3][60:90] = torch.randint(-2, 3, (30, 257), generator=gen).to(dtype) / 64   # ties at every cut
+    tensors = [base] + [(base.float() + d.float()).to(dtype) for d in deltas]
+    cases = [([0.7, -0.4, 0.0, 1.3], [0.55, 0.3, 0.8, 0.15]), ([1.0, 0.5, 1.0], [1.0, 0.35, 0.5])]
+    for weights, densities in cases:
+        sources = tensors[:1 + len(weights)]
+        for normalize in (True, False):
+            for lambda_ in (1.0, 0.7):
+                fused_calls.clear()
+                fused = _merge(method, sources, weights, densities, normalize, lambda_, seed=3)
+                assert fused_calls and all(fused_calls), "the fused kernel was not used"
+                with monkeypatch.context() as off:
+                    off.setattr(fused_ties, "ties_combine", lambda *a, **k: False)
+                    reference = _merge(method, sources, weights, densities, normalize, lambda_, seed=3)
+                assert torch.equal(fused.view(torch.int16), reference.view(torch.int16)), \
+                    (method, weights, normalize, lambda_)
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def reduced_family(request, tmp_path_factory):
+    from evomerge import tiny
+
+    return tiny.make_family(tmp_path_factory.mktemp(str(request.param)), n_variants=2, arch="qwen2", seed=6,
+                            dtype=request.param, max_shard_size="60KB")
+
+
+def _mergekit(recipe: dict, out: Path) -> None:
+    config = pytest.importorskip("mergekit.config")
+    merge = pytest.importorskip("mergekit.merge")
+    options = pytest.importorskip("mergekit.options")
+    merge.run_merge(config.MergeConfiguration.model_validate(recipe), str(out),
+                    options.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+
+
+def _folder(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_merge_and_engine_equal_mergekit_through_the_fast_path(reduced_family, method, fused_calls, tmp_path):
+    """No ``dtype:``: computed in the sources' bf16/fp16 by the fused kernel, equal to mergekit bit for bit."""
+    from evomerge.engine import MergeEngine
+    from evomerge.merge import run_merge
+    from evomerge.recipe import Recipe
+
+    fam = reduced_family
+    recipe = {"merge_method": method, "base_model": str(fam["base"]),
+              "models": [{"model": str(fam["model_1"]), "parameters": {"weight": 0.7, "density": [0.3, 0.8]}},
+                         {"model": str(fam["model_2"]), "parameters": {"weight": 0.45, "density": 0.6}}]}
+    if method == "breadcrumbs_ties":
+        recipe["parameters"] = {"gamma": 0.05}
+    _mergekit(recipe, tmp_path / "mk")
+    theirs = _folder(tmp_path / "mk")
+    run_merge(Recipe.from_dict(recipe), tmp_path / "ours", progress=False)
+    assert fused_calls and all(fused_calls), "evomerge merge did not take the fused kernel"
+    ours = _folder(tmp_path / "ours")
+    fused_calls.clear()
+    engine = {name: t.detach().clone() for name, t in MergeEngine(recipe, threads=2).tensors()}
+    assert fused_calls and all(fused_calls), "the engine did not take the fused kernel"
+    assert set(ours) == set(theirs) == set(engine)
+    for name, want in theirs.items():
+        assert ours[name].dtype == engine[name].dtype == want.dtype, name
+        assert torch.equal(ours[name], want), name
+        assert torch.equal(engine[name], want), name

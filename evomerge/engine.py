@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from evomerge.architecture import checkpoint_tensors
 from evomerge.checkpoint import model_card, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.merge import (
@@ -181,7 +182,6 @@ class MergeEngine:
         return max(set(floating), key=floating.count) if floating else torch.float32
 
     def _bind_targets(self) -> list[torch.Tensor]:
-        from evomerge.architecture import checkpoint_tensors
 
         state = checkpoint_tensors(self.model)  # checkpoint names (GPT-NeoX: embed_out is the lm_head module)
         targets = []

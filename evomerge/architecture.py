@@ -180,6 +180,7 @@ def checkpoint_tensors(model) -> dict[str, Any]:
         EvomergeError: transformers stores a tensor in another layout than the checkpoint (e.g. Mixtral's experts,
             stacked on load), so no model tensor can be written in place under that checkpoint name.
     """
+    # deferred: architecture.py is a torch-free table; transformers loads only when a model is checked
     from transformers.core_model_loading import revert_weight_conversion
 
     state = model.state_dict(keep_vars=True)
@@ -196,6 +197,7 @@ def checkpoint_tensors(model) -> dict[str, Any]:
 def check_in_place(path) -> None:
     """Raises EvomergeError (one line) when the in-memory engine cannot write the checkpoint at ``path`` into a
     transformers model in place (see ``checkpoint_tensors``); the model is built on the meta device (no memory)."""
+    # deferred: architecture.py is a torch-free table; torch and transformers load only when a model is checked
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

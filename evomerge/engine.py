@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from evomerge.architecture import checkpoint_tensors
 from evomerge.checkpoint import model_card, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.memory_plan import MemoryOptions, MemoryPlan, device_budget, plan_memory
@@ -237,7 +238,6 @@ class MergeEngine:
         return max(set(floating), key=floating.count) if floating else torch.float32
 
     def _bind_targets(self) -> list[torch.Tensor]:
-        from evomerge.architecture import checkpoint_tensors
 
         state = checkpoint_tensors(self.model)  # checkpoint names (GPT-NeoX: embed_out is the lm_head module)
         targets = []

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from evomerge.checkpoint import Checkpoint, parse_dtype, read_safetensors_header
+from evomerge.checkpoint import Checkpoint, find_tokenizer_files, parse_dtype, read_safetensors_header
 from evomerge.errors import EvomergeError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -164,8 +165,6 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
 
 def _read_adapter_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if (path / ADAPTER_SAFETENSORS).is_file():
-        from safetensors.torch import load_file
-
         read_safetensors_header(path / ADAPTER_SAFETENSORS)  # truncated / corrupted files: one line
         return load_file(str(path / ADAPTER_SAFETENSORS))
     if (path / ADAPTER_PICKLE).is_file():
@@ -210,8 +209,6 @@ class LoraCheckpoint(Checkpoint):
                                     f"adapter's is {list(shapes[0])}")
 
     def tokenizer_files(self) -> list[Path]:
-        from evomerge.checkpoint import find_tokenizer_files
-
         return find_tokenizer_files(self.base_path)
 
     def get(self, name: str, device: str | torch.device = "cpu",

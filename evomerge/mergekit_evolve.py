@@ -268,6 +268,7 @@ def run_evolve_config(args: Any, start_run: Any):
     """`evomerge run EVOLVE.yaml`: translate, print and validate the experiment, run it, and keep the
     translation in the run folder (``mergekit_evolve.yaml``: the original; ``experiment.yaml``: the translation).
     Returns the RunFolder, or None when ``args.experiment`` is not a mergekit-evolve config."""
+    # deferred: the search stack loads only for `evomerge run`, not when a config is only translated
     from evomerge.search.experiment import validate_experiment
     from evomerge.search.launch import default_out
 
@@ -284,6 +285,7 @@ def run_evolve_config(args: Any, start_run: Any):
     source = Path(args.experiment)
     experiment = validate_experiment(translation.experiment, base_dir=source.resolve().parent,
                                      default_name=source.stem, source_file=source)
+    # deferred: the evaluators (lm-eval, transformers) load only when the translated experiment runs
     from evomerge.evaluators import build_evaluator
 
     for evaluator in experiment.evaluators:  # a misspelt task or metric fails here, before any folder exists

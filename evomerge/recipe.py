@@ -37,7 +37,7 @@ import yaml
 
 from evomerge.alignment.method_params import CALIBRATION_DEFAULTS, DATA_AWARE_METHODS
 from evomerge.errors import EvomergeError
-from evomerge.lora import model_folder
+from evomerge.lora import model_folder, split_reference
 from evomerge.method_registry import get_method, is_data_aware
 from evomerge.methods import REQUIRED, MethodSpec, ParamSpec
 from evomerge.tokenizer_config import TokenizerSettings, check_chat_template, parse_tokenizer_block
@@ -231,8 +231,6 @@ class Recipe:
 
         A LoRA reference ``base+adapter`` resolves both parts: the result ``/abs/base+/abs/adapter`` is the
         source's key (see evomerge/lora.py)."""
-        from evomerge.lora import split_reference
-
         model_part, adapter = split_reference(model)
         path = self._resolve_one(model_part)
         return path if adapter is None else Path(f"{path}+{self._resolve_one(adapter)}")

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.chat_templates import TEMPLATES
 from evomerge.errors import EvomergeError
 
 ZERO = "zero"
@@ -137,8 +138,6 @@ def token_source_models(settings: TokenizerSettings) -> list[str]:
 def check_chat_template(value: Any, source: str) -> str | None:
     """mergekit's rule: a short name without '{' or newlines is a named template (or ``auto``); anything else
     must be a Jinja template (at least 20 characters, with a '{')."""
-    from evomerge.chat_templates import TEMPLATES
-
     if value is None:
         return None
     if not isinstance(value, str) or not value:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from evomerge.chat_templates import TEMPLATES
 from evomerge.errors import EvomergeError
 from evomerge.lora import model_folder
 from evomerge.tokenizer_config import MODEL_TOKEN, ZERO, TokenizerSettings, TokenSetting, TokenSource, is_template_name
@@ -271,6 +272,7 @@ def _union_tokenizer(tokenizers: dict[Path, Any], base_key: Path, keys: list[Pat
 
 def _copy_tokenizer(tokenizer: Any):
     """An independent copy (saved and reloaded), so the base tokenizer object is never changed."""
+    # deferred: transformers loads only when a tokenizer is built, not with the recipe layer
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
@@ -290,6 +292,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _load_tokenizer(folder: Path):
+    # deferred: transformers loads only when a tokenizer is built, not with the recipe layer
     from transformers import AutoTokenizer
 
     if not _has_tokenizer(folder):
@@ -326,8 +329,6 @@ def _shares_vocabulary(settings: TokenizerSettings, keys: list[Path], sizes: dic
 def _with_chat_template(tokenizer: Any, recipe: Any, keys: list[Path]):
     """Set the recipe's chat_template on the tokenizer: a named one, ``auto`` (the sources' most common
     template; unchanged when none has one) or the literal Jinja string."""
-    from evomerge.chat_templates import TEMPLATES
-
     value = recipe.chat_template
     if not value:
         return tokenizer

@@ -143,3 +143,49 @@ def test_graph_knows_the_core_modules(module):
     """Guards the walker against silently reading nothing (a renamed package would make the cycle test vacuous)."""
     graph = import_graph()
     assert module in graph and graph[module], f"{module} has no evomerge imports in the graph"
+
+
+def undocumented_local_imports(root: Path = ROOT, package: str = PACKAGE) -> list[str]:
+    """``path:line: statement`` for every import inside a function with no comment giving its reason.
+
+    House rule (issue 11): a function-local import is allowed only where something is deferred (an optional heavy
+    dependency, the search stack, a cycle), and says why in a comment on its line or on the line above. A run of
+    consecutive import statements directly under one comment shares that comment (the import lines between count
+    as "the line above").
+    """
+    offenders: list[str] = []
+    for path in sorted((root / package).rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines), filename=str(path))
+        imports = [node for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        import_lines = {n for node in imports for n in range(node.lineno, (node.end_lineno or node.lineno) + 1)}
+        for node in sorted({(node.lineno, id(node)): node for node in imports}.values(), key=lambda n: n.lineno):
+            own = lines[node.lineno - 1 : (node.end_lineno or node.lineno)]
+            above = node.lineno - 1
+            while above in import_lines:
+                above -= 1
+            if any("#" in line for line in own) or (above >= 1 and lines[above - 1].strip().startswith("#")):
+                continue
+            offenders.append(f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return offenders
+
+
+def test_every_function_local_import_says_why_it_is_deferred():
+    offenders = undocumented_local_imports()
+    assert not offenders, ("function-local imports without a reason comment (move them to module level, or add "
+                           "`# deferred: <reason>` on or above the line):\n" + "\n".join(offenders))
+
+
+def test_local_import_check_sees_missing_reasons(tmp_path):
+    """The checker itself: a bare local import is reported; one with a comment above (or a block under one
+    comment, or a trailing comment) is not; module-level imports are never reported."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import os\n")
+    (pkg / "a.py").write_text(
+        "import json\n\n"
+        "def f():\n    import re\n    return re\n\n"
+        "def g():\n    # deferred: heavy\n    import re\n    from os import path\n\n    import sys\n    return sys\n\n"
+        "def h():\n    import re  # deferred: heavy\n    return re\n")
+    assert undocumented_local_imports(tmp_path, "pkg") == ["pkg/a.py:4: import re", "pkg/a.py:12: import sys"]

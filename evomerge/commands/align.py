@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     # deferred: `evomerge --help` imports every command module; torch and models load only when one runs
     import torch
 
+    # deferred: the alignment stack (torch, transformers) loads only when `evomerge align` runs
     from evomerge.alignment.causal_lm import align_causal_lm
     from evomerge.checkpoint import write_checkpoint
 

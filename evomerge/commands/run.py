@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         run_folder = resume_run(args.resume, address=args.address, workers=args.workers,
                                 progress=not args.no_progress)
     elif args.experiment:
+        # deferred: the mergekit-evolve translator loads only when an experiment file is given
         from evomerge.mergekit_evolve import run_evolve_config
 
         run_folder = run_evolve_config(args, start_run)
@@ -73,6 +74,7 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     Raises:
         EvomergeError: DIR is not a run folder, or a repeated value differs from the run's.
     """
+    # deferred: the search stack loads only when `evomerge run` runs, not for every CLI call
     from evomerge.search.run_folder import RunFolder
 
     run = RunFolder.open(args.resume)
@@ -88,6 +90,7 @@ def check_resume_flags(args: argparse.Namespace) -> None:
 
 def _check_same_experiment(args: argparse.Namespace, config: dict[str, Any]) -> None:
     """EXPERIMENT.yaml given with --resume must resolve to the run's config (seed override included)."""
+    # deferred: the search stack loads only when `evomerge run` runs, not for every CLI call
     from evomerge.search.experiment import experiment_from_resolved, load_experiment
 
     fresh = dict(load_experiment(args.experiment).raw)

@@ -140,6 +140,7 @@ def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pyplot only after the Agg backend is chosen above
     import matplotlib.pyplot as plt
 
     return plt

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from evomerge.architecture import checkpoint_tensors
@@ -129,8 +130,6 @@ class MergeEngine:
     def _load_sources(self, progress: bool) -> None:
         """Read the resident jobs' sources once (sequentially: I/O) and precompute deltas and sort orders (in
         parallel on CPU: the sorts dominate the engine's start-up). Streamed jobs are read per candidate."""
-        from tqdm.auto import tqdm
-
         indices = [i for i, keep in enumerate(self.memory.resident) if keep]
         bar = tqdm(total=len(indices), desc="loading sources", unit="tensor", disable=not progress)
 

@@ -40,6 +40,8 @@ def set_offline_environment(hf_home: str | None = None) -> Path:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # building a local task's split is instant; its progress bar would only add lines to a one-line error
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     Path(folder).mkdir(parents=True, exist_ok=True)
     # Libraries imported earlier read these at import time: switch them to offline too.
     if "huggingface_hub" in sys.modules:
@@ -51,6 +53,9 @@ def set_offline_environment(hf_home: str | None = None) -> Path:
 
         datasets_config.HF_DATASETS_OFFLINE = True
         datasets_config.HF_HUB_OFFLINE = True
+        import datasets  # already loaded (see above)
+
+        datasets.disable_progress_bars()
     return Path(folder)
 
 

@@ -28,6 +28,15 @@ def qwen2_family(tmp_path_factory):
                             max_shard_size="40KB")
 
 
+@pytest.fixture(scope="module")
+def mergekit_api():
+    """mergekit 0.1.5's own ``run_merge`` on a recipe mapping or MergeConfiguration (tests/mergekit_oracle.py);
+    skips the test when mergekit does not import."""
+    from mergekit_oracle import mergekit_runner  # a tests/ module: conftest loads before pytest puts tests/ on the path
+
+    return mergekit_runner()
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread (tiny models train and run many times faster so on this machine)."""

@@ -5,50 +5,27 @@ the same folder; tiny models are built here, real files are written."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from evomerge import tiny
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.merge import run_merge
 from evomerge.recipe import Recipe
+from mergekit_oracle import load_folder
 
 TOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def mergekit_api():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    mk_config = pytest.importorskip("mergekit.config")
-    mk_merge = pytest.importorskip("mergekit.merge")
-    mk_options = pytest.importorskip("mergekit.options")
-
-    def run(recipe: dict, out: Path) -> None:
-        config = mk_config.MergeConfiguration.model_validate(recipe)
-        mk_merge.run_merge(config, str(out), mk_options.MergeOptions(copy_tokenizer=False, write_model_card=False,
-                                                                      quiet=True))
-
-    return run
-
-
-def _folder(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def _same_as_mergekit(recipe: dict, tmp_path: Path, mergekit_api, name: str) -> dict[str, torch.Tensor]:
     ours, theirs = tmp_path / f"ours-{name}", tmp_path / f"mk-{name}"
     run_merge(Recipe.from_dict(recipe), ours, progress=False)
     mergekit_api(recipe, theirs)
-    a, b = _folder(ours), _folder(theirs)
+    a, b = load_folder(ours), load_folder(theirs)
     assert set(a) == set(b), set(a) ^ set(b)
     for key in a:
         diff = (a[key].double() - b[key].double()).abs().max().item()
@@ -109,7 +86,7 @@ def test_density_zero_matches_mergekit(case, llama_family, tmp_path, mergekit_ap
                          {"model": str(llama_family["model_2"]), "parameters": {"weight": 0.3, **second}}]}
     merged = _same_as_mergekit(recipe, tmp_path, mergekit_api, case)
     if case == "ties_both":  # nothing kept: the base itself
-        base = _folder(llama_family["base"])
+        base = load_folder(llama_family["base"])
         assert all(torch.equal(merged[k], base[k]) for k in base)
 
 

@@ -13,13 +13,11 @@ space can search ``sce``'s ``select_topk`` and ``nuslerp``'s weights.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.engine import MergeEngine
@@ -27,51 +25,18 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import run_merge
 from evomerge.methods import METHODS, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe
+from mergekit_oracle import absolute, load_folder
 
 TOL = 1e-6
 NEW_METHODS = ("arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "ram", "ramplus_tl", "sce")
 
 
-@pytest.fixture(scope="module")
-def mergekit_api():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    mk_config = pytest.importorskip("mergekit.config")
-    mk_merge = pytest.importorskip("mergekit.merge")
-    mk_options = pytest.importorskip("mergekit.options")
-
-    def run(recipe: dict, out: Path) -> None:
-        config = mk_config.MergeConfiguration.model_validate(recipe)
-        options = mk_options.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        mk_merge.run_merge(config, str(out), options)
-
-    return run
-
-
-def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def _absolute(recipe: dict, fam: dict[str, Path]) -> dict:
-    """The aliases base/model_1/model_2 as absolute paths (mergekit reads relative paths as hub ids)."""
-    def fix(value):
-        if isinstance(value, dict):
-            return {k: (str(fam[v]) if k in ("model", "base_model") and v in fam else fix(v)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        return value
-
-    return fix(recipe)
-
-
 def _merge_both(recipe: dict, fam: dict[str, Path], tmp_path: Path, mergekit_api, name: str):
-    recipe = _absolute(recipe, fam)
+    recipe = absolute(recipe, fam)
     ours, theirs = tmp_path / f"ours-{name}", tmp_path / f"mk-{name}"
     run_merge(Recipe.from_dict(recipe), ours, progress=False)
     mergekit_api(recipe, theirs)
-    a, b = _load_folder(ours), _load_folder(theirs)
+    a, b = load_folder(ours), load_folder(theirs)
     assert set(a) == set(b), set(a) ^ set(b)
     return a, b
 
@@ -334,11 +299,11 @@ ENGINE_CASES = ["nearswap", "arcee_fusion", "karcher_options", "multislerp", "nu
 
 @pytest.mark.parametrize("name", ENGINE_CASES)
 def test_materialize_equals_evomerge_merge(name, llama_family, tmp_path):
-    recipe = Recipe.from_dict(_absolute(F32[name], llama_family))
+    recipe = Recipe.from_dict(absolute(F32[name], llama_family))
     engine = MergeEngine(recipe, threads=2)
     out = tmp_path / "merged"
     run_merge(recipe, out, progress=False, threads=1)
-    on_disk = _load_folder(out)
+    on_disk = load_folder(out)
     state = {k: t.detach().clone() for k, t in engine.tensors()}
     assert set(state) == set(on_disk)
     for key in state:
@@ -348,13 +313,13 @@ def test_materialize_equals_evomerge_merge(name, llama_family, tmp_path):
 def test_materialize_new_parameters_in_place(llama_family, tmp_path):
     """A candidate with other sce/nuslerp parameters equals `evomerge merge` of that candidate."""
     for name, change in (("sce", {"select_topk": 0.2}), ("nuslerp", {"nuslerp_flatten": False})):
-        recipe = _absolute(F32[name], llama_family)
+        recipe = absolute(F32[name], llama_family)
         engine = MergeEngine(recipe)
         candidate = {**recipe, "parameters": {**recipe.get("parameters", {}), **change}}
         engine.materialize(candidate)
         out = tmp_path / name
         run_merge(Recipe.from_dict(candidate), out, progress=False)
-        on_disk = _load_folder(out)
+        on_disk = load_folder(out)
         for key, tensor in engine.tensors():
             assert torch.equal(tensor, on_disk[key]), (name, key)
 
@@ -389,7 +354,7 @@ BAD_RECIPES = [
 def test_bad_recipe_is_one_line_exit_2_nothing_written(index, llama_family, tmp_path, capsys):
     recipe, message = BAD_RECIPES[index]
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_absolute({**recipe, "dtype": "float32"}, llama_family)))
+    path.write_text(yaml.safe_dump(absolute({**recipe, "dtype": "float32"}, llama_family)))
     out = tmp_path / "out"
     code = main(["merge", str(path), str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()

@@ -10,7 +10,6 @@ and end to end through their deterministic part (density 1) plus statistics of t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,52 +21,18 @@ from safetensors.torch import load_file, save_file
 from evomerge.merge import run_merge
 from evomerge.methods import METHODS, Workspace, prepare_inputs, run_method
 from evomerge.recipe import Recipe
+from mergekit_oracle import absolute, load_folder
 
 TOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def mergekit_api():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    mk_config = pytest.importorskip("mergekit.config")
-    mk_merge = pytest.importorskip("mergekit.merge")
-    mk_options = pytest.importorskip("mergekit.options")
-
-    def run(recipe: dict, out: Path) -> None:
-        config = mk_config.MergeConfiguration.model_validate(recipe)
-        options = mk_options.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-        mk_merge.run_merge(config, str(out), options)
-
-    return run
-
-
-def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def _absolute(recipe: dict, fam: dict[str, Path]) -> dict:
-    """Replace the aliases base/model_1/model_2 by absolute paths (mergekit treats relative paths as hub ids)."""
-    def fix(value):
-        if isinstance(value, dict):
-            return {k: (str(fam[v]) if k in ("model", "base_model", "tokenizer_source") and v in fam else fix(v))
-                    for k, v in value.items()}
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        return value
-
-    return fix(recipe)
-
-
 def _compare(recipe: dict, fam: dict[str, Path], tmp_path: Path, mergekit_api, name: str) -> dict:
-    recipe = _absolute(recipe, fam)
+    recipe = absolute(recipe, fam)
     ours = tmp_path / f"ours-{name}"
     theirs = tmp_path / f"mk-{name}"
     run_merge(Recipe.from_dict(recipe), ours, progress=False)
     mergekit_api(recipe, theirs)
-    a, b = _load_folder(ours), _load_folder(theirs)
+    a, b = load_folder(ours), load_folder(theirs)
     assert set(a) == set(b), set(a) ^ set(b)
     for key in a:
         assert a[key].shape == b[key].shape, key
@@ -264,13 +229,13 @@ def test_bias_vector_and_rescale_off(mergekit_api):
 @pytest.mark.parametrize("mode", ["l1", "inverse_density"])
 def test_dare_drop_statistics(mode, llama_family, tmp_path):
     density = 0.3
-    recipe = _absolute({"merge_method": "dare_linear", "base_model": "base", "dtype": "float32",
+    recipe = absolute({"merge_method": "dare_linear", "base_model": "base", "dtype": "float32",
                         "parameters": {"rescale_mode": mode},
                         "models": [{"model": "model_1", "parameters": {"weight": 1.0, "density": density}}]},
                        llama_family)
     out = tmp_path / "dare"
     run_merge(Recipe.from_dict(recipe), out, seed=3, progress=False)
-    merged = _load_folder(out)
+    merged = load_folder(out)
     base = load_file(llama_family["base"] / "model.safetensors")
     m1 = load_file(llama_family["model_1"] / "model.safetensors")
     checked = 0
@@ -293,7 +258,7 @@ def test_dare_drop_statistics(mode, llama_family, tmp_path):
     run_merge(Recipe.from_dict(recipe), again, seed=3, progress=False)
     other = tmp_path / "dare-other"
     run_merge(Recipe.from_dict(recipe), other, seed=4, progress=False)
-    a, b, c = merged, _load_folder(again), _load_folder(other)
+    a, b, c = merged, load_folder(again), load_folder(other)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -302,7 +267,7 @@ def test_recipe_yaml_is_accepted_by_mergekit(llama_family, tmp_path):
     """What we write back (recipe.yaml) is valid mergekit YAML."""
     from mergekit.config import MergeConfiguration
 
-    recipe = Recipe.from_dict(_absolute(RECIPES["ties"], llama_family))
+    recipe = Recipe.from_dict(absolute(RECIPES["ties"], llama_family))
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml()))
     assert config.merge_method == "ties"
 

@@ -50,14 +50,17 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from evomerge.errors import EvomergeError
+
+if TYPE_CHECKING:  # the search stack loads only for `evomerge run`
+    from evomerge.search.search_space import PSSpace
 
 METHOD_GENES = {"ties": ["weight", "density"], "dare_ties": ["weight", "density"], "task_arithmetic": ["weight"],
                 "linear": ["weight"], "slerp": ["t"]}
@@ -122,17 +125,13 @@ def translate(data: Mapping[str, Any], base_dir: Path, options: EvolveOptions, w
     _check_keys(genome, GENOME_KEYS, f"{where}: genome")
     _refuse_unsupported(data, genome, where)
     method = genome.get("merge_method")
-    models = genome.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-        raise EvomergeError(f"{where}: genome.models must be a list of model paths")
-    base = genome.get("base_model")
-    if not isinstance(base, str) or not base:
-        raise EvomergeError(f"{where}: genome.base_model is required for {method}")
-    sources = [m for m in models if not _same_path(m, base, base_dir)]
-    if not sources:
-        raise EvomergeError(f"{where}: genome.models lists no model besides the base_model")
     assert isinstance(method, str), f"{where}: _refuse_unsupported admits only the METHOD_GENES names"
+    base, sources = _models(genome, method, base_dir, where)
+    models = genome["models"]
     space = _search_space(genome, method, len(models), base_dir, models[0], where)
+    if data.get("random_init"):  # mergekit: every gene starts at a uniform draw from [0, 1)
+        for bounds in space["genes"].values():
+            bounds["init"] = [max(0.0, bounds["low"]), 1.0]
     evaluators, objectives = _tasks(data, options, base_dir, where)
     return {"name": re.sub(r"[^A-Za-z0-9_\-]+", "_", Path(where).stem) or "evolve", "seed": 0,
             "models": {"base": base, "sources": sources}, "search_space": space,
@@ -141,18 +140,47 @@ def translate(data: Mapping[str, Any], base_dir: Path, options: EvolveOptions, w
             "budget": {"trials": int(options.max_fevals)}, "dtype": "bfloat16"}
 
 
+def _models(genome: Mapping[str, Any], method: str, base_dir: Path, where: str) -> tuple[str, list[str]]:
+    """The experiment's base and sources: task-vector methods merge the models other than the base (mergekit
+    gives a listed base genes that these methods ignore); linear merges every model, the base (a listed one,
+    else the first model) only fixing the layer count."""
+    models = genome.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise EvomergeError(f"{where}: genome.models must be a list of model paths")
+    base = genome.get("base_model")
+    if base is not None and (not isinstance(base, str) or not base):
+        raise EvomergeError(f"{where}: genome.base_model must be a model path")
+    if method == "linear":
+        if base is not None and not any(_same_path(m, base, base_dir) for m in models):
+            raise EvomergeError(f"{where}: a linear genome's base_model must be one of genome.models (mergekit "
+                                f"adds it without a weight, and linear needs one per model)")
+        if len(models) < 2:
+            raise EvomergeError(f"{where}: a linear genome needs at least two models")
+        return models[0] if base is None else base, list(models)
+    if base is None:
+        raise EvomergeError(f"{where}: genome.base_model is required for {method}")
+    sources = [m for m in models if not _same_path(m, base, base_dir)]
+    if not sources:
+        raise EvomergeError(f"{where}: genome.models lists no model besides the base_model")
+    return base, sources
+
+
 def _refuse_unsupported(data: Mapping[str, Any], genome: Mapping[str, Any], where: str) -> None:
     method = genome.get("merge_method")
     if method not in METHOD_GENES:
         raise EvomergeError(f"{where}: genome.merge_method {method!r} is not a mergekit-evolve method "
                             f"({', '.join(METHOD_GENES)})")
-    if method in ("slerp", "linear"):
-        raise EvomergeError(f"{where}: {method} genomes cannot be translated (evomerge's parameter-space search "
-                            f"merges task vectors over a base: use ties, dare_ties or task_arithmetic)")
+    if method == "slerp":
+        raise EvomergeError(f"{where}: slerp genomes cannot be translated (mergekit-evolve picks the two "
+                            f"highest-scoring models and the base per layer group, so sources change between "
+                            f"candidates; use linear, ties, dare_ties or task_arithmetic)")
+    filters = genome.get("filters")
+    if filters is not None and (not isinstance(filters, list)
+                                or not all(isinstance(f, str) and f and f != "*" for f in filters)
+                                or len(set(filters)) != len(filters)):
+        raise EvomergeError(f"{where}: genome.filters must be a list of distinct tensor-name substrings, "
+                            f"got {filters!r}")
     checks = [
-        (genome.get("filters"), "genome.filters (separate genes per tensor-name filter) is not supported"),
-        (genome.get("smooth"), "genome.smooth (parameters interpolated across layers) is not supported"),
-        (data.get("random_init"), "random_init is not supported (the search starts from mergekit's initial genome)"),
         (data.get("shuffle"), "shuffle is not supported (limit already draws a seeded random subset)"),
         (genome.get("tokenizer_source") not in (None, "base"),
          f"genome.tokenizer_source {genome.get('tokenizer_source')!r} is not supported (only base)"),
@@ -190,9 +218,14 @@ def _search_space(genome: Mapping[str, Any], method: str, n_models: int, base_di
     space["parameters"] = {"normalize": method in ("ties", "dare_ties", "linear") if normalize is None
                            else bool(normalize)}
     low = -1.0 if genome.get("allow_negative_weights") else 0.0
-    space["genes"] = {"weight": {"low": low, "high": 1.0, "init": 1.0 / n_models},
-                      "density": {"low": 0.01, "high": 1.0, "init": 1.0}}
+    genes = {"weight": {"low": low, "high": 1.0, "init": 1.0 / n_models},
+             "density": {"low": 0.01, "high": 1.0, "init": 1.0}}
+    space["genes"] = {g: genes[g] for g in METHOD_GENES[method]}
     space["searched"] = list(METHOD_GENES[method])
+    if genome.get("smooth"):
+        space["smooth"] = True
+    if genome.get("filters"):
+        space["filters"] = list(genome["filters"])
     return space
 
 
@@ -262,6 +295,53 @@ def _check_keys(data: Mapping[str, Any], known: set[str], where: str) -> None:
     for key in data:
         if key not in known:
             raise EvomergeError(f"{where}: unknown key {key!r} (mergekit-evolve knows: {', '.join(sorted(known))})")
+
+
+def genome_from_genotype(space: PSSpace, models: Sequence[str], genotype: Sequence[Any]) -> list[float]:
+    """The evomerge genome (unit coordinates, ``space.names`` order) of a mergekit-evolve genotype.
+
+    Args:
+        space: the PS space of a translated config (built from the experiment ``translate`` returned).
+        models: the genome's ``models``, as absolute paths, in the config's order (the genotype's model axis).
+        genotype: mergekit's genotype as nested lists, shape (layer groups, models, filter sets, parameters)
+            (``ModelGenome.initial_genotype().tolist()``; the filter sets in ``filters`` order, the plain one
+            last; the parameters in ``METHOD_GENES`` order). A base listed among the models has genes that
+            task-vector methods ignore; they are skipped here too.
+
+    Returns:
+        One float in [0, 1] per gene of ``space``. mergekit's own transforms come first: the absolute value of
+        a weight (unless negative weights are allowed, i.e. the weight gene's low is below 0) and of a density,
+        which is also clamped to [0, 1].
+
+    Raises:
+        EvomergeError: a value outside the space's bounds (e.g. a density below 0.01), or a genotype whose
+            shape does not match the space.
+    """
+    definition = space.definition
+    params = METHOD_GENES[definition.merge_method]
+    suffixes = [f"[{f}]" for f in definition.filters] + [""]
+    alias_of = {str(Path(path).resolve()): alias for alias, path in space.sources.items()}
+    values: dict[str, float] = {}
+    for g, (group, _) in enumerate(space.groups):
+        for m, model in enumerate(models):
+            alias = alias_of.get(str(Path(model).resolve()))
+            for s, suffix in enumerate(suffixes):
+                for p, param in enumerate(params):
+                    value = float(genotype[g][m][s][p])
+                    if param == "density":
+                        value = min(1.0, abs(value))
+                    elif definition.genes[param].low >= 0:
+                        value = abs(value)
+                    if alias is not None:
+                        values[f"{alias}.{group}.{param}{suffix}"] = value
+    if set(values) != set(space.names):
+        raise EvomergeError(f"the genotype's genes do not match the space's ({len(values)} vs {space.dim})")
+    out = []
+    for gene in space.genes:
+        if not gene.low <= values[gene.name] <= gene.high:
+            raise EvomergeError(f"gene {gene.name} = {values[gene.name]} is outside [{gene.low}, {gene.high}]")
+        out.append(gene.unit(values[gene.name]))
+    return out
 
 
 def run_evolve_config(args: Any, start_run: Any):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -46,6 +47,34 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_TINY_CHOICE_YAML = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    """A local lm-eval multiple-choice task, tiny_choice (six sums as JSON lines), for mergekit-evolve configs."""
+    folder = tmp_path_factory.mktemp("evolve_tasks")
+    items = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
+             for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (6, 3)]]
+    data = folder / "tiny_choice.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    (folder / "tiny_choice.yaml").write_text(_TINY_CHOICE_YAML.format(data=data), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -17,33 +17,6 @@ from evomerge.mergekit_evolve import EvolveOptions, translate
 from evomerge.search.experiment import validate_experiment
 from evomerge.search.search_space import build_space
 
-TASK_YAML = """task: tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("evolve_tasks")
-    items = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
-             for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (6, 3)]]
-    data = folder / "tiny_choice.jsonl"
-    data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
-    (folder / "tiny_choice.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
-    return folder
-
 
 def _evolve(llama_family, **genome) -> dict:
     return {"genome": {"models": [str(llama_family["model_1"]), str(llama_family["model_2"])],
@@ -101,12 +74,14 @@ def test_translation_matches_mergekit_genome(llama_family):
 
 @pytest.mark.parametrize("case, change, message", [
     ("slerp", {"genome": {"merge_method": "slerp"}}, "slerp genomes cannot be translated"),
-    ("filters", {"genome": {"filters": ["mlp"]}}, "genome.filters"),
-    ("smooth", {"genome": {"smooth": True}}, "genome.smooth"),
+    ("filters", {"genome": {"filters": "mlp"}}, "genome.filters must be a list"),
+    ("filters_twice", {"genome": {"filters": ["mlp", "mlp"]}}, "genome.filters must be a list of distinct"),
+    ("smooth", {"genome": {"smooth": "yes"}}, "smooth must be true or false"),
+    ("linear_base", {"genome": {"merge_method": "linear"}}, "base_model must be one of genome.models"),
+    ("random_init", {"random_init": 1}, "random_init must be true or false"),
     ("granularity", {"genome": {"layer_granularity": 3}}, "does not divide the 4 layers"),
     ("unknown_key", {"genome": {"layers": 2}}, "unknown key 'layers'"),
     ("no_base", {"genome": {"base_model": None}}, "base_model is required"),
-    ("random_init", {"random_init": True}, "random_init"),
     ("tokenizer", {"genome": {"tokenizer_source": "union"}}, "tokenizer_source"),
     ("bad_task", {"tasks": [{"name": "tiny_choice", "weight": "high"}]}, "tasks[0].weight"),
     ("unknown_metric", {"tasks": [{"name": "tiny_choice", "metric": "f1,none"}]}, "not produced"),

@@ -15,6 +15,14 @@ Kinds:
   ``[{filter, value}]`` lists (block filters from evomerge.architecture: ``layers.I.``, GPT-2's
   ``transformer.h.I.``), so `evomerge merge` reproduces the candidate exactly.
   Weights are not normalised: their sum may exceed 1 (the paper's evolved weights summed to about 2).
+  Options mergekit-evolve's genome has (evomerge/mergekit_evolve.py translates its configs into them):
+  ``smooth: true`` makes the per-group genes the points of a gradient (mergekit's interpolated parameter lists:
+  linear across the layers, the embeddings, final norm and head at the first point) instead of a constant per
+  group; ``filters: [substring, ...]`` gives every gene one more set per filter (``NAME[filter]``), used for
+  the tensors whose name contains that filter (the first that matches; the plain gene for the rest), written as
+  mergekit's ``[{filter, value}]`` lists; with layer groups and without ``smooth`` the candidate is then a
+  ``slices:`` recipe, one slice per group (mergekit-evolve's own layout). A gene's ``init`` may be a range
+  ``[a, b]``: its start is drawn uniformly from it, seeded by ``init_seed`` (mergekit-evolve's random_init).
 - ``dfs``: indicator genes over T = M x r slots and scalings (an M x M matrix or a small feed-forward net of
   (i, j, t)) -> a ``DataflowPath`` (see dataflow.py).
 - ``ps_dfs``: a ``ps`` stage, then a ``dfs`` stage with the PS winner as model A.
@@ -25,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +52,7 @@ SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
 PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "name",
-           "searched"}
+           "searched", "smooth", "filters", "init_seed"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -60,6 +69,13 @@ class Gene:
     high: float
     init: float
     transform: str = "linear"
+    init_high: float | None = None  # a random start: drawn uniformly (in value units) from [init, init_high]
+
+    def start(self, rng: random.Random) -> float:
+        """The starting value: ``init``, or a uniform draw from [init, init_high] when the start is random."""
+        if self.init_high is None:
+            return self.init
+        return self.init + rng.random() * (self.init_high - self.init)
 
     def value(self, u: float) -> float:
         """The gene's value of unit coordinate ``u`` (clipped to [0, 1]), linear or log between low and high."""
@@ -91,14 +107,16 @@ class GeneBounds:
     high: float
     init: float
     transform: str = "linear"
+    init_high: float | None = None  # ``init: [a, b]``: a random start drawn from [a, b] (init = a)
 
     def gene(self, name: str) -> Gene:
         """The gene ``name`` with these bounds."""
-        return Gene(name, self.low, self.high, self.init, self.transform)
+        return Gene(name, self.low, self.high, self.init, self.transform, self.init_high)
 
     def to_dict(self) -> dict[str, Any]:
-        """The YAML form ``{low, high, init, transform}``."""
-        return {"low": self.low, "high": self.high, "init": self.init, "transform": self.transform}
+        """The YAML form ``{low, high, init, transform}`` (``init`` a list ``[a, b]`` for a random start)."""
+        init: float | list[float] = self.init if self.init_high is None else [self.init, self.init_high]
+        return {"low": self.low, "high": self.high, "init": init, "transform": self.transform}
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,8 @@ class PSSpaceDef:
 
     ``group_size`` is ``"model"``, ``"block"`` or a positive block count; ``embeddings`` is ``separate`` or
     ``with_blocks``; ``genes`` maps each searched parameter, in genome order, to its bounds; ``searched`` lists
-    which of density and weight mergekit-evolve asked for.
+    which of density and weight mergekit-evolve asked for; ``smooth``, ``filters`` and ``init_seed`` as in the
+    module docstring (defaults: off, none, 0; written back only when set, so older definitions keep their form).
     """
 
     name: str | None
@@ -133,14 +152,24 @@ class PSSpaceDef:
     genes: dict[str, GeneBounds]
     searched: tuple[str, ...]
     description: str | None = ""
+    smooth: bool = False
+    filters: tuple[str, ...] = ()
+    init_seed: int = 0
     kind: ClassVar[str] = "ps"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved YAML mapping (what a run folder's config.yaml keeps under ``search_space``)."""
-        return {"kind": self.kind, "name": self.name, "merge_method": self.merge_method,
-                "parameters": copy.deepcopy(self.parameters), "group_size": self.group_size,
-                "embeddings": self.embeddings, "genes": {g: b.to_dict() for g, b in self.genes.items()},
-                "searched": list(self.searched), "description": self.description}
+        out = {"kind": self.kind, "name": self.name, "merge_method": self.merge_method,
+               "parameters": copy.deepcopy(self.parameters), "group_size": self.group_size,
+               "embeddings": self.embeddings, "genes": {g: b.to_dict() for g, b in self.genes.items()},
+               "searched": list(self.searched), "description": self.description}
+        if self.smooth:
+            out["smooth"] = True
+        if self.filters:
+            out["filters"] = list(self.filters)
+        if self.init_seed:
+            out["init_seed"] = self.init_seed
+        return out
 
 
 @dataclass(frozen=True)
@@ -260,17 +289,27 @@ def _number(where: str, value: Any) -> float:
 
 def _gene_bounds(where: str, given: Any, default: dict[str, float]) -> GeneBounds:
     spec: dict[str, Any] = dict(default, **check_keys(where, given if given is not None else {}, GENE_KEYS))
-    low, high, init = (_number(f"{where}.{k}", spec.get(k)) for k in ("low", "high", "init"))
+    low, high = (_number(f"{where}.{k}", spec.get(k)) for k in ("low", "high"))
+    given_init = spec.get("init")
+    if isinstance(given_init, list):  # a random start drawn from [a, b]
+        if len(given_init) != 2:
+            raise _err(f"{where}.init must be a number or a range [a, b], got {given_init!r}")
+        init, init_high = (_number(f"{where}.init", v) for v in given_init)
+        if not init < init_high:
+            raise _err(f"{where}.init range [{init}, {init_high}] must have a < b")
+    else:
+        init, init_high = _number(f"{where}.init", given_init), None
     if not low < high:
         raise _err(f"{where}: inverted bounds (low {low} must be below high {high})")
-    if not low <= init <= high:
-        raise _err(f"{where}.init {init} is outside [{low}, {high}]")
+    for v in (init, init if init_high is None else init_high):
+        if not low <= v <= high:
+            raise _err(f"{where}.init {v} is outside [{low}, {high}]")
     transform = spec.get("transform", "linear")
     if transform not in TRANSFORMS:
         raise _err(f"{where}.transform must be linear or log, got {transform!r}")
     if transform == "log" and low <= 0:
         raise _err(f"{where}: a log transform needs low > 0")
-    return GeneBounds(low, high, init, str(transform))
+    return GeneBounds(low, high, init, str(transform), init_high)
 
 
 def _validate_ps(data: dict[str, Any]) -> PSSpaceDef:
@@ -301,9 +340,31 @@ def _validate_ps(data: dict[str, Any]) -> PSSpaceDef:
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise _err(f"{where}: parameters must be a mapping")
+    smooth, filters, init_seed = _evolve_options(where, data, embeddings)
     return PSSpaceDef(name=data.get("name"), merge_method=method, parameters=params, group_size=group,
                       embeddings=embeddings, genes=genes, searched=tuple(g for g in PS_GENES if g in searched),
-                      description=data.get("description", ""))
+                      description=data.get("description", ""), smooth=smooth, filters=filters,
+                      init_seed=init_seed)
+
+
+def _evolve_options(where: str, data: dict[str, Any], embeddings: str) -> tuple[bool, tuple[str, ...], int]:
+    """``smooth``, ``filters`` and ``init_seed`` of a ps definition, checked (see the module docstring)."""
+    smooth = data.get("smooth", False)
+    if not isinstance(smooth, bool):
+        raise _err(f"{where}: smooth must be true or false, got {smooth!r}")
+    filters = data.get("filters") or []
+    if not isinstance(filters, list) or not all(isinstance(f, str) and f and f != "*" for f in filters):
+        raise _err(f"{where}: filters must be a list of tensor-name substrings, got {filters!r}")
+    if len(set(filters)) != len(filters):
+        raise _err(f"{where}: filters lists a substring twice")
+    seed = data.get("init_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _err(f"{where}: init_seed must be an integer, got {seed!r}")
+    if (smooth or filters) and embeddings == "separate" and data.get("group_size", "model") != "model":
+        what = "smooth" if smooth else "filters"
+        raise _err(f"{where}: {what} with layer groups needs embeddings: with_blocks (the embeddings go with the "
+                   f"first group, the head with the last, as in mergekit-evolve)")
+    return smooth, tuple(filters), seed
 
 
 def _numeric_parameters(method: str) -> dict[str, bool] | None:
@@ -413,6 +474,7 @@ class SearchSpace:
 
     kind: str
     genes: list[Gene]
+    init_seed: int = 0  # seeds the starts of genes whose init is a range
 
     @property
     def dim(self) -> int:
@@ -425,8 +487,10 @@ class SearchSpace:
         return [g.name for g in self.genes]
 
     def x0(self) -> list[float]:
-        """The starting genome: every gene's ``init`` in unit coordinates (length ``dim``)."""
-        return [float(g.unit(g.init)) for g in self.genes]
+        """The starting genome: every gene's ``init`` in unit coordinates (length ``dim``); a gene whose init is a
+        range starts at a uniform draw from it (``random.Random(init_seed)``, in genome order: reproducible)."""
+        rng = random.Random(self.init_seed)
+        return [float(g.unit(g.start(rng))) for g in self.genes]
 
     def values(self, x: Sequence[float]) -> dict[str, float]:
         """The decoded gene values {name: value in its declared range} of a genome x (n floats in [0, 1])."""
@@ -452,7 +516,12 @@ class SearchSpace:
 
 
 class PSSpace(SearchSpace):
-    """Density and weight per source model per layer group -> a mergekit-compatible recipe mapping."""
+    """Density and weight per source model per layer group -> a mergekit-compatible recipe mapping.
+
+    Gene names: ``ALIAS.GROUP.PARAM`` per source model (``GROUP.PARAM`` for a global parameter), with a
+    ``[FILTER]`` suffix for each of the definition's filters, in genome order source, group, filter set
+    (the filters', then the plain one), parameter.
+    """
 
     kind = "ps"
 
@@ -461,15 +530,20 @@ class PSSpace(SearchSpace):
         self.base = base
         self.sources = dict(sources)
         self.dtype = dtype
+        self.init_seed = definition.init_seed
         self.num_layers = read_num_layers(base)
         self.arch = checkpoint_architecture(base)
         self.groups = self._layer_groups()
+        self.uses_base = METHODS[definition.merge_method].uses_base if definition.merge_method in METHODS else True
         scopes = _numeric_parameters(definition.merge_method) or {}
         self.model_genes = [g for g in definition.genes if scopes.get(g, True)]
         self.global_genes = [g for g in definition.genes if not scopes.get(g, True)]
-        self.genes = [definition.genes[g].gene(f"{alias}.{group}.{g}")
-                      for alias in self.sources for group, _ in self.groups for g in self.model_genes]
-        self.genes += [definition.genes[g].gene(f"{group}.{g}") for group, _ in self.groups for g in self.global_genes]
+        sets = [f"[{f}]" for f in definition.filters] + [""]
+        self.genes = [definition.genes[g].gene(f"{alias}.{group}.{g}{suffix}")
+                      for alias in self.sources for group, _ in self.groups for suffix in sets
+                      for g in self.model_genes]
+        self.genes += [definition.genes[g].gene(f"{group}.{g}{suffix}") for group, _ in self.groups
+                       for suffix in sets for g in self.global_genes]
 
     def _layer_groups(self) -> list[tuple[str, list[str] | None]]:
         """(group name, recipe filters) in the order genes are laid out; filters None = the whole model."""
@@ -496,11 +570,26 @@ class PSSpace(SearchSpace):
         # without a separate head group the last block group is the fallback
         return groups
 
+    def _filter_sets(self, values: dict[str, float], names: list[str]) -> Any:
+        """A parameter's value from the genes ``names`` (one: a scalar; several: a gradient through them, as
+        mergekit-evolve writes a smooth genome), over the filter sets: alone without filters, else mergekit's
+        ``[{filter, value}, ..., {value}]`` (the plain set last, for every other tensor)."""
+        def one(suffix: str) -> float | list[float]:
+            points = [values[f"{name}{suffix}"] for name in names]
+            return points[0] if len(points) == 1 else points
+
+        if not self.definition.filters:
+            return one("")
+        return [*({"filter": f, "value": one(f"[{f}]")} for f in self.definition.filters), {"value": one("")}]
+
     def _parameter_value(self, prefix: str, gene: str, values: dict[str, float]) -> Any:
-        """The recipe value of one parameter: a scalar, or one filter entry per group's layers (``prefix``: the
-        source alias and a dot for per-model genes, empty for global ones)."""
+        """The recipe value of one parameter: a scalar, a gradient over the groups (``smooth``), or one filter
+        entry per group's layers (``prefix``: the source alias and a dot for per-model genes, empty for global
+        ones); with filters, one such value per filter set."""
         if self.groups[0][1] is None:
-            return values[f"{prefix}all.{gene}"]
+            return self._filter_sets(values, [f"{prefix}all.{gene}"])
+        if self.definition.smooth:  # mergekit-evolve's smooth genome: the group values as gradient points
+            return self._filter_sets(values, [f"{prefix}{group}.{gene}" for group, _ in self.groups])
         entries: list[dict[str, Any]] = []
         for group, filters in self.groups:
             v = values[f"{prefix}{group}.{gene}"]
@@ -509,12 +598,25 @@ class PSSpace(SearchSpace):
         entries.append({"value": values[f"{prefix}{fallback_group}.{gene}"]})
         return entries
 
+    @property
+    def sliced(self) -> bool:
+        """Whether candidates are ``slices:`` recipes: filters over layer groups without smooth (a tensor's
+        value then depends on its group and on its name, which one list of substring filters cannot say)."""
+        return bool(self.definition.filters) and self.groups[0][1] is not None and not self.definition.smooth
+
     def candidate(self, values: dict[str, float]) -> dict[str, Any]:
         """The recipe (mergekit YAML as a mapping) of this genome."""
-        recipe: dict[str, Any] = {"merge_method": self.definition.merge_method, "base_model": self.base}
+        recipe: dict[str, Any] = {"merge_method": self.definition.merge_method}
+        if self.uses_base:  # a method without a base (linear) refuses one that is not among its models
+            recipe["base_model"] = self.base
         if self.dtype is not None:  # else computed in the sources' dtype, as mergekit does
             recipe["dtype"] = self.dtype
         parameters = copy.deepcopy(self.definition.parameters)
+        if self.sliced:
+            if parameters:
+                recipe["parameters"] = parameters
+            recipe.update(slices=self._slices(values), tokenizer_source="base")
+            return recipe
         parameters.update({g: self._parameter_value("", g, values) for g in self.global_genes})
         if parameters:
             recipe["parameters"] = parameters
@@ -524,6 +626,27 @@ class PSSpace(SearchSpace):
             recipe["models"].append({"model": path, "parameters": per_model} if per_model else {"model": path})
         recipe["tokenizer_source"] = "base"
         return recipe
+
+    def _slices(self, values: dict[str, float]) -> list[dict[str, Any]]:
+        """One slice per layer group (embeddings with the first, head and final norm with the last, as mergekit
+        plans them): every source with its filter-set values, then the base when the method uses one."""
+        slices: list[dict[str, Any]] = []
+        size = 1 if self.definition.group_size == "block" else int(self.definition.group_size)
+        for i, (group, _) in enumerate(self.groups):
+            layer_range = [i * size, min((i + 1) * size, self.num_layers)]
+            sources: list[dict[str, Any]] = []
+            for alias, path in self.sources.items():
+                params = {g: self._filter_sets(values, [f"{alias}.{group}.{g}"]) for g in self.model_genes}
+                source: dict[str, Any] = {"model": path, "layer_range": layer_range}
+                sources.append({**source, "parameters": params} if params else source)
+            if self.uses_base and self.base not in self.sources.values():
+                sources.append({"model": self.base, "layer_range": layer_range})
+            item: dict[str, Any] = {"sources": sources}
+            shared = {g: self._filter_sets(values, [f"{group}.{g}"]) for g in self.global_genes}
+            if shared:
+                item["parameters"] = shared
+            slices.append(item)
+        return slices
 
 
 class DFSSpace(SearchSpace):

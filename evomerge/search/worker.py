@@ -179,7 +179,11 @@ class TrialRunner:
         mapping = candidate.to_dict()
         if mapping.get("base_model") in self.path_map:
             mapping["base_model"] = self.path_map[mapping["base_model"]]
-        mapping["models"] = [dict(m, model=self.path_map.get(m["model"], m["model"])) for m in mapping["models"]]
+        local = self.path_map.get
+        if "models" in mapping:
+            mapping["models"] = [dict(m, model=local(m["model"], m["model"])) for m in mapping["models"]]
+        for item in mapping.get("slices", []):  # a sliced PS candidate (filters over layer groups)
+            item["sources"] = [dict(src, model=local(src["model"], src["model"])) for src in item["sources"]]
         return Recipe.from_dict(mapping, source="the candidate recipe")
 
     def ready(self) -> WorkerInfo:

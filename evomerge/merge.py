@@ -105,8 +105,8 @@ def recipe_structure(recipe: Recipe) -> tuple:
     base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
     return (recipe.merge_method, base,
             tuple(recipe.resolve_path(m.model) for m in recipe.models),
-            tuple(tuple((recipe.resolve_path(s.model), tuple(s.layer_range)) for s in sl.sources)
-                  for sl in recipe.slices),
+            tuple((tuple((recipe.resolve_path(s.model), tuple(s.layer_range)) for s in sl.sources),
+                   recipe.slice_base(i)) for i, sl in enumerate(recipe.slices)),
             recipe.dtype, recipe.out_dtype, repr(recipe.tokenizer_settings()), recipe.chat_template)
 
 
@@ -171,9 +171,11 @@ def plan_merge(recipe: Recipe, allow_pickle: bool = False) -> MergePlan:
     arch = architecture.resolve(reference.config, reference.tensor_names, reference.num_layers)
     if recipe.slices:
         arch.require_blocks("slices (layer ranges)")
+    slice_bases = [index_of[b] if (b := recipe.slice_base(i)) is not None else None
+                   for i in range(len(recipe.slices))] or [base_index]
     ctx = _PlanContext(arch=arch, spec=spec, paths=paths, checkpoints=checkpoints, base_index=base_index,
                        compute=parse_dtype(recipe.dtype), slices=slices, reference=reference, tensor_sets=tensor_sets,
-                       vocabulary=tokenizer.vocabulary)
+                       vocabulary=tokenizer.vocabulary, slice_bases=slice_bases)
     jobs, num_layers = _plan_jobs(ctx)
     out_dtype = parse_dtype(recipe.out_dtype)
     config = _output_config(ctx, num_layers, out_dtype or ctx.compute)
@@ -205,6 +207,7 @@ class _PlanContext:
     reference: Checkpoint  # the base (else the first source): its non-layer tensors and config are the output's
     tensor_sets: SourceTensors  # the sources' tensor sets compared (tied heads resolved per source)
     vocabulary: VocabularyPlan | None = None  # the output tokenizer's rows, when the recipe re-indexes vocabularies
+    slice_bases: list[int | None] = field(default_factory=list)  # each slice's base (its own, else the recipe's)
 
 
 def _plan_slices(recipe: Recipe, needs_base: bool, checkpoints: list[Checkpoint], index_of: dict[Path, int],
@@ -292,8 +295,9 @@ def _plan_job(ctx: _PlanContext, out_name: str, si: int, names: list[str], t: fl
     if ctx.compute is not None and floating:
         job_dtype = ctx.compute
     base_pos = None
-    if ctx.spec.uses_base and ctx.base_index is not None:
-        base_pos = next(i for i, (m, _) in enumerate(refs) if m == ctx.base_index)
+    base_index = ctx.slice_bases[si] if ctx.slice_bases else ctx.base_index
+    if ctx.spec.uses_base and base_index is not None:
+        base_pos = next(i for i, (m, _) in enumerate(refs) if m == base_index)
     return TensorJob(name=out_name, slice_index=si, sources=refs, param_refs=[s.ref for s in sources],
                      base_pos=base_pos, t=t, shape=shapes[0], compute_dtype=job_dtype, floating=floating,
                      vocab=vocab)

@@ -5,7 +5,7 @@ mergekit-evolve (mergekit 0.1.5's ``mergekit/evo``) reads::
     genome:
       models: [PATH, ...]
       merge_method: ties | dare_ties | task_arithmetic | linear | slerp
-      base_model: PATH
+      base_model: PATH              # required for ties, dare_ties, task_arithmetic
       tokenizer_source: null
       layer_granularity: 0          # 0: one gene set per model; k: one per k consecutive layers
       normalize: null               # null: true for ties, dare_ties and linear
@@ -21,17 +21,21 @@ mergekit-evolve (mergekit 0.1.5's ``mergekit/evo``) reads::
     fewshot_as_multiturn: true
 
 and searches, with CMA-ES (sigma0 1/6, ``--max-fevals`` 100), a weight per model (and a density for ties and
-dare_ties) per layer group, maximising ``sum(weight * metric)`` over the tasks. The translation is a parameter-space
-experiment (evomerge/search/experiment.py) over the PS space (search_space.py):
+dare_ties; a score for slerp) per layer group and filter set, maximising ``sum(weight * metric)`` over the tasks.
+The translation is a parameter-space experiment (evomerge/search/experiment.py) over the PS space
+(search_space.py); docs/METHODS.md ("Moving from mergekit-evolve") has the option-by-option table:
 
-- ``base_model`` is the space's base; the other ``models`` are its sources (a base listed among ``models`` gets
-  genes in mergekit that its methods ignore; here it gets none);
+- ``base_model`` is the space's base; for ties, dare_ties and task_arithmetic the other ``models`` are its
+  sources (a base listed among ``models`` gets genes in mergekit that these methods ignore; here it gets none);
+  linear and slerp take every model as a source (their base_model, if given, must be one of them);
 - ``layer_granularity`` 0 -> ``group_size: model``; k -> ``group_size: k`` with ``embeddings: with_blocks``
   (the embedding goes with the first group, the head and final norm with the last, like mergekit's slices);
 - genes: ``weight`` (and ``density`` for ties / dare_ties) in [0, 1] (``allow_negative_weights``: [-1, 1]),
   starting at mergekit's 1 / len(models) and density 1; mergekit searches unbounded values and takes their
   absolute value (density also clamped to [0, 1]), evomerge bounds the genes instead (density from 0.01, as a
-  density of 0 keeps nothing);
+  density of 0 keeps nothing); slerp: a ``score`` per model in [0, 1] and ``select: top_two``;
+- ``smooth`` -> the space's ``smooth`` (gradients through the group genes), ``filters`` -> its ``filters``
+  (a gene set per filter), ``random_init`` -> every gene's ``init`` the range [0, 1] (seeded draw);
 - ``normalize`` -> the recipe parameter (mergekit-evolve always writes it: true for ties, dare_ties, linear);
   merges run in bfloat16, as mergekit-evolve's;
 - each task -> an ``lm_eval`` evaluator (``limit``, ``num_fewshot``, ``apply_chat_template`` passed on; local
@@ -39,10 +43,9 @@ experiment (evomerge/search/experiment.py) over the PS space (search_space.py):
   weighted sum is mergekit-evolve's score);
 - optimizer ``cmaes`` with ``--sigma0`` (default 1/6), budget ``--max-fevals`` trials (default 100).
 
-What evomerge cannot reproduce is refused with one line: ``slerp`` and ``linear`` genomes (the PS space merges
-task vectors over a base), ``filters`` (per-filter gene sets), ``smooth`` (gradients), ``random_init``,
-``shuffle``, ``fewshot_as_multiturn`` with few-shot chat prompts, and a ``tokenizer_source`` other than base.
-``limit`` draws a seeded random subset of each task's documents (mergekit-evolve takes the first ``limit``).
+What evomerge cannot reproduce is refused with one line: ``shuffle``, ``fewshot_as_multiturn`` with few-shot
+chat prompts, and a ``tokenizer_source`` other than base. ``limit`` draws a seeded random subset of each task's
+documents (mergekit-evolve takes the first ``limit``).
 """
 
 from __future__ import annotations
@@ -142,20 +145,21 @@ def translate(data: Mapping[str, Any], base_dir: Path, options: EvolveOptions, w
 
 def _models(genome: Mapping[str, Any], method: str, base_dir: Path, where: str) -> tuple[str, list[str]]:
     """The experiment's base and sources: task-vector methods merge the models other than the base (mergekit
-    gives a listed base genes that these methods ignore); linear merges every model, the base (a listed one,
-    else the first model) only fixing the layer count."""
+    gives a listed base genes that these methods ignore); linear and slerp take every model, the base (a listed
+    one, else the first model) only fixing the layer count (slerp picks each group's base itself)."""
     models = genome.get("models")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
         raise EvomergeError(f"{where}: genome.models must be a list of model paths")
     base = genome.get("base_model")
     if base is not None and (not isinstance(base, str) or not base):
         raise EvomergeError(f"{where}: genome.base_model must be a model path")
-    if method == "linear":
+    if method in ("linear", "slerp"):
         if base is not None and not any(_same_path(m, base, base_dir) for m in models):
-            raise EvomergeError(f"{where}: a linear genome's base_model must be one of genome.models (mergekit "
-                                f"adds it without a weight, and linear needs one per model)")
+            why = "linear needs a weight per model" if method == "linear" else "slerp takes two models"
+            raise EvomergeError(f"{where}: a {method} genome's base_model must be one of genome.models (mergekit "
+                                f"adds it as one more source, and {why})")
         if len(models) < 2:
-            raise EvomergeError(f"{where}: a linear genome needs at least two models")
+            raise EvomergeError(f"{where}: a {method} genome needs at least two models")
         return models[0] if base is None else base, list(models)
     if base is None:
         raise EvomergeError(f"{where}: genome.base_model is required for {method}")
@@ -170,10 +174,9 @@ def _refuse_unsupported(data: Mapping[str, Any], genome: Mapping[str, Any], wher
     if method not in METHOD_GENES:
         raise EvomergeError(f"{where}: genome.merge_method {method!r} is not a mergekit-evolve method "
                             f"({', '.join(METHOD_GENES)})")
-    if method == "slerp":
-        raise EvomergeError(f"{where}: slerp genomes cannot be translated (mergekit-evolve picks the two "
-                            f"highest-scoring models and the base per layer group, so sources change between "
-                            f"candidates; use linear, ties, dare_ties or task_arithmetic)")
+    if method == "slerp" and (genome.get("smooth") or genome.get("filters")):
+        raise EvomergeError(f"{where}: a slerp genome takes neither smooth nor filters (mergekit-evolve refuses "
+                            f"them too)")
     filters = genome.get("filters")
     if filters is not None and (not isinstance(filters, list)
                                 or not all(isinstance(f, str) and f and f != "*" for f in filters)
@@ -214,6 +217,10 @@ def _search_space(genome: Mapping[str, Any], method: str, n_models: int, base_di
             raise EvomergeError(f"{where}: genome.layer_granularity {granularity} does not divide the {layers} "
                                 f"layers of {first}")
         space["group_size"] = granularity
+    if method == "slerp":  # mergekit-evolve's normalize and int8_mask do nothing to a slerp merge
+        space.update(parameters={}, select="top_two", searched=["weight"],
+                     genes={"score": {"low": 0.0, "high": 1.0, "init": 1.0 / n_models}})
+        return space
     normalize = genome.get("normalize")
     space["parameters"] = {"normalize": method in ("ties", "dare_ties", "linear") if normalize is None
                            else bool(normalize)}
@@ -318,7 +325,7 @@ def genome_from_genotype(space: PSSpace, models: Sequence[str], genotype: Sequen
             shape does not match the space.
     """
     definition = space.definition
-    params = METHOD_GENES[definition.merge_method]
+    params = ["score"] if definition.select == "top_two" else METHOD_GENES[definition.merge_method]
     suffixes = [f"[{f}]" for f in definition.filters] + [""]
     alias_of = {str(Path(path).resolve()): alias for alias, path in space.sources.items()}
     values: dict[str, float] = {}
@@ -330,8 +337,8 @@ def genome_from_genotype(space: PSSpace, models: Sequence[str], genotype: Sequen
                     value = float(genotype[g][m][s][p])
                     if param == "density":
                         value = min(1.0, abs(value))
-                    elif definition.genes[param].low >= 0:
-                        value = abs(value)
+                    elif param == "weight" and definition.genes[param].low >= 0:
+                        value = abs(value)  # a slerp score is used as it is
                     if alias is not None:
                         values[f"{alias}.{group}.{param}{suffix}"] = value
     if set(values) != set(space.names):

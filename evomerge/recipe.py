@@ -67,10 +67,12 @@ class SliceSource:
 
 @dataclass
 class Slice:
-    """One output slice: its sources (all the same number of layers) and slice-level parameters."""
+    """One output slice: its sources (all the same number of layers), slice-level parameters, and the slice's own
+    ``base_model`` (mergekit's per-slice base, which overrides the recipe's for this slice; None: the recipe's)."""
 
     sources: list[SliceSource]
     parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
 
 
 @dataclass
@@ -200,6 +202,8 @@ class Recipe:
                     for src in s.sources]}
                 if s.parameters:
                     item["parameters"] = copy.deepcopy(s.parameters)
+                if s.base_model is not None:
+                    item["base_model"] = s.base_model
                 out["slices"].append(item)
         if self.parameters:
             out["parameters"] = copy.deepcopy(self.parameters)
@@ -259,6 +263,8 @@ class Recipe:
         for s in self.slices:
             for src in s.sources:
                 seen.setdefault(self.resolve_path(src.model), None)
+            if s.base_model is not None:
+                seen.setdefault(self.resolve_path(s.base_model), None)
         if self.base_model is not None:
             seen.setdefault(self.resolve_path(self.base_model), None)
         return list(seen)
@@ -317,7 +323,7 @@ class Recipe:
             raise EvomergeError(f"{source}: 'calibration' is only for data-aware methods "
                                 f"({', '.join(sorted(DATA_AWARE_METHODS))}), not {spec.name}")
         base = self.resolve_path(self.base_model) if self.base_model is not None else None
-        if spec.needs_base and base is None:
+        if spec.needs_base and base is None and not (self.slices and all(s.base_model for s in self.slices)):
             raise EvomergeError(f"{source}: merge method {spec.name} needs a base_model")
         if not spec.uses_base and base is not None:
             listed = {self.resolve_path(m.model) for m in self.models}
@@ -336,9 +342,10 @@ class Recipe:
             lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
             if len(lengths) != 1:
                 raise EvomergeError(f"{source}: slices[{i}]: all sources must span the same number of layers")
+            slice_base = self.slice_base(i)
             for j, src in enumerate(s.sources):
                 self._check_entry_params(src.parameters, spec, f"slices[{i}].sources[{j}] ({src.model})",
-                                         is_base=base is not None and self.resolve_path(src.model) == base,
+                                         is_base=slice_base is not None and self.resolve_path(src.model) == slice_base,
                                          source=source)
         # an empty slice is valid (mergekit takes it); a model without layers is not
         total = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in self.slices)
@@ -353,13 +360,16 @@ class Recipe:
             if spec.uses_base and base is not None and base not in paths:
                 paths.append(base)
             groups.append(("models", paths))
+        bases: list[Path | None] = [base] if self.models else []
         for i, s in enumerate(self.slices):
             paths = [self.resolve_path(src.model) for src in s.sources]
-            if spec.uses_base and base is not None and base not in paths:
-                raise EvomergeError(f"{source}: slices[{i}] must include the base_model among its sources "
+            slice_base = self.slice_base(i)
+            if (spec.uses_base or s.base_model is not None) and slice_base is not None and slice_base not in paths:
+                raise EvomergeError(f"{source}: slices[{i}] must include its base_model among its sources "
                                     f"for {spec.name}")
             groups.append((f"slices[{i}]", paths))
-        for where, paths in groups:
+            bases.append(slice_base)
+        for (where, paths), base in zip(groups, bases):
             if len(set(paths)) != len(paths):
                 raise EvomergeError(f"{source}: {where} lists the same model twice")
             count = len(paths)
@@ -377,6 +387,12 @@ class Recipe:
                 what = f"exactly {spec.max_inputs}" if exact else f"at most {spec.max_inputs}"
                 raise EvomergeError(f"{source}: {spec.name} takes {what} models (base included) in {where}; "
                                     f"got {count}")
+
+    def slice_base(self, index: int) -> Path | None:
+        """The resolved base model of slice ``index``: its own ``base_model``, else the recipe's (None: neither)."""
+        own = self.slices[index].base_model
+        chosen = own if own is not None else self.base_model
+        return self.resolve_path(chosen) if chosen is not None else None
 
     def _check_entry_params(self, params: dict[str, Any], spec: MethodSpec, where: str, is_base: bool,
                             source: str) -> None:
@@ -638,10 +654,11 @@ def _parse_slice(item: Any, index: int, source: str) -> Slice:
     if not isinstance(item, Mapping):
         raise EvomergeError(f"{source}: slices[{index}] must be a mapping with 'sources'")
     for key in item:
-        if key in ("base_model", "residual_weight"):
+        if key == "residual_weight":
             raise EvomergeError(f"{source}: slices[{index}]: per-slice {key!r} is not supported")
-        if key not in ("sources", "parameters"):
-            raise EvomergeError(f"{source}: slices[{index}]: unknown key {key!r} (known: sources, parameters)")
+        if key not in ("sources", "parameters", "base_model"):
+            raise EvomergeError(f"{source}: slices[{index}]: unknown key {key!r} (known: sources, parameters, "
+                                f"base_model)")
     sources = []
     for j, src in enumerate(_list(item.get("sources"), f"slices[{index}].sources", source)):
         where = f"slices[{index}].sources[{j}]"
@@ -661,7 +678,8 @@ def _parse_slice(item: Any, index: int, source: str) -> Slice:
                                    layer_range=(int(lr[0]), int(lr[1])),
                                    parameters=_parameters(src.get("parameters"), f"{where}.parameters", source)))
     return Slice(sources=sources, parameters=_parameters(item.get("parameters"), f"slices[{index}].parameters",
-                                                         source))
+                                                         source),
+                 base_model=_optional_str(item.get("base_model"), f"slices[{index}].base_model", source))
 
 
 def _entry_dict(model: str, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -73,7 +73,8 @@ def test_translation_matches_mergekit_genome(llama_family):
 
 
 @pytest.mark.parametrize("case, change, message", [
-    ("slerp", {"genome": {"merge_method": "slerp"}}, "slerp genomes cannot be translated"),
+    ("slerp_smooth", {"genome": {"merge_method": "slerp", "smooth": True}}, "takes neither smooth nor filters"),
+    ("slerp_base", {"genome": {"merge_method": "slerp"}}, "slerp genome's base_model must be one of genome.models"),
     ("filters", {"genome": {"filters": "mlp"}}, "genome.filters must be a list"),
     ("filters_twice", {"genome": {"filters": ["mlp", "mlp"]}}, "genome.filters must be a list of distinct"),
     ("smooth", {"genome": {"smooth": "yes"}}, "smooth must be true or false"),

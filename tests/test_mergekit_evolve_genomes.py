@@ -14,11 +14,14 @@ import torch
 import yaml
 
 from evomerge.cli import main
-from evomerge.merge import run_merge
+from evomerge.engine import MergeEngine
+from evomerge.errors import EvomergeError
+from evomerge.merge import recipe_structure, run_merge
 from evomerge.mergekit_evolve import EvolveOptions, genome_from_genotype, translate
 from evomerge.recipe import Recipe
 from evomerge.search.experiment import validate_experiment
 from evomerge.search.search_space import build_space
+from evomerge.search.worker import TrialRunner, WorkerSetup
 from mergekit_oracle import load_folder
 
 TOL = 1e-6
@@ -42,6 +45,11 @@ CASES = {
                                                        "normalize": False}),
     "linear_smooth_filters": (["model_1", "model_2"], None, {"merge_method": "linear", "layer_granularity": 1,
                                                              "smooth": True, "filters": ["mlp"]}),
+    # slerp: per group the two highest-scoring models, the higher one the group's base
+    "slerp_pair": (["model_1", "model_2"], None, {"merge_method": "slerp", "layer_granularity": 2}),
+    "slerp_three_blocks": (["base", "model_1", "model_2"], "base", {"merge_method": "slerp",
+                                                                     "layer_granularity": 1}),
+    "slerp_whole_model": (["model_2", "base", "model_1"], None, {"merge_method": "slerp"}),
 }
 
 
@@ -58,12 +66,13 @@ def _genotype(theirs, genome: dict, seed: int):
     densities in [0.3, 1] (dare_ties: 1, so that no random drop happens and both tools must agree exactly)."""
     shape = theirs.initial_genotype().shape
     gen = torch.Generator().manual_seed(seed)
-    genotype = 0.05 + 0.9 * torch.rand(shape, generator=gen)
+    # float64, as the genotypes CMA-ES hands mergekit-evolve (numpy arrays)
+    genotype = 0.05 + 0.9 * torch.rand(shape, generator=gen, dtype=torch.float64)
     if genome.get("allow_negative_weights"):
-        genotype[..., 0] *= torch.where(torch.rand(shape[:-1], generator=gen) < 0.5, -1.0, 1.0)
+        genotype[..., 0] *= torch.where(torch.rand(shape[:-1], generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
     if shape[-1] > 1:
-        genotype[..., 1] = 1.0 if genome["merge_method"] == "dare_ties" else 0.3 + 0.7 * torch.rand(shape[:-1],
-                                                                                                     generator=gen)
+        genotype[..., 1] = 1.0 if genome["merge_method"] == "dare_ties" else 0.3 + 0.7 * torch.rand(
+            shape[:-1], generator=gen, dtype=torch.float64)
     return genotype
 
 
@@ -73,7 +82,8 @@ def _space(genome: dict, dtype: str):
 
 
 @pytest.mark.parametrize("case, dtype", [(case, "float32") for case in CASES]
-                         + [(case, "bfloat16") for case in ("smooth_filters", "filters_groups", "linear")])
+                         + [(case, "bfloat16") for case in ("smooth_filters", "filters_groups", "linear",
+                                                            "slerp_three_blocks")])
 def test_translated_candidate_merges_like_mergekit_evolve(case, dtype, llama_family, tmp_path, mergekit_api):
     """float32 for every genome; bfloat16, mergekit-evolve's own dtype, for a few."""
     mk_genome = pytest.importorskip("mergekit.evo.genome")
@@ -94,6 +104,12 @@ def test_translated_candidate_merges_like_mergekit_evolve(case, dtype, llama_fam
     assert all(ours[k].dtype == mk[k].dtype == getattr(torch, dtype) for k in ours) and worst <= TOL
     # the candidate recipe is mergekit YAML: it round-trips through evomerge's recipe parser unchanged
     assert Recipe.from_yaml(recipe.to_yaml()).to_dict() == recipe.to_dict()
+    if case == "slerp_three_blocks":  # the groups pick different pairs and bases; the engine merges them alike
+        slices = recipe.to_dict()["slices"]
+        assert len({s["base_model"] for s in slices}) > 1
+        assert len({tuple(src["model"] for src in s["sources"]) for s in slices}) > 1
+        engine = MergeEngine(recipe)
+        assert all(torch.equal(t, ours[k]) for k, t in engine.tensors())
 
 
 def test_genome_options_shape_the_space(llama_family):
@@ -106,12 +122,18 @@ def test_genome_options_shape_the_space(llama_family):
         space = _space(genome, "float32")
         groups, n_models, sets, params = mk_genome.ModelGenome(
             mk_genome.ModelGenomeDefinition.model_validate(genome)).initial_genotype().shape
-        listed_base = genome["merge_method"] != "linear" and genome.get("base_model") in genome["models"]
+        method = genome["merge_method"]
+        listed_base = method not in ("linear", "slerp") and genome.get("base_model") in genome["models"]
         assert space.dim == groups * (n_models - listed_base) * sets * params, case
         recipe = space.candidate(space.values(space.x0()))
-        normalize = genome.get("normalize", genome["merge_method"] in ("ties", "dare_ties", "linear"))
+        assert ("base_model" in recipe) is (method != "linear")
+        if method == "slerp":  # at the start every score is 1/n: the first two models, t = 1/2
+            assert "parameters" not in recipe and len(recipe["slices"]) == groups
+            assert all(s["base_model"] == genome["models"][0] and s["parameters"] == {"t": 0.5}
+                       and [src["model"] for src in s["sources"]] == genome["models"][:2] for s in recipe["slices"])
+            continue
+        normalize = genome.get("normalize", method in ("ties", "dare_ties", "linear"))
         assert recipe["parameters"]["normalize"] is normalize
-        assert ("base_model" in recipe) is (genome["merge_method"] != "linear")
         if "slices" in recipe:
             assert case == "filters_groups" and len(recipe["slices"]) == groups
             weight = recipe["slices"][0]["sources"][0]["parameters"]["weight"]
@@ -143,7 +165,7 @@ def test_random_init_draws_the_start(llama_family):
     assert all(v >= 0.01 for k, v in values.items() if k.endswith("density"))
 
 
-@pytest.mark.parametrize("case", ["smooth_filters", "filters_groups", "linear"])
+@pytest.mark.parametrize("case", ["smooth_filters", "filters_groups", "linear", "slerp_three_blocks"])
 def test_genome_configs_run_end_to_end(case, llama_family, task_dir, ray_address, tmp_path):
     genome = _genome(llama_family, case)
     data = {"genome": genome, "tasks": [{"name": "tiny_choice", "weight": 1.5}], "limit": 4,
@@ -159,3 +181,48 @@ def test_genome_configs_run_end_to_end(case, llama_family, task_dir, ray_address
     trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)
     assert all(t["score"] == pytest.approx(1.5 * t["metrics"]["tiny_choice/acc,none"]) for t in trials)
+
+
+def test_worker_follows_slerp_pairs(llama_family, tmp_path):
+    """A search worker holds one engine; a slerp candidate whose groups pick other pairs than the engine's sources
+    gets an engine of its own, and its model equals `evomerge merge` of that candidate."""
+    genome = _genome(llama_family, "slerp_three_blocks")
+    space = _space(genome, "float32")
+    runner = TrialRunner(WorkerSetup("ps", space.decode(space.x0()), [], device="cpu"))
+    assert runner.error is None
+    values = {name: (0.9 if name.startswith("model_2") else 0.2 if name.startswith("base") else 0.5)
+              for name in space.names}
+    candidate = space.decode([space.genes[i].unit(values[n]) for i, n in enumerate(space.names)])
+    assert recipe_structure(candidate) != recipe_structure(space.decode(space.x0()))
+    runner.materialize(candidate)
+    run_merge(candidate, tmp_path / "merged", progress=False)
+    on_disk = load_folder(tmp_path / "merged")
+    assert runner.engine is not None
+    assert all(torch.equal(t, on_disk[k]) for k, t in runner.engine.tensors())
+
+
+def test_per_slice_base_model_merges_like_mergekit(llama_family, tmp_path, mergekit_api):
+    """mergekit's per-slice base_model (which slerp genomes write): each slice merges against its own base, here a
+    task_arithmetic recipe whose two slices have different bases; a slice base missing from its sources is refused
+    in one line."""
+    fam = {k: str(v) for k, v in llama_family.items()}
+
+    def recipe_of(bases: list[str]) -> dict:
+        slices = [{"sources": [{"model": fam[m], "layer_range": [lo, lo + 2],
+                                **({"parameters": {"weight": 0.7}} if m != base else {})}
+                               for m in ("base", "model_1", "model_2")], "base_model": fam[base]}
+                  for lo, base in zip((0, 2), bases)]
+        return {"merge_method": "task_arithmetic", "base_model": fam["base"], "dtype": "float32", "slices": slices}
+
+    recipe = recipe_of(["model_1", "base"])
+    slices = recipe["slices"]
+    run_merge(Recipe.from_dict(recipe), tmp_path / "ours", progress=False)
+    mergekit_api(recipe, tmp_path / "theirs")
+    ours, mk = load_folder(tmp_path / "ours"), load_folder(tmp_path / "theirs")
+    assert set(ours) == set(mk) and all(torch.equal(ours[k], mk[k]) for k in ours)
+    run_merge(Recipe.from_dict(recipe_of(["base", "base"])), tmp_path / "plain", progress=False)
+    assert not torch.equal(load_folder(tmp_path / "plain")["model.layers.0.mlp.up_proj.weight"],
+                           ours["model.layers.0.mlp.up_proj.weight"])  # the slice's own base made a difference
+    bad = {**recipe, "slices": [{**slices[0], "sources": slices[0]["sources"][:1] + slices[0]["sources"][2:]}]}
+    with pytest.raises(EvomergeError, match=r"slices\[0\] must include its base_model among its sources"):
+        Recipe.from_dict(bad)

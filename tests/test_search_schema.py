@@ -80,10 +80,33 @@ def test_every_accepted_key_reaches_the_resolved_config(llama_family, tmp_path):
 def test_every_search_space_key_is_kept():
     definition = load_space_definition({"kind": "ps", "name": "x", "description": "d", "merge_method": "ties",
                                         "parameters": {"normalize": True}, "group_size": "block",
-                                        "embeddings": "with_blocks", "genes": {"weight": {"high": 2.0}}})
-    assert PS_KEYS <= set(definition.to_dict())
+                                        "embeddings": "with_blocks", "genes": {"weight": {"high": 2.0}},
+                                        "smooth": True, "filters": ["mlp"], "init_seed": 3})
+    slerp = load_space_definition({"kind": "ps", "merge_method": "slerp", "select": "top_two",
+                                   "genes": {"score": {"init": [0.0, 1.0]}}})
+    assert PS_KEYS <= set(definition.to_dict()) | set(slerp.to_dict())
+    for d in (definition, slerp):
+        assert load_space_definition(d.to_dict()) == d
+    assert slerp.to_dict()["genes"]["score"]["init"] == [0.0, 1.0]
     with pytest.raises(EvomergeError, match="unknown key 'dtype'"):  # was accepted and dropped
         load_space_definition({"kind": "ps", "dtype": "float16"})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"smooth": "yes"}, "smooth must be true or false"),
+    ({"filters": "mlp"}, "filters must be a list of tensor-name substrings"),
+    ({"filters": ["mlp", "mlp"]}, "filters lists a substring twice"),
+    ({"init_seed": 1.5}, "init_seed must be an integer"),
+    ({"select": "top_two"}, "select must be top_two, with merge_method slerp"),
+    ({"group_size": 2, "embeddings": "separate", "smooth": True}, "smooth with layer groups needs embeddings"),
+    ({"genes": {"weight": {"init": [0.5, 0.2]}}}, "init range [0.5, 0.2] must have a < b"),
+    ({"genes": {"weight": {"init": [0.0, 2.0]}}}, "init 2.0 is outside [0.0, 1.0]"),
+    ({"genes": {"weight": {"init": [0.1]}}}, "init must be a number or a range"),
+])
+def test_bad_genome_options(change, message):
+    """mergekit-evolve's genome options as PS keys: a bad one is one line naming it."""
+    with pytest.raises(EvomergeError, match=re.escape(message)):
+        load_space_definition({"kind": "ps", "merge_method": "ties", **change})
 
 
 def test_space_definitions_are_typed_and_round_trip():

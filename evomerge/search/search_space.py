@@ -23,6 +23,10 @@ Kinds:
   mergekit's ``[{filter, value}]`` lists; with layer groups and without ``smooth`` the candidate is then a
   ``slices:`` recipe, one slice per group (mergekit-evolve's own layout). A gene's ``init`` may be a range
   ``[a, b]``: its start is drawn uniformly from it, seeded by ``init_seed`` (mergekit-evolve's random_init).
+  ``select: top_two`` (slerp only; mergekit-evolve's slerp genome): the genes are a ``score`` per source per
+  group; each group slerps the two highest-scoring sources, the higher one the group's base, at
+  ``t = softmax(score_1, score_2)[1]`` (so t <= 1/2; exact ties go to the earlier source); candidates are
+  ``slices:`` recipes with a per-slice base_model, whose sources change from candidate to candidate.
 - ``dfs``: indicator genes over T = M x r slots and scalings (an M x M matrix or a small feed-forward net of
   (i, j, t)) -> a ``DataflowPath`` (see dataflow.py).
 - ``ps_dfs``: a ``ps`` stage, then a ``dfs`` stage with the PS winner as model A.
@@ -52,7 +56,7 @@ SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KINDS = ("ps", "dfs", "ps_dfs")
 TRANSFORMS = ("linear", "log")
 PS_KEYS = {"kind", "description", "merge_method", "parameters", "group_size", "embeddings", "genes", "name",
-           "searched", "smooth", "filters", "init_seed"}
+           "searched", "smooth", "filters", "init_seed", "select"}
 PS_GENES = ("density", "weight")
 DFS_KEYS = {"kind", "description", "repeats", "scaling", "ffn_hidden", "indicator", "scale", "ffn_weight", "name"}
 PS_DFS_KEYS = {"kind", "description", "ps", "dfs", "ps_share", "name"}
@@ -140,8 +144,9 @@ class PSSpaceDef:
 
     ``group_size`` is ``"model"``, ``"block"`` or a positive block count; ``embeddings`` is ``separate`` or
     ``with_blocks``; ``genes`` maps each searched parameter, in genome order, to its bounds; ``searched`` lists
-    which of density and weight mergekit-evolve asked for; ``smooth``, ``filters`` and ``init_seed`` as in the
-    module docstring (defaults: off, none, 0; written back only when set, so older definitions keep their form).
+    which of density and weight mergekit-evolve asked for; ``smooth``, ``filters``, ``init_seed`` and ``select``
+    as in the module docstring (defaults: off, none, 0, none; written back only when set, so older definitions
+    keep their form).
     """
 
     name: str | None
@@ -155,6 +160,7 @@ class PSSpaceDef:
     smooth: bool = False
     filters: tuple[str, ...] = ()
     init_seed: int = 0
+    select: str | None = None
     kind: ClassVar[str] = "ps"
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +175,8 @@ class PSSpaceDef:
             out["filters"] = list(self.filters)
         if self.init_seed:
             out["init_seed"] = self.init_seed
+        if self.select:
+            out["select"] = self.select
         return out
 
 
@@ -324,8 +332,9 @@ def _validate_ps(data: dict[str, Any]) -> PSSpaceDef:
     embeddings = data.get("embeddings", "separate")
     if embeddings not in ("separate", "with_blocks"):
         raise _err(f"{where}: embeddings must be separate or with_blocks, got {embeddings!r}")
+    options = _evolve_options(where, data, embeddings)
     genes_in = data.get("genes") or {}
-    numeric = _numeric_parameters(method)
+    numeric = {"score": True} if options["select"] == "top_two" else _numeric_parameters(method)
     check_keys(f"{where} genes", genes_in, set(PS_GENES) if numeric is None else set(numeric))
     defaults = {"density": {"low": 0.05, "high": 1.0, "init": 0.5}, "weight": {"low": 0.0, "high": 1.0, "init": 0.5}}
     searched = data.get("searched", list(PS_GENES))  # e.g. [weight] for methods without density
@@ -340,15 +349,14 @@ def _validate_ps(data: dict[str, Any]) -> PSSpaceDef:
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise _err(f"{where}: parameters must be a mapping")
-    smooth, filters, init_seed = _evolve_options(where, data, embeddings)
     return PSSpaceDef(name=data.get("name"), merge_method=method, parameters=params, group_size=group,
                       embeddings=embeddings, genes=genes, searched=tuple(g for g in PS_GENES if g in searched),
-                      description=data.get("description", ""), smooth=smooth, filters=filters,
-                      init_seed=init_seed)
+                      description=data.get("description", ""), **options)
 
 
-def _evolve_options(where: str, data: dict[str, Any], embeddings: str) -> tuple[bool, tuple[str, ...], int]:
-    """``smooth``, ``filters`` and ``init_seed`` of a ps definition, checked (see the module docstring)."""
+def _evolve_options(where: str, data: dict[str, Any], embeddings: str) -> dict[str, Any]:
+    """``smooth``, ``filters``, ``init_seed`` and ``select`` of a ps definition, checked (see the module
+    docstring), as PSSpaceDef keyword arguments."""
     smooth = data.get("smooth", False)
     if not isinstance(smooth, bool):
         raise _err(f"{where}: smooth must be true or false, got {smooth!r}")
@@ -360,11 +368,17 @@ def _evolve_options(where: str, data: dict[str, Any], embeddings: str) -> tuple[
     seed = data.get("init_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _err(f"{where}: init_seed must be an integer, got {seed!r}")
-    if (smooth or filters) and embeddings == "separate" and data.get("group_size", "model") != "model":
-        what = "smooth" if smooth else "filters"
+    select = data.get("select")
+    if select is not None:
+        if select != "top_two" or data.get("merge_method") != "slerp":
+            raise _err(f"{where}: select must be top_two, with merge_method slerp, got {select!r}")
+        if smooth or filters:
+            raise _err(f"{where}: select: top_two takes neither smooth nor filters (one pair and t per group)")
+    if (smooth or filters or select) and embeddings == "separate" and data.get("group_size", "model") != "model":
+        what = "smooth" if smooth else "filters" if filters else "select"
         raise _err(f"{where}: {what} with layer groups needs embeddings: with_blocks (the embeddings go with the "
                    f"first group, the head with the last, as in mergekit-evolve)")
-    return smooth, tuple(filters), seed
+    return {"smooth": smooth, "filters": tuple(filters), "init_seed": seed, "select": select}
 
 
 def _numeric_parameters(method: str) -> dict[str, bool] | None:
@@ -544,6 +558,9 @@ class PSSpace(SearchSpace):
                       for g in self.model_genes]
         self.genes += [definition.genes[g].gene(f"{group}.{g}{suffix}") for group, _ in self.groups
                        for suffix in sets for g in self.global_genes]
+        if definition.select == "top_two" and (len(self.sources) < 2 or base not in self.sources.values()):
+            raise _err("select: top_two needs at least two sources, the base among them (it only names the "
+                       "reference model; each group picks its own base)")
 
     def _layer_groups(self) -> list[tuple[str, list[str] | None]]:
         """(group name, recipe filters) in the order genes are laid out; filters None = the whole model."""
@@ -598,6 +615,28 @@ class PSSpace(SearchSpace):
         entries.append({"value": values[f"{prefix}{fallback_group}.{gene}"]})
         return entries
 
+    def _top_two_slices(self, values: dict[str, float]) -> list[dict[str, Any]]:
+        """One slerp slice per group between the two highest-scoring sources (mergekit-evolve's slerp genome)."""
+        slices: list[dict[str, Any]] = []
+        aliases = list(self.sources)
+        for i, (group, _) in enumerate(self.groups):
+            ranked = sorted(range(len(aliases)), key=lambda k: (-values[f"{aliases[k]}.{group}.score"], k))
+            first, second = (self.sources[aliases[k]] for k in ranked[:2])
+            gap = values[f"{aliases[ranked[1]]}.{group}.score"] - values[f"{aliases[ranked[0]]}.{group}.score"]
+            t = math.exp(gap) / (1.0 + math.exp(gap))  # softmax of the pair, the second's share (as torch computes)
+            layer_range = self._group_range(i)
+            slices.append({"sources": [{"model": first, "layer_range": layer_range},
+                                       {"model": second, "layer_range": layer_range}],
+                           "base_model": first, "parameters": {"t": t}})
+        return slices
+
+    def _group_range(self, index: int) -> list[int]:
+        """Layers [start, end) of layer group ``index`` (the whole model for ``group_size: model``)."""
+        if self.groups[0][1] is None:
+            return [0, self.num_layers]
+        size = 1 if self.definition.group_size == "block" else int(self.definition.group_size)
+        return [index * size, min((index + 1) * size, self.num_layers)]
+
     @property
     def sliced(self) -> bool:
         """Whether candidates are ``slices:`` recipes: filters over layer groups without smooth (a tensor's
@@ -612,6 +651,11 @@ class PSSpace(SearchSpace):
         if self.dtype is not None:  # else computed in the sources' dtype, as mergekit does
             recipe["dtype"] = self.dtype
         parameters = copy.deepcopy(self.definition.parameters)
+        if self.definition.select == "top_two":
+            if parameters:
+                recipe["parameters"] = parameters
+            recipe.update(slices=self._top_two_slices(values), tokenizer_source="base")
+            return recipe
         if self.sliced:
             if parameters:
                 recipe["parameters"] = parameters
@@ -631,9 +675,8 @@ class PSSpace(SearchSpace):
         """One slice per layer group (embeddings with the first, head and final norm with the last, as mergekit
         plans them): every source with its filter-set values, then the base when the method uses one."""
         slices: list[dict[str, Any]] = []
-        size = 1 if self.definition.group_size == "block" else int(self.definition.group_size)
         for i, (group, _) in enumerate(self.groups):
-            layer_range = [i * size, min((i + 1) * size, self.num_layers)]
+            layer_range = self._group_range(i)
             sources: list[dict[str, Any]] = []
             for alias, path in self.sources.items():
                 params = {g: self._filter_sets(values, [f"{alias}.{group}.{g}"]) for g in self.model_genes}

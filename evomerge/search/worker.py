@@ -35,6 +35,7 @@ from evomerge.engine import MergeEngine
 from evomerge.errors import EvomergeError
 from evomerge.evaluators import build_evaluator
 from evomerge.memory_plan import MemoryOptions
+from evomerge.merge import recipe_structure
 from evomerge.recipe import Recipe
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import DataflowCandidate
@@ -184,6 +185,8 @@ class TrialRunner:
             mapping["models"] = [dict(m, model=local(m["model"], m["model"])) for m in mapping["models"]]
         for item in mapping.get("slices", []):  # a sliced PS candidate (filters over layer groups)
             item["sources"] = [dict(src, model=local(src["model"], src["model"])) for src in item["sources"]]
+            if "base_model" in item:
+                item["base_model"] = local(item["base_model"], item["base_model"])
         return Recipe.from_dict(mapping, source="the candidate recipe")
 
     def ready(self) -> WorkerInfo:
@@ -196,7 +199,13 @@ class TrialRunner:
         if isinstance(candidate, LayerPath):
             assert self.dataflow is not None
             return self.dataflow.set_path(candidate.layers, candidate.scales)
-        assert self.engine is not None
+        assert self.engine is not None and isinstance(candidate, Recipe)
+        if recipe_structure(candidate) != self.engine.plan.structure:
+            # other sources than the engine holds (select: top_two picks each group's pair per candidate): the
+            # old engine goes first, then one for these sources is built (loads them; slower than in place)
+            self.engine = None
+            self.engine = MergeEngine(candidate, device=self.device, memory=self.setup.memory)
+            self.engine.model.eval()
         model: nn.Module = self.engine.materialize(candidate)
         return model
 

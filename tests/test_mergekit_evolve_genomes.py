@@ -165,7 +165,8 @@ def test_random_init_draws_the_start(llama_family):
     assert all(v >= 0.01 for k, v in values.items() if k.endswith("density"))
 
 
-@pytest.mark.parametrize("case", ["smooth_filters", "filters_groups", "linear", "slerp_three_blocks"])
+@pytest.mark.parametrize("case", ["smooth_filters", "filters_groups", "filters_model", "linear",
+                                  "slerp_three_blocks"])
 def test_genome_configs_run_end_to_end(case, llama_family, task_dir, ray_address, tmp_path):
     genome = _genome(llama_family, case)
     data = {"genome": genome, "tasks": [{"name": "tiny_choice", "weight": 1.5}], "limit": 4,
@@ -199,6 +200,12 @@ def test_worker_follows_slerp_pairs(llama_family, tmp_path):
     on_disk = load_folder(tmp_path / "merged")
     assert runner.engine is not None
     assert all(torch.equal(t, on_disk[k]) for k, t in runner.engine.tensors())
+    # with workers.sources: object_store a worker reads its local copies: slice sources and bases are mapped too
+    original = str(llama_family["model_2"])
+    runner.path_map = {original: str(tmp_path / "copy_of_model_2")}
+    local = runner._local(candidate).to_dict()
+    assert original not in json.dumps(local) and all(s["base_model"] == runner.path_map[original]
+                                                     for s in local["slices"])
 
 
 def test_per_slice_base_model_merges_like_mergekit(llama_family, tmp_path, mergekit_api):

@@ -164,7 +164,8 @@ def device_budget(device: torch.device, device_memory_gb: float | None) -> int |
 
 
 def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
-                sources: SourcesMode | str = SourcesMode.AUTO, keep_order: bool = True) -> MemoryPlan:
+                sources: SourcesMode | str = SourcesMode.AUTO, keep_order: bool = True,
+                jobs: Sequence[int] | None = None, where: str = "the device") -> MemoryPlan:
     """Decide which jobs keep their sources resident within ``budget`` bytes (None: all, unchecked).
 
     Args:
@@ -173,34 +174,38 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
         threads: tensors merged at once (scratch is per thread).
         sources: ``resident`` (all, fail if they do not fit), ``streamed`` (none), ``auto`` (as many as fit).
         keep_order: keep the magnitude methods' int32 sort orders with the resident sources.
+        jobs: indices of the plan's jobs this device holds (default: all; ``evomerge/placement.py`` plans one
+            device of a worker spanning several).
+        where: the device, as named in errors.
 
     Returns:
-        the ``MemoryPlan``.
+        the ``MemoryPlan`` (``resident`` has one entry per planned job, in ``jobs`` order).
 
     Raises:
         EvomergeError: the candidate and the scratch alone exceed the budget, or ``resident`` was asked for
             and the sources do not fit.
     """
     mode = SourcesMode(sources)
-    parts = [job_bytes(plan.spec, job, plan.out_dtype_for(job), keep_order) for job in plan.jobs]
+    chosen = [plan.jobs[i] for i in jobs] if jobs is not None else plan.jobs
+    parts = [job_bytes(plan.spec, job, plan.out_dtype_for(job), keep_order) for job in chosen]
     candidate = sum(p.candidate for p in parts)
     scratch = max((p.scratch for p in parts), default=0) * max(1, threads)
-    params = sum(math.prod(job.shape) for job in plan.jobs)
+    params = sum(math.prod(job.shape) for job in chosen)
     method = plan.spec.name
     fixed = candidate + scratch
     if budget is not None and fixed > budget:
-        raise EvomergeError(f"nothing fits: one {method} candidate needs {fixed / GB:.2f} GB on the device "
+        raise EvomergeError(f"nothing fits: one {method} candidate needs {fixed / GB:.2f} GB on {where} "
                             f"(model {candidate / GB:.2f} GB + scratch {scratch / GB:.2f} GB) and the worker "
-                            f"has {budget / GB:.2f} GB")
+                            f"has {budget / GB:.2f} GB there")
     resident = _choose_resident([p.resident for p in parts], None if budget is None else budget - fixed, mode)
     if mode is SourcesMode.RESIDENT and not all(resident):
         assert budget is not None, "without a budget every source is resident"
         need = sum(p.resident for p in parts)
-        raise EvomergeError(f"workers.sources_mode resident: the {method} sources need {need / GB:.2f} GB on the "
-                            f"device and {(budget - fixed) / GB:.2f} GB are left after the candidate; "
+        raise EvomergeError(f"workers.sources_mode resident: the {method} sources need {need / GB:.2f} GB on "
+                            f"{where} and {(budget - fixed) / GB:.2f} GB are left after the candidate; "
                             f"use sources_mode auto or streamed")
     kept = sum(p.resident for p, r in zip(parts, resident) if r)
-    streamed = sum(_source_bytes(job) for job, r in zip(plan.jobs, resident) if not r)
+    streamed = sum(_source_bytes(job) for job, r in zip(chosen, resident) if not r)
     return MemoryPlan(method=method, params=params, candidate=candidate, sources=kept, streamed_sources=streamed,
                       scratch=scratch, budget=budget, resident=resident)
 

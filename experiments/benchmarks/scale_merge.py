@@ -278,7 +278,7 @@ def part_b(paths: dict[str, Path], args) -> list[dict]:
         if method not in args.methods or (mode == "streamed" and args.no_streamed) or label in args.skip:
             continue
         spec = {"paths": {k: str(v) for k, v in paths.items()}, "method": method, "mode": mode, "keep_order": keep,
-                "candidates": 1 if mode == "streamed" or not keep else args.candidates}
+                "candidates": args.candidates}
         done = subprocess.run([sys.executable, __file__, "--engine-child", json.dumps(spec)], capture_output=True,
                               text=True, env=dict(os.environ, TQDM_DISABLE="1"))
         if done.returncode != 0:

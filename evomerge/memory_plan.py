@@ -140,9 +140,43 @@ def job_bytes(spec: MethodSpec, job: TensorJob, out_dtype: torch.dtype, keep_ord
             scratch += n * (others * s + 4 + s + s)
         elif spec.sparsify == "magnitude" and not keep_order:
             scratch += n * (4 + 8)  # one-shot top-k: float |delta| and, on a split tie, an int64 sort order
-    elif spec.family in ("slerp", "model_stock"):
-        scratch += 3 * n * max(s, 4)
+    else:
+        scratch += n * kernel_scratch(spec, len(job.sources), others, s)
     return JobBytes(resident=resident, candidate=candidate, scratch=scratch)
+
+
+def kernel_scratch(spec: MethodSpec, inputs: int, others: int, s: int) -> int:
+    """Peak temporaries of one merge kernel outside the task-arithmetic family, in bytes per element.
+
+    Read off each kernel's expression (which temporaries are alive together) and checked against the measured
+    peak (experiments/benchmarks/method_scratch.py: every figure here is at or above it, bf16 and float32).
+
+    Args:
+        spec: the method (its family; RAM+ is the ram family with ``extra["plus"]``).
+        inputs: the tensors merged (the base included); others: the non-base ones.
+        s: bytes per element of the compute dtype.
+
+    Returns:
+        Bytes per element of the tensor (0 for kernels that work in the output buffer).
+    """
+    f = max(s, 4)  # float32 (float64 for float64): the dtype slerp and linear accumulate in
+    table = {
+        "linear": 0 if s >= 4 else 2 * f,  # float32 accumulator + one converted input
+        "passthrough": 0,
+        "slerp": 3 * f + (2 * f if s < f else 0),  # both inputs in float32, their directions and the product
+        "model_stock": (others + 4) * s,  # offsets to the base, the mean and the blend's three terms
+        "nearswap": 5 * s,  # distance, share, and the blend's three terms
+        "arcee_fusion": max(5 * s, 2 * s + 14),  # softmaxes and KL terms; then importance, float32 quartiles, mask
+        "karcher": (inputs + 2) * s + 4,  # the unit directions, mean and step, a float32 norm
+        "multislerp": (4 * others + 4) * s,  # stacked vectors, unit directions, their tangents and products
+        "nuslerp": 6 * s,  # the two deltas, their directions and the interpolation's terms
+        "ram": (7 * others * s + others + 20 if spec.extra.get("plus")  # RAM+: the overlap-scaled part too
+                else 6 * others * s + others + 18),  # stacked deltas, masks, int64 counts and the kept parts
+        # stacked deltas, elected signs and agreeing weights; with select_topk < 1 (a per-candidate parameter)
+        # the variance, its top-k values and int64 indices instead
+        "sce": max((2 * others + 4) * s + others + 6, (others + 3) * s + 22),
+    }
+    return table.get(spec.family, 0)
 
 
 def device_budget(device: torch.device, device_memory_gb: float | None) -> int | None:

@@ -125,6 +125,7 @@ class MergeEngine:
             self.placement = plan_placement(self.plan, names, threads=self.threads, memory=memory)
             self.memory: MemoryPlan = self.placement.total()
             self._job_device = [self.devices[slot] for slot in self.placement.job_slots]
+            self._keep_order = [self.placement.memory[slot].keep_order for slot in self.placement.job_slots]
         else:
             budget = device_budget(self.device, memory.device_memory_gb)
             if memory.device_memory_gb is None and self.device.type == "cpu":
@@ -132,6 +133,7 @@ class MergeEngine:
             self.memory = plan_memory(self.plan, budget=budget, threads=self.threads,
                                       sources=memory.sources, keep_order=memory.keep_order)
             self._job_device = [self.device] * len(self.plan.jobs)
+            self._keep_order = [self.memory.keep_order] * len(self.plan.jobs)
         self._prepared: list[PreparedInputs | None] = [None] * len(self.plan.jobs)
         self._raw_first: list[torch.Tensor | None] = [None] * len(self.plan.jobs)  # non-floating: first source's
         self._local = threading.local()
@@ -155,7 +157,8 @@ class MergeEngine:
 
         def prepare(index: int, tensors: list[torch.Tensor]) -> None:
             """Keep job ``index``'s prepared inputs (floating tensors) or its first source (others)."""
-            self._prepared[index], self._raw_first[index] = self._prepare(index, tensors, lazy=not self.keep_order)
+            self._prepared[index], self._raw_first[index] = self._prepare(index, tensors,
+                                                                          lazy=not self._keep_order[index])
             bar.update()
 
         try:

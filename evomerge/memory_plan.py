@@ -82,6 +82,8 @@ class MemoryPlan:
         scratch: bytes of the kernels' per-thread temporaries (largest tensor times the threads).
         budget: the device budget the plan was made for (None: unknown, nothing was checked).
         resident: per job of the merge plan, True where its sources are kept on the device.
+        keep_order: whether the resident magnitude-method tensors keep their int32 sort orders (False when asked,
+            or when dropping them lets more sources stay resident; see ``plan_memory``).
     """
 
     method: str
@@ -92,6 +94,7 @@ class MemoryPlan:
     scratch: int
     budget: int | None
     resident: list[bool] = field(default_factory=list)
+    keep_order: bool = True
 
     @property
     def total(self) -> int:
@@ -207,7 +210,9 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
         budget: device bytes one worker may use (None: no check).
         threads: tensors merged at once (scratch is per thread).
         sources: ``resident`` (all, fail if they do not fit), ``streamed`` (none), ``auto`` (as many as fit).
-        keep_order: keep the magnitude methods' int32 sort orders with the resident sources.
+        keep_order: keep the magnitude methods' int32 sort orders with the resident sources; when they and
+            every source do not fit, the orders are dropped first (a resident tensor without its order costs a
+            one-shot top-k per candidate, a streamed one that plus a read from host memory).
         jobs: indices of the plan's jobs this device holds (default: all; ``evomerge/placement.py`` plans one
             device of a worker spanning several).
         where: the device, as named in errors.
@@ -232,6 +237,15 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
                             f"(model {candidate / GB:.2f} GB + scratch {scratch / GB:.2f} GB) and the worker "
                             f"has {budget / GB:.2f} GB there")
     resident = _choose_resident([p.resident for p in parts], None if budget is None else budget - fixed, mode)
+    ordered = plan.spec.sparsify in ("magnitude", "magnitude_outliers")
+    if keep_order and ordered and mode is not SourcesMode.STREAMED and not all(resident):
+        try:  # the orders go before any source does
+            without = plan_memory(plan, budget=budget, threads=threads, sources=sources, keep_order=False,
+                                  jobs=jobs, where=where)
+        except EvomergeError:  # the one-shot selection's scratch does not fit either: keep the orders' plan
+            without = None
+        if without is not None and sum(without.resident) > sum(resident):
+            return without
     if mode is SourcesMode.RESIDENT and not all(resident):
         assert budget is not None, "without a budget every source is resident"
         need = sum(p.resident for p in parts)
@@ -241,7 +255,8 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
     kept = sum(p.resident for p, r in zip(parts, resident) if r)
     streamed = sum(_source_bytes(job) for job, r in zip(chosen, resident) if not r)
     return MemoryPlan(method=method, params=params, candidate=candidate, sources=kept, streamed_sources=streamed,
-                      scratch=scratch, budget=budget, resident=resident)
+                      scratch=scratch, budget=budget, resident=resident,
+                      keep_order=keep_order and ordered)
 
 
 def _source_bytes(job: TensorJob) -> int:

@@ -70,7 +70,7 @@ class Placement:
                           streamed_sources=sum(p.streamed_sources for p in self.memory),
                           scratch=sum(p.scratch for p in self.memory),
                           budget=None if None in budgets else sum(b for b in budgets if b is not None),
-                          resident=self.resident())
+                          resident=self.resident(), keep_order=all(p.keep_order for p in self.memory))
 
     def describe(self) -> str:
         """Lines for ``evomerge run``: the whole worker, then each device's layers and planned memory."""

@@ -238,14 +238,14 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
                             f"has {budget / GB:.2f} GB there")
     resident = _choose_resident([p.resident for p in parts], None if budget is None else budget - fixed, mode)
     ordered = plan.spec.sparsify in ("magnitude", "magnitude_outliers")
-    if keep_order and ordered and mode is not SourcesMode.STREAMED and not all(resident):
-        try:  # the orders go before any source does
-            without = plan_memory(plan, budget=budget, threads=threads, sources=sources, keep_order=False,
-                                  jobs=jobs, where=where)
-        except EvomergeError:  # the one-shot selection's scratch does not fit either: keep the orders' plan
-            without = None
-        if without is not None and sum(without.resident) > sum(resident):
-            return without
+    if keep_order and ordered and not all(resident):
+        # the orders go before any source does; a streamed tensor is merged one-shot, with that scratch
+        try:
+            return plan_memory(plan, budget=budget, threads=threads, sources=sources, keep_order=False, jobs=jobs,
+                               where=where)
+        except EvomergeError:
+            if mode is not SourcesMode.RESIDENT:
+                raise  # the one-shot selection's scratch does not fit: nothing can be streamed either
     if mode is SourcesMode.RESIDENT and not all(resident):
         assert budget is not None, "without a budget every source is resident"
         need = sum(p.resident for p in parts)

@@ -107,6 +107,10 @@ def test_placed_engine_equals_one_device(families, arch, count):
     blocks = placed.model.model.layers if arch == "qwen2" else placed.model.transformer.h
     for block, slot in zip(blocks, placed.placement.layer_slots):  # the hooks run each block on its device
         assert _hooked_device(block) == placed.placement.devices[slot]
+    if arch == "qwen2":  # the lean decoding step bypasses the blocks' forward, so not on a placed model
+        from evomerge.evaluators.lean_decode import lean_step_for
+
+        assert lean_step_for(one.model) is not None and lean_step_for(placed.model) is None
     if arch == "gpt2":  # the tied head is the embeddings' tensor, on the first device
         assert placed.model.lm_head.weight is placed.model.transformer.wte.weight
     reference = dict(one.tensors())

@@ -22,10 +22,17 @@ CUDA device's free memory, no cap on CPU) are *streamed*: nothing of them is kep
 their sources from the checkpoints (host memory / page cache) and merges them with the one-shot kernels of
 ``evomerge merge``, which give the same tensors as the resident path. When not even the candidate fits, the
 engine refuses with an ``EvomergeError``.
+
+Several devices (``device=["cuda:0", "cuda:1"]``, experiment key ``workers.devices_per_worker``): the layers
+are placed across them (``evomerge/placement.py``: embeddings with the first blocks, head with the last,
+balanced by bytes against each device's cap), each tensor's sources are loaded and merged on its layer's
+device, the model is built without memory (accelerate's ``init_empty_weights``) and each parameter allocated on
+its device, and accelerate's hooks (``dispatch_model``) move the hidden states between devices during evaluation.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import dispatch_model, init_empty_weights
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from evomerge.architecture import checkpoint_tensors
+from evomerge.architecture import checkpoint_tensors, resolve
 from evomerge.checkpoint import model_card, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.memory_plan import MemoryOptions, MemoryPlan, device_budget, plan_memory
@@ -52,6 +60,7 @@ from evomerge.merge import (
 )
 from evomerge.method_registry import get_method
 from evomerge.methods import PreparedInputs, Workspace, prepare_inputs, run_method
+from evomerge.placement import Placement, check_devices, device_map, plan_placement
 from evomerge.recipe import ModelEntry, Recipe
 from evomerge.vocabulary import tokenizer_folder
 
@@ -68,7 +77,7 @@ class MergeEngine:
     tensors are resident, planned bytes).
     """
 
-    def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device = "cpu", *,
+    def __init__(self, recipe: Recipe | Mapping[str, Any], device: str | torch.device | Sequence[str] = "cpu", *,
                  allow_pickle: bool = False, seed: int = 0, progress: bool = False, threads: int | None = None,
                  memory: MemoryOptions | None = None):
         """Plan ``recipe``, load its sources once, build the model and materialize ``recipe`` into it.
@@ -76,15 +85,17 @@ class MergeEngine:
         Args:
             recipe: a per-tensor recipe (a ``Recipe`` or its mergekit mapping); later candidates may change its
                 parameters only.
-            device: ``"cpu"`` or a CUDA device; sources, model and kernels live there.
+            device: ``"cpu"`` or a CUDA device; sources, model and kernels live there. A list of devices
+                (distinct CUDA devices, or ``"cpu"`` repeated) spans them: layers placed across them
+                (``placement``), each tensor merged on its layer's device, evaluation through accelerate's hooks.
             allow_pickle: also read ``.bin`` (pickle) checkpoints, with ``torch.load(weights_only=True)``.
             seed: default seed of the random drops (DARE, DELLA); one generator per tensor, seeded from it and
                 the tensor name, so results do not depend on tensor order or ``threads``.
             progress: show a progress bar while the sources load.
             threads: CPU threads merging tensors in parallel (default: torch's thread count); results do not
                 depend on it.
-            memory: the device budget in GiB (default: a CUDA device's free memory, no cap on CPU), the sources
-                mode (``auto``, ``resident`` or ``streamed``) and whether TIES keeps its sort orders
+            memory: the device budget in GiB (per device; default: a CUDA device's free memory, no cap on CPU),
+                the sources mode (``auto``, ``resident`` or ``streamed``) and whether TIES keeps its sort orders
                 (``MemoryOptions``; docs/MEMORY.md).
 
         Raises:
@@ -97,7 +108,9 @@ class MergeEngine:
         if recipe.is_data_aware:
             raise EvomergeError(f"the in-memory engine does not run data-aware method {recipe.merge_method!r}; "
                                 f"use 'evomerge merge'")
-        self.device = check_device(str(device))
+        names = [str(device)] if isinstance(device, (str, torch.device)) else [str(d) for d in device]
+        self.devices = [check_device(d) for d in check_devices(names)]
+        self.device = self.devices[0]  # the first layers', embeddings' and inputs' device
         self.recipe = recipe
         self.seed = seed
         self.plan: MergePlan = plan_merge(recipe, allow_pickle=allow_pickle)
@@ -107,11 +120,20 @@ class MergeEngine:
         self.threads = 1 if self.device.type != "cpu" else max(1, threads or torch.get_num_threads())
         memory = memory or MemoryOptions()
         self.keep_order = memory.keep_order
-        budget = device_budget(self.device, memory.device_memory_gb)
-        if memory.device_memory_gb is None and self.device.type == "cpu":
-            budget = None  # host memory: no cap unless one is configured
-        self.memory: MemoryPlan = plan_memory(self.plan, budget=budget, threads=self.threads,
-                                              sources=memory.sources, keep_order=memory.keep_order)
+        self.placement: Placement | None = None
+        if len(self.devices) > 1:
+            self.placement = plan_placement(self.plan, names, threads=self.threads, memory=memory)
+            self.memory: MemoryPlan = self.placement.total()
+            self._job_device = [self.devices[slot] for slot in self.placement.job_slots]
+            self._keep_order = [self.placement.memory[slot].keep_order for slot in self.placement.job_slots]
+        else:
+            budget = device_budget(self.device, memory.device_memory_gb)
+            if memory.device_memory_gb is None and self.device.type == "cpu":
+                budget = None  # host memory: no cap unless one is configured
+            self.memory = plan_memory(self.plan, budget=budget, threads=self.threads,
+                                      sources=memory.sources, keep_order=memory.keep_order)
+            self._job_device = [self.device] * len(self.plan.jobs)
+            self._keep_order = [self.memory.keep_order] * len(self.plan.jobs)
         self._prepared: list[PreparedInputs | None] = [None] * len(self.plan.jobs)
         self._raw_first: list[torch.Tensor | None] = [None] * len(self.plan.jobs)  # non-floating: first source's
         self._local = threading.local()
@@ -121,7 +143,7 @@ class MergeEngine:
         # biggest tensors first, so the pool's threads finish together
         self._schedule = sorted(range(len(self.plan.jobs)), key=lambda i: -math.prod(self.plan.jobs[i].shape))
         self.model = self._build_model()
-        self._targets = self._bind_targets()
+        self._targets = self._bind_targets() if self.placement is None else self._place_targets()
         self._tokenizer: Any = None  # loaded on first use (the `tokenizer` property)
         self.materialize(recipe)
 
@@ -135,7 +157,8 @@ class MergeEngine:
 
         def prepare(index: int, tensors: list[torch.Tensor]) -> None:
             """Keep job ``index``'s prepared inputs (floating tensors) or its first source (others)."""
-            self._prepared[index], self._raw_first[index] = self._prepare(index, tensors, lazy=not self.keep_order)
+            self._prepared[index], self._raw_first[index] = self._prepare(index, tensors,
+                                                                          lazy=not self._keep_order[index])
             bar.update()
 
         try:
@@ -155,7 +178,7 @@ class MergeEngine:
         with ``load`` the sources are read on this thread and at most ``threads + 1`` jobs' are held at once."""
         if self._pool is None:
             for index in indices:
-                fn(index, load_job_sources(self.plan, index, self.device)) if load else fn(index)
+                fn(index, load_job_sources(self.plan, index, self._job_device[index])) if load else fn(index)
             return
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -166,7 +189,8 @@ class MergeEngine:
                 return
             pending = []
             for index in indices:
-                pending.append(self._pool.submit(fn, index, load_job_sources(self.plan, index, self.device)))
+                sources = load_job_sources(self.plan, index, self._job_device[index])
+                pending.append(self._pool.submit(fn, index, sources))
                 if len(pending) > self.threads:
                     pending.pop(0).result()
             for future in pending:
@@ -226,8 +250,12 @@ class MergeEngine:
         except (ValueError, KeyError) as exc:
             raise EvomergeError(f"cannot build a {model_type!r} model from the config: {exc}".splitlines()[0]) from None
         dtype = self._model_dtype()
-        with torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+        if self.placement is not None:  # parameters on no device; _place_targets allocates each on its own
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+        else:
+            with torch.device(self.device):
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
         if self.plan.generation_config is not None:  # the same stop ids and defaults as the saved merge
             model.generation_config = GenerationConfig.from_pretrained(str(self.plan.generation_config.parent))
         return model.eval()
@@ -250,6 +278,48 @@ class MergeEngine:
                                     f"the sources {list(job.shape)}")
             targets.append(target.data)
         return targets
+
+    def _place_targets(self) -> list[torch.Tensor]:
+        """Allocate each job's parameter (or buffer) on its placed device, check that the merge writes every
+        parameter, and dispatch the model with accelerate's hooks (hidden states follow the layers)."""
+        assert self.placement is not None, "only a placed engine allocates its tensors per device"
+        state = checkpoint_tensors(self.model)
+        owners: dict[int, list[str]] = {}
+        for name, tensor in [*self.model.named_parameters(remove_duplicate=False),
+                             *self.model.named_buffers(remove_duplicate=False)]:
+            owners.setdefault(id(tensor), []).append(name)
+        for job, device in zip(self.plan.jobs, self._job_device):
+            meta = state.get(job.name)
+            if meta is None or tuple(meta.shape) != tuple(job.shape):
+                raise EvomergeError(f"the {type(self.model).__name__} built from the config has no tensor "
+                                    f"{job.name!r} of shape {list(job.shape)}")
+            fresh = torch.empty(job.shape, dtype=meta.dtype, device=device)
+            for name in owners.get(id(meta), []):  # a tied tensor: every module that shares it gets the new one
+                module_name, _, leaf = name.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                if leaf in module._parameters:
+                    module._parameters[leaf] = torch.nn.Parameter(fresh, requires_grad=False)
+                else:
+                    module._buffers[leaf] = fresh
+        model: Any = self.model  # transformers' stubs type tie_weights as a tensor attribute
+        model.tie_weights()  # init_empty_weights re-creates each parameter, so ties are made again here
+        missing = [n for n, p in self.model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+        if missing:
+            raise EvomergeError(f"the merge writes no tensor for the model's parameter {missing[0]}, so it cannot "
+                                f"be placed across devices")
+        arch = resolve(self.plan.config, [job.name for job in self.plan.jobs], self.plan.num_layers)
+        mapping = device_map(self.model, arch.blocks, self.placement.layer_slots, self.placement.devices)
+        skip = getattr(self.model, "_skip_keys_device_placement", None)  # the cache: each layer keeps its own
+        quiet = logging.getLogger("accelerate.big_modeling")  # its "offloaded to the cpu" warning: nothing is
+        level = quiet.level  # offloaded here, "cpu" devices are the test stand-in for accelerators
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.model = dispatch_model(self.model, mapping, main_device=self.placement.devices[0],
+                                        force_hooks=True, skip_keys=skip)
+        finally:
+            quiet.setLevel(level)
+        placed = checkpoint_tensors(self.model)
+        return [placed[job.name].data for job in self.plan.jobs]
 
     # ------------------------------------------------------------------ public API
 
@@ -316,17 +386,18 @@ class MergeEngine:
             """Merge job ``index`` into its model parameter."""
             job, prepared, target = self.plan.jobs[index], self._prepared[index], self._targets[index]
             raw = self._raw_first[index]
+            device = self._job_device[index]
             if not self.memory.resident[index]:  # streamed: read from host memory, merged one-shot
-                prepared, raw = self._prepare(index, load_job_sources(self.plan, index, self.device), lazy=True)
+                prepared, raw = self._prepare(index, load_job_sources(self.plan, index, device), lazy=True)
             if prepared is None:
                 assert raw is not None, "a job without prepared inputs is a non-floating one, kept raw"
                 target.copy_(raw)
                 return
-            ws = self._workspace()
+            ws = self._workspace(device)
             shared, per_model = params[index]
             direct = target.dtype == job.compute_dtype and target.is_contiguous()
             out = target if direct else ws.get("engine_out", job.shape, job.compute_dtype)
-            generator = job_generator(self.spec, job, seed, self.device)
+            generator = job_generator(self.spec, job, seed, device)
             run_method(self.spec, prepared, shared, per_model, out, generator=generator, ws=ws)
             if not direct:
                 target.copy_(out)
@@ -335,10 +406,14 @@ class MergeEngine:
             self._run_each(self._schedule, work, load=False)
         return self.model
 
-    def _workspace(self) -> Workspace:
-        ws = getattr(self._local, "ws", None)
+    def _workspace(self, device: torch.device) -> Workspace:
+        """This thread's scratch on ``device`` (one workspace per thread and device)."""
+        spaces = getattr(self._local, "spaces", None)
+        if spaces is None:
+            spaces = self._local.spaces = {}
+        ws = spaces.get(device)
         if ws is None:
-            ws = self._local.ws = Workspace(self.device)
+            ws = spaces[device] = Workspace(device)
             self._workspaces.append(ws)
         return ws
 

@@ -82,6 +82,8 @@ class MemoryPlan:
         scratch: bytes of the kernels' per-thread temporaries (largest tensor times the threads).
         budget: the device budget the plan was made for (None: unknown, nothing was checked).
         resident: per job of the merge plan, True where its sources are kept on the device.
+        keep_order: whether the resident magnitude-method tensors keep their int32 sort orders (False when asked,
+            or when dropping them lets more sources stay resident; see ``plan_memory``).
     """
 
     method: str
@@ -92,6 +94,7 @@ class MemoryPlan:
     scratch: int
     budget: int | None
     resident: list[bool] = field(default_factory=list)
+    keep_order: bool = True
 
     @property
     def total(self) -> int:
@@ -140,9 +143,43 @@ def job_bytes(spec: MethodSpec, job: TensorJob, out_dtype: torch.dtype, keep_ord
             scratch += n * (others * s + 4 + s + s)
         elif spec.sparsify == "magnitude" and not keep_order:
             scratch += n * (4 + 8)  # one-shot top-k: float |delta| and, on a split tie, an int64 sort order
-    elif spec.family in ("slerp", "model_stock"):
-        scratch += 3 * n * max(s, 4)
+    else:
+        scratch += n * kernel_scratch(spec, len(job.sources), others, s)
     return JobBytes(resident=resident, candidate=candidate, scratch=scratch)
+
+
+def kernel_scratch(spec: MethodSpec, inputs: int, others: int, s: int) -> int:
+    """Peak temporaries of one merge kernel outside the task-arithmetic family, in bytes per element.
+
+    Read off each kernel's expression (which temporaries are alive together) and checked against the measured
+    peak (experiments/benchmarks/method_scratch.py: every figure here is at or above it, bf16 and float32).
+
+    Args:
+        spec: the method (its family; RAM+ is the ram family with ``extra["plus"]``).
+        inputs: the tensors merged (the base included); others: the non-base ones.
+        s: bytes per element of the compute dtype.
+
+    Returns:
+        Bytes per element of the tensor (0 for kernels that work in the output buffer).
+    """
+    f = max(s, 4)  # float32 (float64 for float64): the dtype slerp and linear accumulate in
+    table = {
+        "linear": 0 if s >= 4 else 2 * f,  # float32 accumulator + one converted input
+        "passthrough": 0,
+        "slerp": 3 * f + (2 * f if s < f else 0),  # both inputs in float32, their directions and the product
+        "model_stock": (others + 4) * s,  # offsets to the base, the mean and the blend's three terms
+        "nearswap": 5 * s,  # distance, share, and the blend's three terms
+        "arcee_fusion": max(5 * s, 2 * s + 14),  # softmaxes and KL terms; then importance, float32 quartiles, mask
+        "karcher": (inputs + 2) * s + 4,  # the unit directions, mean and step, a float32 norm
+        "multislerp": (4 * others + 4) * s,  # stacked vectors, unit directions, their tangents and products
+        "nuslerp": 6 * s,  # the two deltas, their directions and the interpolation's terms
+        "ram": (7 * others * s + others + 20 if spec.extra.get("plus")  # RAM+: the overlap-scaled part too
+                else 6 * others * s + others + 18),  # stacked deltas, masks, int64 counts and the kept parts
+        # stacked deltas, elected signs and agreeing weights; with select_topk < 1 (a per-candidate parameter)
+        # the variance, its top-k values and int64 indices instead
+        "sce": max((2 * others + 4) * s + others + 6, (others + 3) * s + 22),
+    }
+    return table.get(spec.family, 0)
 
 
 def device_budget(device: torch.device, device_memory_gb: float | None) -> int | None:
@@ -164,7 +201,8 @@ def device_budget(device: torch.device, device_memory_gb: float | None) -> int |
 
 
 def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
-                sources: SourcesMode | str = SourcesMode.AUTO, keep_order: bool = True) -> MemoryPlan:
+                sources: SourcesMode | str = SourcesMode.AUTO, keep_order: bool = True,
+                jobs: Sequence[int] | None = None, where: str = "the device") -> MemoryPlan:
     """Decide which jobs keep their sources resident within ``budget`` bytes (None: all, unchecked).
 
     Args:
@@ -172,37 +210,53 @@ def plan_memory(plan: MergePlan, *, budget: int | None, threads: int = 1,
         budget: device bytes one worker may use (None: no check).
         threads: tensors merged at once (scratch is per thread).
         sources: ``resident`` (all, fail if they do not fit), ``streamed`` (none), ``auto`` (as many as fit).
-        keep_order: keep the magnitude methods' int32 sort orders with the resident sources.
+        keep_order: keep the magnitude methods' int32 sort orders with the resident sources; when they and
+            every source do not fit, the orders are dropped first (a resident tensor without its order costs a
+            one-shot top-k per candidate, a streamed one that plus a read from host memory).
+        jobs: indices of the plan's jobs this device holds (default: all; ``evomerge/placement.py`` plans one
+            device of a worker spanning several).
+        where: the device, as named in errors.
 
     Returns:
-        the ``MemoryPlan``.
+        the ``MemoryPlan`` (``resident`` has one entry per planned job, in ``jobs`` order).
 
     Raises:
         EvomergeError: the candidate and the scratch alone exceed the budget, or ``resident`` was asked for
             and the sources do not fit.
     """
     mode = SourcesMode(sources)
-    parts = [job_bytes(plan.spec, job, plan.out_dtype_for(job), keep_order) for job in plan.jobs]
+    chosen = [plan.jobs[i] for i in jobs] if jobs is not None else plan.jobs
+    parts = [job_bytes(plan.spec, job, plan.out_dtype_for(job), keep_order) for job in chosen]
     candidate = sum(p.candidate for p in parts)
     scratch = max((p.scratch for p in parts), default=0) * max(1, threads)
-    params = sum(math.prod(job.shape) for job in plan.jobs)
+    params = sum(math.prod(job.shape) for job in chosen)
     method = plan.spec.name
     fixed = candidate + scratch
     if budget is not None and fixed > budget:
-        raise EvomergeError(f"nothing fits: one {method} candidate needs {fixed / GB:.2f} GB on the device "
+        raise EvomergeError(f"nothing fits: one {method} candidate needs {fixed / GB:.2f} GB on {where} "
                             f"(model {candidate / GB:.2f} GB + scratch {scratch / GB:.2f} GB) and the worker "
-                            f"has {budget / GB:.2f} GB")
+                            f"has {budget / GB:.2f} GB there")
     resident = _choose_resident([p.resident for p in parts], None if budget is None else budget - fixed, mode)
+    ordered = plan.spec.sparsify in ("magnitude", "magnitude_outliers")
+    if keep_order and ordered and not all(resident):
+        # the orders go before any source does; a streamed tensor is merged one-shot, with that scratch
+        try:
+            return plan_memory(plan, budget=budget, threads=threads, sources=sources, keep_order=False, jobs=jobs,
+                               where=where)
+        except EvomergeError:
+            if mode is not SourcesMode.RESIDENT:
+                raise  # the one-shot selection's scratch does not fit: nothing can be streamed either
     if mode is SourcesMode.RESIDENT and not all(resident):
         assert budget is not None, "without a budget every source is resident"
         need = sum(p.resident for p in parts)
-        raise EvomergeError(f"workers.sources_mode resident: the {method} sources need {need / GB:.2f} GB on the "
-                            f"device and {(budget - fixed) / GB:.2f} GB are left after the candidate; "
+        raise EvomergeError(f"workers.sources_mode resident: the {method} sources need {need / GB:.2f} GB on "
+                            f"{where} and {(budget - fixed) / GB:.2f} GB are left after the candidate; "
                             f"use sources_mode auto or streamed")
     kept = sum(p.resident for p, r in zip(parts, resident) if r)
-    streamed = sum(_source_bytes(job) for job, r in zip(plan.jobs, resident) if not r)
+    streamed = sum(_source_bytes(job) for job, r in zip(chosen, resident) if not r)
     return MemoryPlan(method=method, params=params, candidate=candidate, sources=kept, streamed_sources=streamed,
-                      scratch=scratch, budget=budget, resident=resident)
+                      scratch=scratch, budget=budget, resident=resident,
+                      keep_order=keep_order and ordered)
 
 
 def _source_bytes(job: TensorJob) -> int:

@@ -143,3 +143,22 @@ def test_run_prints_the_plan_and_refuses_when_nothing_fits(bf16_family, ray_addr
     assert code == 0, printed.out
     plan = next(line for line in printed.err.splitlines() if line.startswith("memory per worker"))
     assert "streamed from host memory" in plan and "budget 4.00 GB" in plan
+
+
+def test_sort_orders_go_before_any_source_is_streamed(bf16_family):
+    """ties with a budget that holds every source but not their int32 sort orders: the plan drops the orders
+    (a resident tensor without one costs a one-shot top-k, a streamed one that plus a read) and streams nothing;
+    the candidates equal the ordered engine's bit for bit."""
+    recipe = _recipe(bf16_family, "ties")
+    ordered = MergeEngine(recipe, threads=1)
+    plain = MergeEngine(recipe, threads=1, memory=MemoryOptions(keep_order=False))
+    assert ordered.memory.keep_order and not plain.memory.keep_order
+    cap = (plain.memory.total + (ordered.memory.total - plain.memory.total) // 2) / GB  # between the two
+    capped = MergeEngine(recipe, threads=1, memory=MemoryOptions(device_memory_gb=cap))
+    assert not capped.memory.keep_order and all(capped.memory.resident)
+    assert capped.source_bytes == plain.source_bytes == 6 * capped.memory.params
+    _same(_state(ordered), _state(capped))
+    other = _recipe(bf16_family, "ties", {"lambda": 0.7})
+    ordered.materialize(other)
+    capped.materialize(other)
+    _same(_state(ordered), _state(capped))

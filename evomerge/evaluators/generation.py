@@ -305,7 +305,9 @@ class _KVBuffers:
         else:
             src = torch.tensor(sources, device=buffers[0].device)
             dst = torch.tensor(targets, device=buffers[0].device)
-        for buffer in buffers:
+        for buffer in buffers:  # a model placed across devices keeps each layer's buffers on its own device
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.device != buffer.device:
+                src, dst = src.to(buffer.device), dst.to(buffer.device)
             buffer[dst, :, lo:hi] = buffer[src, :, lo:hi]
 
     def move_columns(self, rows: int, lo: int, hi: int, new_lo: int) -> None:

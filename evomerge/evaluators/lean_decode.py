@@ -12,8 +12,9 @@ It replaces only the glue. New keys/values go straight into the buffers, and att
 ``decode_attention.DecodeWindow``.
 
 The step is used only when the model is exactly one of the supported classes (no subclass) and no forward hook
-sits on a module whose forward it bypasses. Otherwise the model's own forward runs. ``EVOMERGE_LEAN_DECODE=0``
-also turns the step off. With the SDPA attention path its logits equal transformers' bit for bit; with the C++
+(nor accelerate's device hook, as on a model placed across devices) sits on a module whose forward it
+bypasses. Otherwise the model's own forward runs. ``EVOMERGE_LEAN_DECODE=0`` also turns the step off. With the
+SDPA attention path its logits equal transformers' bit for bit; with the C++
 attention kernel they agree to about 1e-6 (tests check both).
 """
 
@@ -63,7 +64,8 @@ def lean_step_for(model) -> LeanDecodeStep | None:
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    # accelerate's hooks (a model placed across devices) wrap ``forward`` itself and leave ``_hf_hook``
+    return bool(module._forward_hooks or module._forward_pre_hooks) or hasattr(module, "_hf_hook")
 
 
 def _has_global_hooks() -> bool:

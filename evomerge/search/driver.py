@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from evomerge.errors import EvomergeError
 from evomerge.memory_plan import plan_worker_memory
+from evomerge.placement import worker_placement
 from evomerge.recipe import Recipe
 from evomerge.search import legacy
 from evomerge.search.experiment import Experiment
@@ -165,8 +166,12 @@ class SearchDriver:
         sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives)
         setup = worker_setup(self.exp, self.run.path, sr.index, sr.space)
         if isinstance(setup.initial, Recipe):  # the planned memory per worker; refused here (exit 2) if nothing fits
-            plan = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory)
-            print(plan.describe(), file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
+            if setup.devices_per_worker > 1:
+                text = worker_placement(setup.initial, setup.device, setup.devices_per_worker, setup.threads,
+                                        setup.memory).describe()
+            else:
+                text = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory).describe()
+            print(text, file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
         pool = WorkerPool(setup, w.cpus_per_worker, gpus_per_worker(self.exp))
         try:

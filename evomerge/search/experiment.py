@@ -24,7 +24,8 @@ Shape (every key is checked; unknown keys are errors)::
     budget: {trials: 100, generations: null, wall_time: null}
     workers: {count: 1, device: auto, gpus_per_worker: null, cpus_per_worker: 1, threads: 1,
               sources: path, max_retries: 1,
-              device_memory_gb: null,         # a worker's device budget (default: a GPU's free memory)
+              device_memory_gb: null,         # a worker's budget per device (default: a GPU's free memory)
+              devices_per_worker: 1,          # devices one worker spans (layers placed across them, PS only)
               sources_mode: auto}             # auto | resident | streamed (see evomerge/memory_plan.py)
     python_path: []                   # extra import folders (relative to this file) for custom evaluators
     dtype: null                       # compute dtype; default: the sources' (bf16 sources merge in bf16)
@@ -61,7 +62,7 @@ OBJECTIVE_KEYS = {"metric", "direction", "weight"}
 OPTIMIZER_KEYS = {"name", "sigma0", "population", "multi_objective", "seed"}
 BUDGET_KEYS = {"trials", "generations", "wall_time"}
 WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries",
-               "device_memory_gb", "sources_mode"}
+               "device_memory_gb", "sources_mode", "devices_per_worker"}
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCES_MODES = ("auto", "resident", "streamed")  # evomerge.memory_plan.SourcesMode
 
@@ -131,6 +132,7 @@ class WorkersConfig:
     max_retries: int = 1
     device_memory_gb: float | None = None  # a worker's device budget in GiB (None: a GPU's free memory; no cap on CPU)
     sources_mode: str = "auto"  # auto | resident | streamed (evomerge.memory_plan.MemoryOptions.sources)
+    devices_per_worker: int = 1  # devices one worker spans: its candidate's layers placed across them (placement.py)
 
 
 @dataclass
@@ -265,6 +267,9 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     optimizer = _validate_optimizer(data.get("optimizer") or {}, len(objectives))
     budget = _validate_budget(data.get("budget"), optimizer)
     workers = _validate_workers(data.get("workers") or {})
+    if workers.devices_per_worker > 1 and space.kind != "ps":
+        raise _err(f"workers.devices_per_worker {workers.devices_per_worker}: only a ps search places a "
+                   f"candidate across devices ({space.kind} workers rewire two whole models on one device)")
 
     python_path = data.get("python_path") or []
     if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
@@ -514,7 +519,14 @@ def _validate_workers(workers: Any) -> WorkersConfig:
     mode = workers.get("sources_mode", "auto")
     if mode not in SOURCES_MODES:
         raise _err(f"workers.sources_mode must be auto, resident or streamed, got {mode!r}")
-    assert count is not None and threads is not None
+    spans = _positive_int("workers.devices_per_worker", workers.get("devices_per_worker", 1), allow_none=False)
+    assert count is not None and threads is not None and spans is not None
+    if spans > 1 and re.fullmatch(r"cuda:\d+", device):
+        raise _err(f"workers.device {device} names one GPU; a worker spanning {spans} devices uses device cuda "
+                   f"(Ray gives each worker its own {spans} GPUs)")
+    if spans > 1 and gpus is not None and device != "cpu" and gpus < spans:
+        raise _err(f"workers.gpus_per_worker {gpus} is fewer than workers.devices_per_worker {spans}")
     return WorkersConfig(count=count, device=device, gpus_per_worker=None if gpus is None else float(gpus),
                          cpus_per_worker=cpus, threads=threads, sources=sources, max_retries=retries,
-                         device_memory_gb=None if memory is None else float(memory), sources_mode=mode)
+                         device_memory_gb=None if memory is None else float(memory), sources_mode=mode,
+                         devices_per_worker=spans)

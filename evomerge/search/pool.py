@@ -136,7 +136,8 @@ def worker_setup(exp: Experiment, run_path: Path, stage: int, space: SearchSpace
         paths = [models.base, *(models.sources or {}).values()] if space.kind == "ps" else [models.a, models.b]
         blobs = put_source_blobs([p for p in paths if p is not None])
     return WorkerSetup(kind=space.kind, initial=space.decode(space.x0()), evaluators=exp.evaluators,
-                       device=exp.workers.device, threads=exp.workers.threads, dtype=exp.dtype,
+                       device=exp.workers.device, devices_per_worker=exp.workers.devices_per_worker,
+                       threads=exp.workers.threads, dtype=exp.dtype,
                        memory=MemoryOptions(device_memory_gb=exp.workers.device_memory_gb,
                                             sources=exp.workers.sources_mode),
                        python_path=[*exp.python_path, os.getcwd()], blobs=blobs)

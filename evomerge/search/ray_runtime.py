@@ -116,14 +116,15 @@ def sigterm_as_interrupt() -> Callable[[], None]:
 
 
 def gpus_per_worker(exp: Experiment) -> float:
-    """``workers.gpus_per_worker``, else 1 when the cluster has GPUs and the device is not cpu, else 0."""
+    """``workers.gpus_per_worker``, else ``workers.devices_per_worker`` (1 by default) when the cluster has GPUs
+    and the device is not cpu, else 0."""
     w = exp.workers
     if w.gpus_per_worker is not None:
         return float(w.gpus_per_worker)
     if w.device == "cpu":
         return 0.0
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-    return 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    return float(w.devices_per_worker) if resources.get("GPU", 0) > 0 else 0.0
 
 
 def put_source_blobs(paths: list[str]) -> dict[str, Any]:

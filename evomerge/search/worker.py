@@ -53,6 +53,8 @@ class WorkerSetup:
         initial: the stage's starting candidate (its models are loaded once from it).
         evaluators: the experiment's evaluators.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; threads: torch's CPU threads.
+        devices_per_worker: devices the PS engine spans (``cuda:0..N-1`` of those Ray gave the worker, or
+            ``cpu`` N times), its layers placed across them (``evomerge/placement.py``).
         dtype: the candidates' torch dtype name (``float32``, ``float16``, ``bfloat16``; None: the sources').
         memory: the PS engine's device budget and sources mode (``workers.device_memory_gb``,
             ``workers.sources_mode``).
@@ -65,6 +67,7 @@ class WorkerSetup:
     initial: Candidate
     evaluators: list[EvaluatorSpec]
     device: str = "auto"
+    devices_per_worker: int = 1
     threads: int = 1
     dtype: str | None = None
     memory: MemoryOptions = field(default_factory=MemoryOptions)
@@ -102,6 +105,23 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def worker_devices(device: str, count: int) -> list[str]:
+    """The devices one worker spans: ``device`` alone, or ``count`` of them (``cuda:0``... of the GPUs this
+    process sees, which Ray restricts to the worker's own; ``cpu`` repeated on CPU).
+
+    Raises:
+        EvomergeError: fewer CUDA devices are visible than ``count``.
+    """
+    if count <= 1:
+        return [device]
+    if device == "cpu":
+        return ["cpu"] * count
+    visible = torch.cuda.device_count()
+    if visible < count:
+        raise EvomergeError(f"workers.devices_per_worker {count}: this worker sees {visible} CUDA devices")
+    return [f"cuda:{i}" for i in range(count)]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -142,7 +162,8 @@ class TrialRunner:
             self._unpack_blobs(self.setup.blobs)
         initial = self._local(self.setup.initial)
         if isinstance(initial, Recipe):
-            self.engine = MergeEngine(initial, device=self.device, memory=self.setup.memory)
+            devices = worker_devices(self.device, self.setup.devices_per_worker)
+            self.engine = MergeEngine(initial, device=devices, memory=self.setup.memory)
             self.engine.model.eval()
             self.tokenizer = self.engine.tokenizer
         else:

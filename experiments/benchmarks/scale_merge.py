@@ -17,6 +17,9 @@ b) engine, one fresh process per configuration (2 threads): construction time, r
    process): ties with and without the int32 sort order, dare_ties, and streamed sources (read per candidate).
    Targets: ties <= 3x the copy, dare_ties <= 5x.
 c) ``--merge-only``: only evomerge's side of a) (used for the 1.5B memory measurement).
+d) ``--device cuda``: a) merges on the GPU (``evomerge merge --device cuda``, ``mergekit-yaml --cuda``) and b)'s
+   engine lives there (times after ``torch.cuda.synchronize``; the peak GPU memory of each configuration is
+   printed as well). experiments/benchmarks/gpu_check.sh runs it.
 
 Usage:
     python experiments/benchmarks/scale_merge.py                          # 0.5b, a) and b)
@@ -177,9 +180,14 @@ def part_a(paths: dict[str, Path], args) -> list[dict]:
     work = CACHE / "work"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TQDM_DISABLE="1")
-    tools = {"evomerge": lambda r, o: [str(VENV_BIN / "evomerge"), "merge", str(r), str(o), "--no-progress"]}
+    cuda = args.device.startswith("cuda")
+    # the installed commands, else the modules (a checkout on PYTHONPATH, e.g. on a lent GPU machine)
+    evomerge = ([str(VENV_BIN / "evomerge")] if (VENV_BIN / "evomerge").exists()
+                else [sys.executable, "-c", "import sys; from evomerge.cli import main; sys.exit(main())"])
+    tools = {"evomerge": lambda r, o: [*evomerge, "merge", str(r), str(o), "--no-progress", "--device", args.device]}
     if not args.merge_only:
-        tools["mergekit"] = lambda r, o: [str(VENV_BIN / "mergekit-yaml"), str(r), str(o)]
+        tools["mergekit"] = lambda r, o: [str(VENV_BIN / "mergekit-yaml"), str(r), str(o),
+                                          *(["--cuda"] if cuda else [])]
     rows = []
     for method in args.methods:
         for compute in args.computes:
@@ -244,11 +252,14 @@ def engine_child(spec: dict) -> dict:
     from evomerge.memory_plan import MemoryOptions
 
     torch.set_num_threads(2)
+    device = spec.get("device", "cpu")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     paths = {k: Path(v) for k, v in spec["paths"].items()}
     anon0 = rss_anon()
     start = time.perf_counter()
-    engine = MergeEngine(recipe(spec["method"], paths, "bf16"), threads=2,
+    engine = MergeEngine(recipe(spec["method"], paths, "bf16"), device=device, threads=2,
                          memory=MemoryOptions(sources=spec["mode"], keep_order=spec["keep_order"]))
+    sync()
     construct = time.perf_counter() - start
     rng = random.Random(11)
     times = []
@@ -256,6 +267,7 @@ def engine_child(spec: dict) -> dict:
         cand = recipe(spec["method"], paths, "bf16", rng)
         start = time.perf_counter()
         engine.materialize(cand)
+        sync()
         times.append(time.perf_counter() - start)
     targets = [t for _, t in engine.tensors()]
     copies = [torch.empty_like(t) for t in targets]
@@ -264,12 +276,14 @@ def engine_child(spec: dict) -> dict:
         start = time.perf_counter()
         for dst, src in zip(copies, targets):
             dst.copy_(src)
+        sync()
         copy_times.append(time.perf_counter() - start)
     params = engine.memory.params
     return {"construct_s": construct, "candidate_s": statistics.median(times), "copy_s": statistics.median(copy_times),
             "candidate_gb": sum(t.numel() * t.element_size() for t in targets) / GB,
             "source_b_per_param": engine.source_bytes / params, "planned_b_per_param": engine.memory.total / params,
-            "anon_b_per_param": (rss_anon() - anon0) / params, "params": params}
+            "anon_b_per_param": (rss_anon() - anon0) / params, "params": params,
+            "gpu_peak_gb": torch.cuda.max_memory_allocated() / GB if device.startswith("cuda") else 0.0}
 
 
 def part_b(paths: dict[str, Path], args) -> list[dict]:
@@ -278,7 +292,8 @@ def part_b(paths: dict[str, Path], args) -> list[dict]:
         if method not in args.methods or (mode == "streamed" and args.no_streamed) or label in args.skip:
             continue
         spec = {"paths": {k: str(v) for k, v in paths.items()}, "method": method, "mode": mode, "keep_order": keep,
-                "candidates": 1 if mode == "streamed" or not keep else args.candidates}
+                "device": args.device,
+                "candidates": args.candidates}
         done = subprocess.run([sys.executable, __file__, "--engine-child", json.dumps(spec)], capture_output=True,
                               text=True, env=dict(os.environ, TQDM_DISABLE="1"))
         if done.returncode != 0:
@@ -286,7 +301,7 @@ def part_b(paths: dict[str, Path], args) -> list[dict]:
         row = {"label": label, **json.loads(done.stdout.strip().splitlines()[-1])}
         print(f"  b) {label:22s} candidate {row['candidate_s']:7.2f} s  copy {row['copy_s']:.3f} s  "
               f"construction {row['construct_s']:6.1f} s  sources {row['source_b_per_param']:5.1f} B/param  "
-              f"anon {row['anon_b_per_param']:5.1f} B/param", flush=True)
+              f"anon {row['anon_b_per_param']:5.1f} B/param  GPU peak {row['gpu_peak_gb']:5.2f} GB", flush=True)
         rows.append(row)
     return rows
 
@@ -295,11 +310,11 @@ def print_b(rows: list[dict], shape: str) -> None:
     print(f"\nb) engine, {shape}, bf16 sources, 2 threads; candidate vs copying its bytes once (same process); "
           f"targets: ties <= 3x, dare_ties <= 5x (resident)")
     print(f"{'configuration':22s} {'cand s':>7s} {'copy s':>7s} {'ratio':>7s} {'build s':>8s} {'src B/p':>8s} "
-          f"{'plan B/p':>8s} {'anon B/p':>8s}")
+          f"{'plan B/p':>8s} {'anon B/p':>8s} {'GPU GB':>7s}")
     for r in rows:
         print(f"{r['label']:22s} {r['candidate_s']:7.2f} {r['copy_s']:7.3f} {r['candidate_s'] / r['copy_s']:7.1f} "
               f"{r['construct_s']:8.1f} {r['source_b_per_param']:8.1f} {r['planned_b_per_param']:8.1f} "
-              f"{r['anon_b_per_param']:8.1f}")
+              f"{r['anon_b_per_param']:8.1f} {r.get('gpu_peak_gb', 0.0):7.2f}")
 
 
 def main() -> None:
@@ -313,6 +328,7 @@ def main() -> None:
     parser.add_argument("--merge-only", action="store_true", help="a): evomerge only (no mergekit runs)")
     parser.add_argument("--no-streamed", action="store_true", help="b): skip the streamed configurations")
     parser.add_argument("--skip", default="", help="b): configurations to leave out, labels separated by semicolons")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where a) merges and b)'s engine runs")
     parser.add_argument("--engine-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_child:

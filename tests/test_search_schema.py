@@ -48,7 +48,8 @@ def _full(family) -> dict:
         "optimizer": {"name": "random", "sigma0": 0.25, "population": 5, "multi_objective": "pareto", "seed": 99},
         "budget": {"trials": 7, "generations": 2, "wall_time": "2m"},
         "workers": {"count": 3, "device": "cpu", "gpus_per_worker": 0.5, "cpus_per_worker": 2, "threads": 2,
-                    "sources": "object_store", "max_retries": 4, "device_memory_gb": 2.5, "sources_mode": "streamed"},
+                    "sources": "object_store", "max_retries": 4, "device_memory_gb": 2.5, "sources_mode": "streamed",
+                    "resources": {"evomerge_worker": 1}},
         "python_path": ["lib"], "dtype": "bfloat16",
     }
 

@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from ray.util.state import list_actors, list_nodes
@@ -42,6 +43,13 @@ SCRIPT = ROOT / "examples" / "cluster" / "slurm_evomerge.sh"
 HEAD, WORKER_NODES = "127.0.0.2", ("127.0.0.3", "127.0.0.4")
 PS_TRIALS = 8  # two CMA-ES generations of 4
 TIMEOUT = 240
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _free_port() -> int:
@@ -64,8 +72,14 @@ class LoopbackCluster:
                               timeout=timeout)
 
     def group(self, node: str) -> int:
-        """The process group of a node (its `ray start --block`, raylet, agents and workers)."""
+        """The process group of a node (its `ray start --block`, raylet and agents; not its workers, which
+        Ray starts in process groups of their own)."""
         return int((self.root / f"{node}.pid").read_text())
+
+    def processes(self, node: str) -> list[psutil.Process]:
+        """Every process of a node: its process group and their descendants (the workers)."""
+        group = [p for p in psutil.process_iter() if _pgid(p.pid) == self.group(node)]
+        return list({p.pid: p for g in group for p in [g, *g.children(recursive=True)]}.values())
 
     def node_ids(self) -> dict[str, str]:
         """{Ray node id: node IP} of the nodes that ever joined."""
@@ -314,13 +328,16 @@ def test_worker_node_killed_mid_run_its_trials_finish_on_the_surviving_node(clus
     victim = WORKER_NODES[1]
     end = time.time() + TIMEOUT
     while True:  # until the victim's worker holds a scored trial (it waits for a ticket)
-        waiting = [int(p.name.split("-")[1]) for p in gate.folder.glob("waiting-*")]
-        held = [p for p in waiting if _alive(p) and os.getpgid(p) == cluster.group(victim)]
+        waiting = {int(p.name.split("-")[1]) for p in gate.folder.glob("waiting-*")}
+        held = [p.pid for p in cluster.processes(victim) if p.pid in waiting]
         if held:
             break
-        assert _alive(pid) and time.time() < end, log.read_text()[-3000:]
-        time.sleep(0.05)
-    os.killpg(cluster.group(victim), signal.SIGKILL)
+        assert _alive(pid) and time.time() < end, f"driver alive: {_alive(pid)}; {log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    doomed = cluster.processes(victim)
+    assert any("raylet" in p.name() for p in doomed)
+    for p in doomed:  # the node's raylet, agents and workers, all at once
+        p.send_signal(signal.SIGKILL)
     gate.open()
     text = _wait_exit(pid, log)
     records = RunFolder.open(tmp_path / "run").trials()

@@ -38,6 +38,9 @@ from evomerge.search.node_sources import FETCH_LOG
 from evomerge.search.run_folder import RunFolder
 from test_resume_exact import Gate, Parts, _alive, _compared
 
+# each test takes 30-90 s on a 2-core machine (cluster start ~40 s, once per module): the module costs ~4 min
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cluster" / "slurm_evomerge.sh"
 HEAD, WORKER_NODES = "127.0.0.2", ("127.0.0.3", "127.0.0.4")

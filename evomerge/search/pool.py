@@ -107,7 +107,7 @@ class WorkerPool:
                 info: WorkerInfo = ray.get(ref)
                 self.nodes[w] = info.node
                 return Ready(w, info)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayError:  # the actor died (or Ray's memory monitor killed it) during setup
                 self.actors.pop(w, None)
                 return Lost(w)
         # a worker runs its trials in the order they were submitted: take its oldest result first (done too, if a
@@ -117,7 +117,9 @@ class WorkerPool:
         trial, w = self.inflight.pop(ref)
         try:
             return Done(w, ray.get(ref))
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+        except ray.exceptions.RayError as exc:
+            # evaluate() never raises (a failed candidate is a failed result): any Ray error means the worker is
+            # gone, its node lost, or Ray's memory monitor killed it (OutOfMemoryError, not a RayActorError)
             self.actors.pop(w, None)
             for other in [r for r, (_, ww) in self.inflight.items() if ww == w]:
                 self.inflight.pop(other)

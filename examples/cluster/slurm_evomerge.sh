@@ -75,6 +75,14 @@ start_node() {  # start_node NODE IP ARGS...: a blocking `ray start` on NODE in 
     echo "PIDS+=($!)" >> "$STATE"
 }
 
+wait_port() {  # wait_port HOST PORT: until the head's GCS accepts connections (worker nodes can join then)
+    local end=$((SECONDS + ${EVOMERGE_START_TIMEOUT:-300}))
+    until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
+        ((SECONDS < end)) || { echo "slurm_evomerge.sh: the Ray head at $1:$2 does not answer" >&2; return 1; }
+        sleep 0.5
+    done
+}
+
 wait_started() {  # wait_started NODE...: until every node's `ray start` says it runs (or one of them ended)
     local end=$((SECONDS + ${EVOMERGE_START_TIMEOUT:-300})) node
     for node in "$@"; do
@@ -99,12 +107,12 @@ start() {
     echo "PIDS=()" >> "$STATE"
     start_node "$head" "$ip" --head --port="$PORT" --include-dashboard=true --dashboard-host=127.0.0.1 \
         --dashboard-port="$DASHBOARD_PORT"
-    wait_started "$head"
+    wait_port "$ip" "$PORT"
     for node in "${all[@]:1}"; do
         start_node "$node" "$(ip_of "$node")" --address="$ip:$PORT" \
             --resources="{\"evomerge_worker\": $(slots_of "$node")}"
     done
-    wait_started "${all[@]:1}"
+    wait_started "${all[@]}"
     echo "$ip:$PORT"
 }
 

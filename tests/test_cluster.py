@@ -109,15 +109,17 @@ def cluster():
                EVOMERGE_OBJECT_STORE_BYTES=str(200 * 1000**2), EVOMERGE=str(Path(sys.executable).with_name("evomerge")),
                RAY=str(Path(sys.executable).with_name("ray")))
     c = LoopbackCluster(root, "", f"http://127.0.0.1:{env['EVOMERGE_DASHBOARD_PORT']}", env)
-    started = c.script("start")
-    groups = [c.group(n) for n in (HEAD, *WORKER_NODES) if (c.root / f"{n}.pid").exists()]
-    try:
+    groups: list[int] = []
+    try:  # stopped even when its start fails or is interrupted
+        started = c.script("start")
         assert started.returncode == 0, started.stderr
+        groups = [c.group(n) for n in (HEAD, *WORKER_NODES)]
         c.address = started.stdout.strip()
         assert c.address == f"{HEAD}:{env['EVOMERGE_RAY_PORT']}"
         yield c
     finally:
         try:
+            groups = groups or [c.group(n) for n in (HEAD, *WORKER_NODES) if (c.root / f"{n}.pid").exists()]
             stopped = c.script("stop", timeout=60)
             assert stopped.returncode == 0, stopped.stderr
             for g in groups:  # every process the recipe started is gone
@@ -242,6 +244,7 @@ def ps_run(cluster, forkserver, sources, tmp_path_factory) -> PSRun:
                              "evomerge_worker", str(len(WORKER_NODES))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     folder, away = sources["base"].parent, sources["base"].parent.with_name("moved-away")
+    pid = None
     try:
         assert hold.stdout.readline().strip() == "held"
         log = tmp / "driver.log"
@@ -261,6 +264,8 @@ def ps_run(cluster, forkserver, sources, tmp_path_factory) -> PSRun:
             away.rename(folder)
         if hold.poll() is None:
             hold.kill()
+        if pid is not None and _alive(pid):  # a driver left running would hold the nodes' slots
+            Parts._kill(pid)
     return PSRun(tmp / "run", text, _sorted(tmp / "run"), _new_fetches(cluster, before),
                  _placement(cluster, tmp / "run", known))
 
@@ -284,9 +289,14 @@ def test_dfs_search_through_the_recipe_s_driver_step(cluster, sources, tmp_path)
                       search_space="dfs", space={}, optimizer={"name": "random"}, budget={"trials": 4})
     before, known = _fetch_counts(cluster), {a.actor_id for a in cluster.workers()}
     driver = subprocess.Popen(["bash", str(SCRIPT), "run", str(exp), str(tmp_path / "run"), "--no-progress"],
-                              env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _open_when_every_worker_waits(gate, len(WORKER_NODES), lambda: driver.poll() is None, "the driver ended")
-    _, err = driver.communicate(timeout=TIMEOUT)
+                              env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        _open_when_every_worker_waits(gate, len(WORKER_NODES), lambda: driver.poll() is None, "the driver ended")
+        _, err = driver.communicate(timeout=TIMEOUT)
+    finally:  # a driver left running would hold the nodes' slots in the next tests
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, err[-3000:]
     trials = RunFolder.open(tmp_path / "run").trials()
     assert sorted(t.trial for t in trials) == [0, 1, 2, 3] and all(t.ok for t in trials)
@@ -299,6 +309,9 @@ def test_dfs_search_through_the_recipe_s_driver_step(cluster, sources, tmp_path)
 
 def test_driver_killed_and_resumed_on_the_same_cluster_continues_exactly(cluster, forkserver, sources, ps_run,
                                                                         tmp_path):
+    """The driver SIGKILLed mid-generation (5 of 8 trials on disk), then `evomerge run --resume DIR --address`
+    on the same cluster: the trials of the uninterrupted run (ps_run: CMA-ES, one worker per node); the killed
+    driver's worker actors are dead (Ray's state API), and no worker of the run is left."""
     gate = Gate(tmp_path / "gate")
     exp = _experiment(tmp_path / "ps.yaml", _ps_models(sources), gate)
     run = tmp_path / "run"
@@ -319,9 +332,10 @@ def test_driver_killed_and_resumed_on_the_same_cluster_continues_exactly(cluster
 
 def test_worker_node_killed_mid_run_its_trials_finish_on_the_surviving_node(cluster, forkserver, sources,
                                                                              tmp_path):
-    """SIGKILL of a worker node's whole process group (raylet, agents, the worker) while its worker holds
-    trials: they are retried on the other node, every trial is recorded once, the progress line counts the
-    lost node. Runs last: the node stays lost."""
+    """SIGKILL of every process of a worker node (its raylet and agents, and its worker, which Ray starts in a
+    process group of its own) while its worker holds trials: they are retried on the other node, every trial
+    is recorded once, the progress line counts the lost node. The replacement worker finds no room (the
+    surviving node's slot is taken) and the run still ends. Runs last: the node stays lost."""
     gate = Gate(tmp_path / "gate")
     trials = 6
     exp = _experiment(tmp_path / "ps.yaml", _ps_models(sources), gate, optimizer={"name": "random"},

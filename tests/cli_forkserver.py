@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 
 
 class ForkServer:
@@ -63,6 +64,8 @@ def _serve() -> None:
             code = 1
             try:
                 code = evomerge.cli.main(request["argv"])
+            except BaseException:  # os._exit below would swallow it: a crash must show in the log
+                traceback.print_exc()
             finally:
                 sys.stderr.flush()
                 os._exit(code)

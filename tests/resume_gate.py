@@ -9,7 +9,9 @@ choose their kill points by trial count, never by sleeping.
 
 Every process that imports the copy (a worker builds its evaluators before it reports ready, so before it is
 given any trial) leaves a ``process-<pid>`` marker beside it: after killing a run, the test waits until those
-processes are gone, so that no worker of a dead run claims a ticket meant for the next part.
+processes are gone, so that no worker of a dead run claims a ticket meant for the next part. While an
+evaluation waits for a ticket, a ``waiting-<pid>`` marker says that worker holds a scored trial (the cluster
+tests kill a node once its worker does).
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ def gated(model, tokenizer, gate: str) -> dict[str, float]:
     """``std``: the candidate's logit spread, returned once a ticket is claimed (or the gate is open)."""
     result = {"std": _score(model)}
     folder = Path(gate)
-    while not (folder / "open").exists():
-        for ticket in sorted(folder.glob("ticket-*")):
-            try:
-                os.rename(ticket, folder / f"used-{ticket.name}")
-            except FileNotFoundError:
-                continue  # another evaluation claimed it first
-            return result
-        time.sleep(0.01)
-    return result
+    waiting = folder / f"waiting-{os.getpid()}"
+    waiting.touch()
+    try:
+        while not (folder / "open").exists():
+            for ticket in sorted(folder.glob("ticket-*")):
+                try:
+                    os.rename(ticket, folder / f"used-{ticket.name}")
+                except FileNotFoundError:
+                    continue  # another evaluation claimed it first
+                return result
+            time.sleep(0.01)
+        return result
+    finally:
+        waiting.unlink(missing_ok=True)
 
 
 gated.metric_names = ("std",)

@@ -49,7 +49,7 @@ def _full(family) -> dict:
         "budget": {"trials": 7, "generations": 2, "wall_time": "2m"},
         "workers": {"count": 3, "device": "cpu", "gpus_per_worker": 0.5, "cpus_per_worker": 2, "threads": 2,
                     "sources": "object_store", "max_retries": 4, "device_memory_gb": 2.5, "sources_mode": "streamed",
-                    "devices_per_worker": 2},
+                    "devices_per_worker": 2, "resources": {"evomerge_worker": 1}},
         "python_path": ["lib"], "dtype": "bfloat16",
     }
 
@@ -218,3 +218,22 @@ def test_models_build_keys_shape_the_built_family(tmp_path):
     cfg = json.loads((run.path / "models" / "base" / "config.json").read_text())
     assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]) == (
         "qwen2", 3, 32, 48)
+
+
+@pytest.mark.parametrize("resources,error", [
+    ({"evomerge_worker": 0.5, "big_node": 2}, None),
+    ({"GPU": 1}, "'GPU' is not a custom Ray resource name"),
+    ({"evomerge_worker": 0}, "workers.resources.evomerge_worker must be a positive number"),
+    ({"evomerge_worker": "1"}, "workers.resources.evomerge_worker must be a positive number"),
+    (["evomerge_worker"], "workers.resources must be a mapping"),
+])
+def test_worker_resources_are_custom_ray_resources(resources, error, llama_family, tmp_path):
+    """workers.resources: custom Ray resources with positive amounts (they place the workers on a cluster's
+    nodes: tests/test_cluster.py); CPUs and GPUs have keys of their own."""
+    data = dict(_full(llama_family), workers={"resources": resources})
+    if error:
+        with pytest.raises(EvomergeError, match=re.escape(error)):
+            validate_experiment(data, base_dir=tmp_path)
+        return
+    assert validate_experiment(data, base_dir=tmp_path).workers.resources == {"evomerge_worker": 0.5,
+                                                                               "big_node": 2.0}

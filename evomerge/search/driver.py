@@ -34,6 +34,7 @@ from evomerge.search.run_folder import DriverState, PendingTrial, RunFolder
 from evomerge.search.scheduler import Scheduler, StageBudget, stage_budget
 from evomerge.search.search_space import SearchSpace
 from evomerge.search.stages import Stage, stage_definitions, stage_space
+from evomerge.search.worker import WorkerResources
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StageRun:
     done: int = 0
     failed: int = 0
     best: float | None = None  # the best weighted score so far
+    nodes_lost: list[str] = field(default_factory=list)  # Ray nodes lost with workers on them (this part)
     front: list[TrialRecord] = field(default_factory=list)
     progress: Progress = field(default_factory=lambda: Progress(False, None, 0, ""))
 
@@ -163,7 +165,7 @@ class SearchDriver:
             return  # nothing left to do here (a finished stage, or a finished run resumed)
         w = self.exp.workers
         sr.progress = Progress(self.show_progress, sr.budget.max_trials, sr.done, f"{self.exp.name}:{sr.stage.name}")
-        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives)
+        self._show(sr)
         setup = worker_setup(self.exp, self.run.path, sr.index, sr.space)
         if isinstance(setup.initial, Recipe):  # the planned memory per worker; refused here (exit 2) if nothing fits
             if setup.devices_per_worker > 1:
@@ -173,7 +175,7 @@ class SearchDriver:
                 text = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory).describe()
             print(text, file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
-        pool = WorkerPool(setup, w.cpus_per_worker, gpus_per_worker(self.exp))
+        pool = WorkerPool(setup, WorkerResources(w.cpus_per_worker, gpus_per_worker(self.exp), w.resources))
         try:
             for _ in range(w.count):
                 pool.start()
@@ -181,8 +183,9 @@ class SearchDriver:
                 while (assignment := scheduler.next_assignment(lambda: self._ask(sr))) is not None:
                     tid, worker = assignment
                     pool.submit(worker, tid, sr.space.decode(self.state.pending[tid].x))
-                if pool.empty:
-                    if not scheduler.has_idle and (scheduler.queue or self._budget_left(sr)):
+                work_left = bool(scheduler.queue) or self._budget_left(sr)
+                if pool.empty or (not pool.inflight and not work_left):  # replacements still starting (their
+                    if work_left and not scheduler.has_idle:            # node may be gone) are not waited for
                         raise EvomergeError("no live workers left (every worker died and the replacements "
                                             "ran out); the run can be resumed with --resume")
                     return
@@ -203,6 +206,11 @@ class SearchDriver:
         elif isinstance(event, Done):
             self._finish(sr, event.result, scheduler.finished(event.result.trial, event.worker))
         elif isinstance(event, Died):
+            if event.node_lost is not None and event.node_lost not in sr.nodes_lost:
+                sr.nodes_lost.append(event.node_lost)
+                sr.progress.note(f"evomerge run: Ray node {event.node_lost} lost (worker {event.worker} died with "
+                                 f"it); its trials are retried on the other workers")
+                self._show(sr)
             death = scheduler.worker_died(event.worker, event.trial)
             if death.replace:
                 pool.start()
@@ -262,4 +270,7 @@ class SearchDriver:
         if record.ok and (front := update_front(sr.front, record, self.exp.objectives)) is not None:
             sr.front = front
             self.run.write_pareto(front, self.exp.objectives)
-        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives)
+        self._show(sr)
+
+    def _show(self, sr: StageRun) -> None:
+        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives, len(sr.nodes_lost))

@@ -26,7 +26,8 @@ Shape (every key is checked; unknown keys are errors)::
               sources: path, max_retries: 1,
               device_memory_gb: null,         # a worker's budget per device (default: a GPU's free memory)
               devices_per_worker: 1,          # devices one worker spans (layers placed across them, PS only)
-              sources_mode: auto}             # auto | resident | streamed (see evomerge/memory_plan.py)
+              sources_mode: auto,             # auto | resident | streamed (see evomerge/memory_plan.py)
+              resources: {}}                  # custom Ray resources per worker, e.g. {evomerge_worker: 1}
     python_path: []                   # extra import folders (relative to this file) for custom evaluators
     dtype: null                       # compute dtype; default: the sources' (bf16 sources merge in bf16)
     description: ""                   # free text, kept in the run folder's config.yaml and shown by the report
@@ -62,7 +63,7 @@ OBJECTIVE_KEYS = {"metric", "direction", "weight"}
 OPTIMIZER_KEYS = {"name", "sigma0", "population", "multi_objective", "seed"}
 BUDGET_KEYS = {"trials", "generations", "wall_time"}
 WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries",
-               "device_memory_gb", "sources_mode", "devices_per_worker"}
+               "device_memory_gb", "sources_mode", "devices_per_worker", "resources"}
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCES_MODES = ("auto", "resident", "streamed")  # evomerge.memory_plan.SourcesMode
 
@@ -120,8 +121,9 @@ class BudgetConfig:
 
 @dataclass
 class WorkersConfig:
-    """``workers:``: how many, on which device, with which Ray resources; ``sources`` is ``path`` (a shared
-    disk) or ``object_store`` (model files shipped through Ray); ``max_retries`` after a worker died."""
+    """``workers:``: how many, on which device, with which Ray resources (CPUs, GPUs and custom ``resources``);
+    ``sources`` is ``path`` (a shared disk) or ``object_store`` (model files shipped through Ray);
+    ``max_retries`` after a worker died."""
 
     count: int = 1
     device: str = "auto"
@@ -133,6 +135,9 @@ class WorkersConfig:
     device_memory_gb: float | None = None  # a worker's device budget in GiB (None: a GPU's free memory; no cap on CPU)
     sources_mode: str = "auto"  # auto | resident | streamed (evomerge.memory_plan.MemoryOptions.sources)
     devices_per_worker: int = 1  # devices one worker spans: its candidate's layers placed across them (placement.py)
+    # custom Ray resources each worker needs ({name: amount}): places workers on the nodes that offer them
+    # (``ray start --resources``; docs/CLUSTER.md)
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -529,4 +534,20 @@ def _validate_workers(workers: Any) -> WorkersConfig:
     return WorkersConfig(count=count, device=device, gpus_per_worker=None if gpus is None else float(gpus),
                          cpus_per_worker=cpus, threads=threads, sources=sources, max_retries=retries,
                          device_memory_gb=None if memory is None else float(memory), sources_mode=mode,
-                         devices_per_worker=spans)
+                         devices_per_worker=spans,
+                         resources=_validate_resources(workers.get("resources") or {}))
+
+
+def _validate_resources(resources: Any) -> dict[str, float]:
+    """``workers.resources``: {custom Ray resource name: a positive amount per worker}."""
+    if not isinstance(resources, dict):
+        raise _err(f"workers.resources must be a mapping of Ray resource names to amounts, got {resources!r}")
+    out: dict[str, float] = {}
+    for name, amount in resources.items():
+        if not isinstance(name, str) or name in ("CPU", "GPU", "memory", "object_store_memory") or not name:
+            raise _err(f"workers.resources: {name!r} is not a custom Ray resource name "
+                       "(CPUs and GPUs are cpus_per_worker and gpus_per_worker)")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
+            raise _err(f"workers.resources.{name} must be a positive number, got {amount!r}")
+        out[name] = float(amount)
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from evomerge.search.ray_runtime import put_source_blobs
 from evomerge.search.records import TrialResult
 from evomerge.search.search_space import SearchSpace
 from evomerge.search.stages import stage_models
-from evomerge.search.worker import WorkerInfo, WorkerSetup, make_worker_class
+from evomerge.search.worker import WorkerInfo, WorkerResources, WorkerSetup, make_worker_class
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ class Done:
 
 @dataclass(frozen=True)
 class Died:
-    """A worker died (process gone) while ``trial`` was in its hands."""
+    """A worker died (process gone) while ``trial`` was in its hands; ``node_lost``: the address of its Ray
+    node when the node died with it (its raylet gone: a machine lost), else None."""
 
     worker: int
     trial: int
     error: str
+    node_lost: str | None = None
 
 
 Event = Ready | Lost | Done | Died
@@ -65,15 +68,16 @@ class WorkerPool:
 
     Args:
         setup: what every worker is built with (its ``worker`` id is set per worker).
-        cpus: Ray CPUs per worker; gpus: Ray GPUs per worker.
+        resources: Ray resources per worker (CPUs, GPUs and custom resources).
     """
 
-    def __init__(self, setup: WorkerSetup, cpus: float, gpus: float):
+    def __init__(self, setup: WorkerSetup, resources: WorkerResources):
         self.setup = setup
-        self.actor_class = make_worker_class(cpus, gpus)
+        self.actor_class = make_worker_class(resources)
         self.actors: dict[int, Any] = {}
         self.starting: dict[Any, int] = {}  # ready() ref -> worker id
         self.inflight: dict[Any, tuple[int, int]] = {}  # evaluate() ref -> (trial id, worker id)
+        self.nodes: dict[int, str] = {}  # worker id -> its Ray node id (once ready)
         self.next_id = 0
 
     def start(self) -> int:
@@ -100,8 +104,10 @@ class WorkerPool:
         if ref in self.starting:
             w = self.starting.pop(ref)
             try:
-                return Ready(w, ray.get(ref))
-            except ray.exceptions.RayActorError:
+                info: WorkerInfo = ray.get(ref)
+                self.nodes[w] = info.node
+                return Ready(w, info)
+            except ray.exceptions.RayError:  # the actor died (or Ray's memory monitor killed it) during setup
                 self.actors.pop(w, None)
                 return Lost(w)
         # a worker runs its trials in the order they were submitted: take its oldest result first (done too, if a
@@ -111,11 +117,13 @@ class WorkerPool:
         trial, w = self.inflight.pop(ref)
         try:
             return Done(w, ray.get(ref))
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+        except ray.exceptions.RayError as exc:
+            # evaluate() never raises (a failed candidate is a failed result): any Ray error means the worker is
+            # gone, its node lost, or Ray's memory monitor killed it (OutOfMemoryError, not a RayActorError)
             self.actors.pop(w, None)
             for other in [r for r, (_, ww) in self.inflight.items() if ww == w]:
                 self.inflight.pop(other)
-            return Died(w, trial, type(exc).__name__)
+            return Died(w, trial, type(exc).__name__, node_lost(self.nodes.get(w, "")))
 
     def close(self) -> None:
         """Kill every worker of the pool."""
@@ -125,6 +133,31 @@ class WorkerPool:
             except Exception:  # already gone
                 pass
         self.actors.clear()
+
+
+def node_lost(node: str) -> str | None:
+    """The address of Ray node ``node`` if the node is gone (a worker died with it), else None.
+
+    Ray marks a node dead only after its health checks fail for a while (seconds to a minute), and a worker's
+    death may reach the driver first; so a node still listed alive counts as lost when its raylet refuses (or
+    does not answer within 5 s) a TCP connection on its node-manager port.
+
+    Args:
+        node: the Ray node id (hex) a worker ran on ("" if it never reported one).
+    """
+    nodes: list[dict[str, Any]] = ray.nodes() if node else []  # type: ignore[no-untyped-call]
+    found = [n for n in nodes if n["NodeID"] == node]
+    if not found:
+        return None
+    info = found[0]
+    address = str(info["NodeManagerAddress"])
+    if not info["Alive"]:
+        return address
+    try:
+        socket.create_connection((address, int(info["NodeManagerPort"])), timeout=5).close()
+    except OSError:
+        return address
+    return None
 
 
 def worker_setup(exp: Experiment, run_path: Path, stage: int, space: SearchSpace) -> WorkerSetup:

@@ -30,8 +30,10 @@ class Progress:
         # the rate counts from the first trial finished in this part (not Ray's and the workers' start-up)
         self.rate_from: tuple[float, int] | None = None
 
-    def update(self, done: int, failed: int, best: float | None, objectives: Sequence[Objective]) -> None:
-        """Show ``done`` trials, ``failed`` of them failed, and the best weighted score ``best``."""
+    def update(self, done: int, failed: int, best: float | None, objectives: Sequence[Objective],
+               nodes_lost: int = 0) -> None:
+        """Show ``done`` trials, ``failed`` of them failed, the best weighted score ``best``, and the Ray nodes
+        lost with their workers during this part of the run (shown once there is one)."""
         if self.bar is None:
             return
         if self.rate_from is None and done > self.start_done:
@@ -39,10 +41,18 @@ class Progress:
         rate = 0.0
         if self.rate_from is not None and done > self.rate_from[1]:
             rate = (done - self.rate_from[1]) / max(1e-9, time.monotonic() - self.rate_from[0]) * 3600
-        self.bar.set_postfix_str(f"best={format_best(best, objectives)} failed={failed} trials/h={rate:.0f}",
+        lost = f" nodes_lost={nodes_lost}" if nodes_lost else ""
+        self.bar.set_postfix_str(f"best={format_best(best, objectives)} failed={failed} trials/h={rate:.0f}{lost}",
                                  refresh=False)
         self.bar.n = done
         self.bar.refresh()
+
+    def note(self, line: str) -> None:
+        """Print ``line`` on stderr (above the bar when there is one)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Close the bar."""

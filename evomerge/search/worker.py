@@ -7,7 +7,7 @@ trial returns a ``TrialResult``; a candidate that raises, runs out of memory or 
 ``status: failed`` with the reason, and the worker stays usable.
 
 Sources reach the worker either by path (a shared file system) or, with ``workers.sources: object_store``,
-as file blobs put in Ray's object store by the driver and written to a local temporary folder here.
+as file blobs put in Ray's object store by the driver and copied once per node (node_sources.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -40,6 +38,7 @@ from evomerge.recipe import Recipe
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import DataflowCandidate
 from evomerge.search.experiment import EvaluatorSpec
+from evomerge.search.node_sources import node_source_copy
 from evomerge.search.objectives import Objective
 from evomerge.search.records import TrialResult, TrialStatus
 
@@ -78,13 +77,15 @@ class WorkerSetup:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """A worker's answer once set up: ``error`` (None when ready), its metric names, where it runs."""
+    """A worker's answer once set up: ``error`` (None when ready), its metric names, where it runs (``node``:
+    its Ray node id)."""
 
     error: str | None
     metric_names: list[str]
     pid: int
     host: str
     device: str | None
+    node: str = ""
 
     def check(self, objectives: Sequence[Objective]) -> None:
         """Raise when the worker could not be set up, or an objective is not among its metrics.
@@ -180,16 +181,11 @@ class TrialRunner:
             self.metric_names += [f"{ev.name}/{m}" for m in getattr(built, "metric_names", [])]
 
     def _unpack_blobs(self, blobs: dict[str, Any]) -> None:
-        """Write source folders shipped through Ray's object store to a local temporary folder."""
-        root = Path(tempfile.mkdtemp(prefix="evomerge-sources-"))
-        for i, (orig, ref) in enumerate(sorted(blobs.items())):
-            files = ray.get(ref) if not isinstance(ref, dict) else ref
-            local = root / f"m{i}"
-            for rel, data in files.items():
-                target = local / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            self.path_map[orig] = str(local)
+        """Source folders shipped through Ray's object store, as local folders of this node (see
+        ``node_source_copy``: the first worker of a node fetches and writes them, the others reuse them)."""
+        node = ray.get_runtime_context().get_node_id()
+        for orig, ref in sorted(blobs.items()):
+            self.path_map[orig] = str(node_source_copy(orig, ref, node))
 
     def _local(self, candidate: Candidate) -> Candidate:
         """The candidate with model folders shipped as blobs replaced by their local copies."""
@@ -212,7 +208,8 @@ class TrialRunner:
 
     def ready(self) -> WorkerInfo:
         """Whether setup worked (``error``), and the metric names the evaluators declare."""
-        return WorkerInfo(self.error, list(self.metric_names), os.getpid(), socket.gethostname(), self.device)
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return WorkerInfo(self.error, list(self.metric_names), os.getpid(), socket.gethostname(), self.device, node)
 
     def materialize(self, candidate: Candidate) -> nn.Module:
         """The candidate's model (written in place into the worker's one preallocated model)."""
@@ -277,12 +274,23 @@ class TrialRunner:
         return metrics
 
 
-def make_worker_class(num_cpus: float, num_gpus: float) -> Any:
+@dataclass(frozen=True)
+class WorkerResources:
+    """The Ray resources of one worker: ``cpus`` and ``gpus`` (may be fractional), and custom resources
+    {name: amount} that place it on the nodes offering them (``workers.resources``)."""
+
+    cpus: float
+    gpus: float
+    custom: dict[str, float] = field(default_factory=dict)
+
+
+def make_worker_class(resources: WorkerResources) -> Any:
     """The Ray actor class with this run's resources (one candidate at a time, never restarted by Ray:
     the driver replaces a dead worker itself and retries its candidate elsewhere)."""
 
     remote: Any = ray.remote  # Ray's stubs lack the actor options (max_concurrency)
-    return remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=1)(TrialWorker)
+    return remote(num_cpus=resources.cpus, num_gpus=resources.gpus, resources=dict(resources.custom) or None,
+                  max_restarts=0, max_concurrency=1)(TrialWorker)
 
 
 class TrialWorker(TrialRunner):

@@ -86,13 +86,13 @@ def bare_ray_overhead_ms(family, n: int) -> list[float]:
 
     from evomerge.search.experiment import EvaluatorSpec
     from evomerge.search.search_space import PSSpace, load_space_definition
-    from evomerge.search.worker import WorkerSetup, make_worker_class
+    from evomerge.search.worker import WorkerResources, WorkerSetup, make_worker_class
 
     space = PSSpace(load_space_definition("ps_ties_dare"), str(family["base"]),
                     {"m1": str(family["model_1"]), "m2": str(family["model_2"])})
     setup = WorkerSetup(kind="ps", initial=space.decode(space.x0()), threads=1, device="cpu",
                         evaluators=[EvaluatorSpec("e", {"type": "custom", "function": f"{HELPERS}:zero_cost"})])
-    worker = make_worker_class(1, 0).remote(setup)
+    worker = make_worker_class(WorkerResources(1, 0)).remote(setup)
     assert ray.get(worker.ready.remote()).error is None
     import numpy as np
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-EXP = Path(__file__).resolve().parents[1] / "experiments" / "mini_evollm"
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments" / "mini_evollm"
 sys.path.insert(0, str(EXP))
 
 import languages as L  # noqa: E402
@@ -196,25 +198,70 @@ def test_cross_skill_verdict_needs_every_seed_beyond_the_spread():
     assert not run.cross_skill_reached([], others)
 
 
+def _git_status() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+
+
+# an absolute path: a slash that starts a path (not one inside a relative path such as ../x/y)
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[\w.+-]+/")
+
+
 def test_pipeline_end_to_end_on_a_miniature_zoo(ray_address, tmp_path, monkeypatch):
     """run.py on the test-sized zoo with tiny budgets: every stage runs through the real loop, each winner is
-    exported and re-scored from disk, and RESULTS.md / pareto.png / summary.json agree with each other."""
+    exported and re-scored from disk, and RESULTS.md / pareto.png / summary.json agree with each other. It
+    writes only into its run folder and the cache (both ignored by git, here private to this test): the tracked
+    tree is unchanged, and no written text file names a machine path (absolute path, host name)."""
+    import shutil
+    import socket
+    import uuid
+
     run = _load_run_module()
-    monkeypatch.setenv("MINI_EVOLLM_CACHE", str(tmp_path / "cache"))   # never touch the real zoo's cache
-    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    assert run.main(["--tiny-zoo", "--quick", "--multi", "always", "--address", ray_address,
-                     "--out", str(out), "--results", str(results)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    trials = {s["name"]: s["trials"] for s in summary["searches"]}
-    assert trials == {"ps": 8, "dfs": 8, "ps_dfs": 12, "ps_multi": 8}
-    for s in summary["searches"]:
-        best = Path(s["run_dir"]) / "best"
-        assert (best / "model.safetensors").is_file() and (best / "evomerge_trial.json").is_file()
-        # a PS winner is reproducible from its recipe; a data-flow winner from its layer path
-        assert (best / ("evomerge_dataflow.json" if s["name"] in ("dfs", "ps_dfs") else "recipe.yaml")).is_file()
-        assert sum(1 for _ in open(Path(s["run_dir"]) / "trials.jsonl")) == s["trials"]
-    text = results.read_text()
-    for label, acc in summary["target_test"].items():   # the table shows the re-scored test accuracies
-        assert f"| {label} | {acc:.1f} |" in text
-    assert "## Compared with the paper's Table 1" in text and "## Multi-skill case" in text
-    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tag = f"test-{uuid.uuid4().hex[:8]}"
+    out, cache = REPO / "runs" / tag, REPO / ".cache" / tag   # where the real job writes: ignored folders
+    monkeypatch.setenv("MINI_EVOLLM_CACHE", str(cache))        # never touch the real zoo's cache
+    before = _git_status()
+    try:
+        assert run.main(["--tiny-zoo", "--quick", "--multi", "always", "--address", ray_address,
+                         "--out", str(out)]) == 0
+        assert _git_status() == before
+        summary = json.loads((out / "summary.json").read_text())
+        trials = {s["name"]: s["trials"] for s in summary["searches"]}
+        assert trials == {"ps": 8, "dfs": 8, "ps_dfs": 12, "ps_multi": 8}
+        for s in summary["searches"]:
+            run_dir = out / s["run_dir"]
+            best = run_dir / "best"
+            assert (best / "model.safetensors").is_file() and (best / "evomerge_trial.json").is_file()
+            # a PS winner is reproducible from its recipe; a data-flow winner from its layer path
+            info = json.loads((best / "evomerge_trial.json").read_text())
+            assert info["layers"] if info["kind"] == "dfs" else (best / "recipe.yaml").is_file()
+            assert sum(1 for _ in open(run_dir / "trials.jsonl")) == s["trials"]
+        text = (out / "RESULTS.md").read_text()
+        for label, acc in summary["target_test"].items():   # the table shows the re-scored test accuracies
+            assert f"| {label} | {acc:.1f} |" in text
+        assert "## Compared with the paper's Table 1" in text and "## Multi-skill case" in text
+        assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".md", ".json", ".jsonl", ".yaml")]
+        assert len(written) > 20
+        host = socket.gethostname()
+        for p in written:
+            body = p.read_text()
+            assert not ABSOLUTE_PATH.search(body), (p.relative_to(out), ABSOLUTE_PATH.search(body))
+            assert str(REPO) not in body and f'"{host}"' not in body, p.relative_to(out)
+        # the path-free run folder still exports: a PS run's best trial again, from its relative records
+        from evomerge.search.experiment import experiment_from_resolved
+        from evomerge.search.export import export_trial
+        from evomerge.search.objectives import best_trial
+        from evomerge.search.run_folder import RunFolder
+
+        folder = RunFolder.open(out / "ps-seed0")
+        again = export_trial(folder, experiment_from_resolved(folder.config()), best_trial(folder.trials()),
+                             tmp_path / "again")
+        assert (again / "model.safetensors").read_bytes() == (out / "ps-seed0" / "best" / "model.safetensors"
+                                                               ).read_bytes()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    assert _git_status() == before

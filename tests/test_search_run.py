@@ -320,7 +320,8 @@ def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, 
     info = json.loads((tmp_path / "ps_dfs_best" / "evomerge_trial.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ps_dfs_best").eval()
     assert model.config.num_hidden_layers == len(info["layers"])
-    assert info["a"] == str(run.path / "stages" / "ps_winner")
+    # the provenance names model A relative to the export (no machine path): the run's PS winner
+    assert (tmp_path / "ps_dfs_best" / info["a"]).resolve() == (run.path / "stages" / "ps_winner").resolve()
     assert helpers.logit_std(model, None)["std"] == best.metrics["e/std"]
 
 

@@ -9,8 +9,12 @@
    with the target (language-2 math, language-gated) on the search split as the fitness;
 4. exports each search's best trial (`evomerge export`'s code), reloads it from disk and scores it on the
    held-out test split and on both sources' own tasks;
-5. writes experiments/mini_evollm/RESULTS.md (table, seeds, spread and a paired bootstrap interval, the
-   exact command, wall times) and pareto.png.
+5. writes RESULTS.md (table, seeds, spread and a paired bootstrap interval, the exact command, wall times),
+   pareto.png, results_ctx.json and summary.json into the run folder (--out, default runs/mini_evollm).
+
+It writes nothing else: the committed experiments/mini_evollm/RESULTS.md and pareto.png change only with
+--write-summary (or the study, study.py). No file it writes holds a machine path: paths are relative to the
+repository (or to the run folder), and the command line is recorded with its paths made portable the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -56,18 +61,26 @@ def score_model(model, tokenizer) -> tuple[dict[str, float], list[bool]]:
 
 
 def write_experiment(template: Path, out: Path, zoo_path: Path, overrides: dict) -> Path:
-    """A copy of an experiment YAML with the zoo's paths and this run's budget (the committed one stays as is)."""
+    """A copy of an experiment YAML with the zoo's paths and this run's budget (the committed one stays as is).
+
+    Paths in the copy are relative to its own folder (how an experiment's paths resolve), so it names no machine
+    path and keeps working wherever the repository and the run folder move together."""
     data = yaml.safe_load(template.read_text())
     models = data["models"]
+    here = out.parent.resolve()
+
+    def rel(target: Path) -> str:
+        return os.path.relpath(target.resolve(), here)
+
     for key, value in list(models.items()):
         if isinstance(value, str):
-            models[key] = str(zoo_path / Path(value).name)
+            models[key] = rel(zoo_path / Path(value).name)
         elif isinstance(value, dict):
-            models[key] = {k: str(zoo_path / Path(v).name) for k, v in value.items()}
+            models[key] = {k: rel(zoo_path / Path(v).name) for k, v in value.items()}
     for ev in data["evaluators"]:
         spec = ev["spec"]
         if isinstance(spec, dict) and str(spec.get("function", "")).startswith("mini_task.py"):
-            spec["function"] = str(HERE / spec["function"])
+            spec["function"] = rel(HERE / "mini_task.py") + spec["function"][len("mini_task.py"):]
     for key, value in overrides.items():
         if isinstance(value, dict):
             data.setdefault(key, {}).update(value)
@@ -90,7 +103,7 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
         shutil.rmtree(run_dir)
     exp_file = write_experiment(template, out_root / "experiments" / f"{name}-seed{seed}.yaml", zoo_path,
                                 {**overrides, "seed": seed})
-    log(f"{name} seed {seed}: evomerge run {exp_file} --out {run_dir}")
+    log(f"{name} seed {seed}: evomerge run {portable(exp_file)} --out {portable(run_dir)}")
     t0 = time.perf_counter()
     run = start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
     wall = time.perf_counter() - t0
@@ -138,6 +151,14 @@ def cross_skill_reached(ps_runs: list[dict], rows: list[dict]) -> bool:
     spread = max(accs) - min(accs)
     others = [100 * r["metrics"]["target_test/accuracy"] for r in rows if r["kind"] in ("source", "merge")]
     return min(accs) > 0 and all(min(accs) - o > spread for o in others)
+
+
+def verdict_reached(ps_runs: list[dict], rows: list[dict]) -> bool:
+    """The verdict rule: every PS seed's winner beats every source and every no-search merge on the held-out
+    target, its paired bootstrap 95% interval (``bootstrap_diff``) lying above 0."""
+    others = [r for r in rows if r["kind"] in ("source", "merge")]
+    return bool(ps_runs) and all(bootstrap_diff(s["per_item"], r["per_item"])[1] > 0
+                                 for s in ps_runs for r in others)
 
 
 def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -283,16 +304,18 @@ def write_results(path: Path, ctx: dict) -> None:
         for r in others:
             k = sum(bootstrap_diff(sp["per_item"], r["per_item"])[1] > 0 for sp in ps)
             wins.append(f"{r['label']}: {k} of {len(ps)} seeds")
+        rule = verdict_reached(ps, rows)
         lines += ["", "## Verdict on the cross-skill target", "",
-                  ("PS beats every source and both no-search merges on the held-out target by more than the "
-                   "run-to-run range." if reached else
-                   "NOT REACHED at this scale: PS does not beat every source and both no-search merges on the "
-                   "held-out target by more than the run-to-run range."),
+                  ("REACHED: every PS seed's winner beats every source and both no-search merges on the held-out "
+                   "target, its paired bootstrap 95% interval above 0" if rule else
+                   "NOT REACHED: some PS seed's winner does not beat every source and both no-search merges on "
+                   "the held-out target with a paired bootstrap 95% interval above 0")
+                  + f" (and by more than the run-to-run range: {'yes' if reached else 'no'}).",
                   "",
                   "PS seeds whose paired 95% interval against each model lies above 0: " + "; ".join(wins) + ".",
                   "",
                   "How the zoo got here (and the designs that did not work) is in [FEASIBILITY.md](FEASIBILITY.md)"
-                  + ("." if reached else "; the multi-skill section above is the fallback the issue asks for.")]
+                  + ("." if rule else "; the multi-skill section above is the fallback the issue asks for.")]
     lines += paper_comparison(rows)
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
@@ -322,21 +345,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("MINI_EVOLLM_THREADS", "1")),
                     help="torch threads for building the zoo")
     ap.add_argument("--out", default="runs/mini_evollm")
-    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--write-summary", action="store_true",
+                    help="also write the committed summary, experiments/mini_evollm/RESULTS.md and pareto.png")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of the whole pipeline")
     ap.add_argument("--tiny-zoo", action="store_true",
                     help="a miniature zoo (tiny model, a few training steps): tests the pipeline, not the science")
     ap.add_argument("--skip", default="", help="comma-separated searches to skip: dfs,ps_dfs,ps_multi")
     ap.add_argument("--zoo", default=None, help="use this existing zoo folder as it is (no build)")
     ap.add_argument("--results-only", action="store_true",
-                    help="rewrite RESULTS.md and pareto.png from OUT/results_ctx.json (no training, no search)")
+                    help="rewrite OUT's RESULTS.md and pareto.png (and with --write-summary the committed ones) from "
+                         "OUT/results_ctx.json (no training, no search)")
     args = ap.parse_args(argv)
+    out_root = Path(args.out)
     if args.results_only:
-        ctx = json.loads((Path(args.out) / "results_ctx.json").read_text())
-        pareto_plot(ctx["rows"], Path(args.results).parent / "pareto.png")
-        write_results(Path(args.results), ctx)
+        ctx = json.loads((out_root / "results_ctx.json").read_text())
+        write_summaries(ctx, out_root, args.write_summary)
         return 0
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
+    command = "python " + " ".join(shlex.quote(portable(a)) for a in
+                                   ["experiments/mini_evollm/run.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
         args.ps_trials, args.dfs_trials, args.psdfs_trials, args.multi_trials, args.seeds = 8, 8, 12, 8, "0"
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -348,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = replace(zoo.TINY_RECIPE if args.tiny_zoo else zoo.ZooRecipe(), seed=args.zoo_seed)
     zoo_path = Path(args.zoo).resolve() if args.zoo else zoo.zoo_dir(recipe)
     zoo_built = not args.zoo and zoo.cached_digest(zoo_path) != recipe.digest()
-    log(f"zoo: {'building' if zoo_built else 'cached'} {zoo_path}")
+    log(f"zoo: {'building' if zoo_built else 'cached'} {portable(zoo_path)}")
     t0 = time.perf_counter()
     if args.zoo:
         recipe = json.loads((zoo_path / "zoo.json").read_text())["recipe"]
@@ -373,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"label": label, "kind": "merge", "metrics": metrics, "per_item": per_item})
         log(f"{label}: target {metrics['target_test/accuracy']:.3f}")
 
-    out_root = Path(args.out)
     searches = []
     for seed in seeds:
         searches.append(run_search("ps", HERE / "ps.yaml", zoo_path, out_root, seed,
@@ -386,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                                    {"budget": {"trials": args.psdfs_trials}}, args.workers, args.address))
     ps_runs = [s for s in searches if s["name"] == "ps"]
     if "ps_multi" not in skip and (args.multi == "always" or (args.multi == "auto"
-                                                               and not cross_skill_reached(ps_runs, rows))):
+                                                               and not verdict_reached(ps_runs, rows))):
         searches.append(run_search("ps_multi", HERE / "ps_multi.yaml", zoo_path, out_root, seeds[0],
                                    {"budget": {"trials": args.multi_trials}}, args.workers, args.address))
     for s in searches:
@@ -396,22 +421,46 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"label": f"{label}, seed {s['seed']}{extra}", "kind": s["name"], "metrics": s["metrics"],
                      "per_item": s["per_item"], "trials": s["trials"], "wall_s": s["wall_s"]})
 
-    results = Path(args.results)
-    pareto_plot(rows, results.parent / "pareto.png")
     total = time.perf_counter() - t_start
+    for s in searches:
+        s["run_dir"] = portable(s["run_dir"], out_root)
     ctx = {"rows": rows, "searches": searches, "command": command, "total_s": total, "zoo_s": zoo_s,
-           "zoo_built": zoo_built, "zoo_seed": args.zoo_seed, "zoo_path": str(zoo_path), "seeds": seeds,
-           "workers": args.workers, "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}",
+           "zoo_built": zoo_built, "zoo_seed": args.zoo_seed, "zoo_path": portable(zoo_path),
+           "isa": zoo.instruction_set(), "seeds": seeds, "workers": args.workers,
+           "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}, {zoo.instruction_set()} kernels",
            "settings": {"zoo": recipe, "ps_trials": args.ps_trials,
                         "dfs_trials": args.dfs_trials, "psdfs_trials": args.psdfs_trials}}
+    out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results_ctx.json").write_text(json.dumps(ctx, indent=0))
-    write_results(results, ctx)
+    write_summaries(ctx, out_root, args.write_summary)
     summary = {r["label"]: round(100 * r["metrics"]["target_test/accuracy"], 1) for r in rows}
     (out_root / "summary.json").write_text(json.dumps({"total_s": total, "zoo_s": zoo_s, "target_test": summary,
                                                        "searches": [{k: v for k, v in s.items() if k != "per_item"}
                                                                     for s in searches]}, indent=1))
-    log(f"done in {total:.0f} s; wrote {results}")
+    log(f"done in {total:.0f} s; wrote {portable(out_root / 'RESULTS.md')}"
+        + (" and the committed summary" if args.write_summary else ""))
     return 0
+
+
+def write_summaries(ctx: dict, out_root: Path, committed: bool) -> None:
+    """RESULTS.md and pareto.png into the run folder; with ``committed`` also the committed copies beside run.py."""
+    for folder in [out_root] + ([HERE] if committed else []):
+        pareto_plot(ctx["rows"], folder / "pareto.png")
+        write_results(folder / "RESULTS.md", ctx)
+
+
+def portable(value: str | Path, root: Path | None = None) -> str:
+    """``value`` with no machine path in it: an absolute path (or a path an argument names) becomes relative to
+    ``root`` (default: the repository) when it lies inside, else just its last component; other text is kept."""
+    text = str(value)
+    if not text.startswith(("/", "~")):
+        return text
+    path = Path(text).expanduser().resolve()
+    base = (root or REPO).resolve()
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return path.name
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def test_pipeline_end_to_end_on_a_miniature_zoo(ray_address, tmp_path, monkeypat
         assert _git_status() == before
         summary = json.loads((out / "summary.json").read_text())
         trials = {s["name"]: s["trials"] for s in summary["searches"]}
-        assert trials == {"ps": 8, "dfs": 8, "ps_dfs": 12, "ps_multi": 8}
+        assert trials == {"ps": 8, "dfs": 8, "ps_dfs": 8, "ps_multi": 8}     # PS+DFS: PS's budget in all
         for s in summary["searches"]:
             run_dir = out / s["run_dir"]
             best = run_dir / "best"
@@ -242,6 +242,7 @@ def test_pipeline_end_to_end_on_a_miniature_zoo(ray_address, tmp_path, monkeypat
         for label, acc in summary["target_test"].items():   # the table shows the re-scored test accuracies
             assert f"| {label} | {acc:.1f} |" in text
         assert "## Compared with the paper's Table 1" in text and "## Multi-skill case" in text
+        assert "## PS vs PS+DFS at equal total trial budgets" in text
         assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".md", ".json", ".jsonl", ".yaml")]
         assert len(written) > 20

@@ -228,6 +228,27 @@ def paper_comparison(rows: list[dict]) -> list[str]:
     return lines
 
 
+def ps_vs_ps_dfs(searches: list[dict]) -> list[str]:
+    """PS and PS+DFS of the same search seed at their budgets: search-split score and held-out target."""
+    ps = {s["seed"]: s for s in searches if s["name"] == "ps"}
+    out = []
+    for s in searches:
+        p = ps.get(s["seed"]) if s["name"] == "ps_dfs" else None
+        if p is None:
+            continue
+        d, lo, hi = bootstrap_diff(s["per_item"], p["per_item"])
+        out.append(f"| {s['seed']} | {p['trials']} | {100 * p['search_score']:.1f} | "
+                   f"{pct(p['metrics']['target_test/accuracy'])} | {s['trials']} | {100 * s['search_score']:.1f} | "
+                   f"{pct(s['metrics']['target_test/accuracy'])} | {d:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
+    if not out:
+        return []
+    return ["", "## PS vs PS+DFS at equal total trial budgets", "",
+            "PS+DFS spends its budget on a PS stage (half) and a DFS stage that starts from the PS winner's plain "
+            "path, so its search score is never below its own PS stage's winner.", "",
+            "| seed | PS trials | PS search % | PS test % | PS+DFS trials | PS+DFS search % | PS+DFS test % | "
+            "test diff, 95% interval |", "|---|---|---|---|---|---|---|---|", *out]
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -298,6 +319,7 @@ def write_results(path: Path, ctx: dict) -> None:
                   "Sources: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in src.items()) + ". "
                   f"Best merged model: {best['label']} {100 * own(best):.1f} "
                   f"({'beats' if beats else 'does NOT beat'} each source)."]
+    lines += ps_vs_ps_dfs(searches)
     if ps:
         others = [r for r in rows if r["kind"] in ("source", "merge")]
         wins = []
@@ -320,7 +342,8 @@ def write_results(path: Path, ctx: dict) -> None:
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
               "", "## Settings", "",
-              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 128;",
+              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 96 in",
+              "all: 48 PS then 48 DFS, the DFS stage starting from the PS winner's plain path;",
               "the multi-skill PS, 64 trials, runs only when the cross-skill target is missed, or with --multi "
               "always).",
               "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
@@ -335,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="search seeds for PS (comma-separated)")
     ap.add_argument("--ps-trials", type=int, default=96)
     ap.add_argument("--dfs-trials", type=int, default=96)
-    ap.add_argument("--psdfs-trials", type=int, default=128)
+    ap.add_argument("--psdfs-trials", type=int, default=None,
+                    help="PS+DFS trials in all, both stages (default: --ps-trials, the equal-budget comparison)")
     ap.add_argument("--multi-trials", type=int, default=64)
     ap.add_argument("--multi", choices=("auto", "always", "never"), default="auto",
                     help="the multi-skill PS (the issue's fallback): auto = only when the cross-skill target "
@@ -364,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(portable(a)) for a in
                                    ["experiments/mini_evollm/run.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
-        args.ps_trials, args.dfs_trials, args.psdfs_trials, args.multi_trials, args.seeds = 8, 8, 12, 8, "0"
+        args.ps_trials, args.dfs_trials, args.multi_trials, args.seeds = 8, 8, 8, "0"
+    if args.psdfs_trials is None:
+        args.psdfs_trials = args.ps_trials
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 

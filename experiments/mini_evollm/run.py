@@ -43,6 +43,7 @@ import mini_task  # noqa: E402
 import zoo  # noqa: E402
 
 TEST_SPLITS = "target_test,math_l1_test,qa_l2_test"
+SEARCH_DONE = "search_done.json"  # in a search's run folder: the experiment and zoo it finished on
 
 
 def log(msg: str) -> None:
@@ -97,21 +98,34 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
     from evomerge.search.export import export_trial, load_exported
     from evomerge.search.launch import start_run
     from evomerge.search.objectives import best_trial
+    from evomerge.search.run_folder import RunFolder
 
     run_dir = out_root / f"{name}-seed{seed}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     exp_file = write_experiment(template, out_root / "experiments" / f"{name}-seed{seed}.yaml", zoo_path,
                                 {**overrides, "seed": seed})
-    log(f"{name} seed {seed}: evomerge run {portable(exp_file)} --out {portable(run_dir)}")
-    t0 = time.perf_counter()
-    run = start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
-    wall = time.perf_counter() - t0
-    records = run.trials()
-    config = run.config()
-    best = best_trial(records)
+    # a finished search of exactly this experiment on exactly this zoo is reused (a rerun of the job, or the
+    # main job after the study's PS rows): SEARCH_DONE records both, written once its winner was exported
+    done = {"experiment": exp_file.read_text(), "zoo": zoo.cached_digest(zoo_path)}
+    marker = run_dir / SEARCH_DONE
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
     export_dir = run_dir / "best"
-    export_trial(run, experiment_from_resolved(config), best, export_dir)
+    if {k: previous.get(k) for k in done} == done:
+        run = RunFolder.open(run_dir)
+        wall = float(previous["wall_s"])
+        records = run.trials()
+        best = best_trial(records)
+        log(f"{name} seed {seed}: reusing the finished search in {portable(run_dir)}")
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        log(f"{name} seed {seed}: evomerge run {portable(exp_file)} --out {portable(run_dir)}")
+        t0 = time.perf_counter()
+        run = start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
+        wall = time.perf_counter() - t0
+        records = run.trials()
+        best = best_trial(records)
+        export_trial(run, experiment_from_resolved(run.config()), best, export_dir)
+        marker.write_text(json.dumps({**done, "wall_s": wall}))
     model, tok = load_exported(export_dir)            # re-scored from disk, not from the search's memory
     metrics, per_item = score_model(model, tok)
     log(f"{name} seed {seed}: {len(records)} trials in {wall:.0f} s, best search score {best.score:.3f}, "

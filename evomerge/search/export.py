@@ -111,12 +111,21 @@ def export_trial(run: RunFolder, exp: Experiment, record: TrialRecord, out: str 
             info.update({"a": portable_paths(cand.a, here), "b": portable_paths(cand.b, here),
                          "layers": cand.layers, "scales": cand.scales})
         (staging / TRIAL_FILE).write_text(json.dumps(json_safe(info), indent=1))
+        _forget_source_path(staging / "config.json")
         if out.exists():
             os.replace(out, staging_root / "old")
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return out
+
+
+def _forget_source_path(config_file: Path) -> None:
+    """Drop the ``_name_or_path`` transformers records in a config (the folder model A or the base was read
+    from: a machine path), so the export names no machine path."""
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _scale_note(path: LayerPath) -> str:

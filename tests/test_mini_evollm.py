@@ -295,3 +295,61 @@ def test_same_seeds_give_the_same_table_with_one_or_two_workers(ray_address, tmp
     assert results[1]["trials"] == results[2]["trials"]
     assert results[1]["row"] == results[2]["row"]
     assert results[1]["weights"] == results[2]["weights"]
+
+
+def _load_study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mini_evollm_study", EXP / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_forces_the_instruction_set_in_a_fresh_process():
+    """The study's avx2 rows run in a process whose torch dispatches to AVX2 kernels (the caps are set before
+    torch is imported), and the zoo cache key differs between the two instruction sets."""
+    import subprocess
+
+    study = _load_study_module()
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import zoo; "
+             "print(zoo.instruction_set(), zoo.ZooRecipe().digest())")
+    got = {isa: subprocess.run([sys.executable, "-c", probe, str(EXP)], env=study.isa_env(isa), check=True,
+                               capture_output=True, text=True).stdout.split() for isa in ("avx512", "avx2")}
+    assert got["avx2"][0] == "avx2"
+    assert got["avx512"][0] != "avx2" or got["avx512"][1] == got["avx2"][1]  # an AVX2-only CPU: one zoo
+    if got["avx512"][0] != "avx2":
+        assert got["avx512"][1] != got["avx2"][1]                             # else one zoo per instruction set
+
+
+def test_study_row_applies_the_verdict_rule_to_every_ps_seed(tmp_path):
+    """A study row from run.py's results: accuracies in %, the smallest bootstrap lower bound over every PS seed
+    against every source and merge, and the verdict (one PS seed inside a merge's interval fails the row)."""
+    study = _load_study_module()
+    n = 200
+
+    def row(label, kind, right, first=0):
+        per_item = [first <= i < first + right for i in range(n)]
+        return {"label": label, "kind": kind, "metrics": {"target_test/accuracy": right / n},
+                "per_item": per_item}
+
+    rows = [row("base (bilingual, no fine-tune)", "source", 16), row("A: language-1 math", "source", 32),
+            row("B: language-2 text", "source", 12), row("TIES, no search", "merge", 40),
+            row("DARE-TIES, no search", "merge", 24)]
+
+    def ctx(ps_right):
+        searches = [{"name": "ps", "seed": i, "trials": 96, "search_score": 0.3, **row("ps", "ps", r, first=20)}
+                    for i, r in enumerate(ps_right)]
+        return {"rows": rows, "searches": searches, "isa": "avx2", "zoo_path": "zoo-seed0-avx2"}
+
+    good = study.summarize(ctx([60, 56, 64]), 0, "avx2")
+    assert good["verdict"] and good["TIES"] == pytest.approx(20.0) and good["PS"] == pytest.approx([30.0, 28.0, 32.0])
+    assert good["worst_lower"] > 0
+    bad = study.summarize(ctx([60, 42, 64]), 0, "avx2")   # 21.0 vs TIES 20.0: inside the interval
+    assert not bad["verdict"] and bad["worst_lower"] < 0
+    settings = study.StudySettings((0, 1), ("avx2",), (0, 1, 2), 96, 2)
+    study.write_summary(tmp_path / "STUDY.md", settings, [good], ["zoo seed 1, avx2: not run yet"], [], "python x")
+    text = (tmp_path / "STUDY.md").read_text()
+    assert "| 0 | avx2 | 8.0 | 16.0 | 6.0 | 20.0 | 12.0 | 30.0 / 28.0 / 32.0 |" in text
+    assert "## Missing rows" in text and "zoo seed 1, avx2: not run yet" in text

@@ -67,7 +67,7 @@ def portable_paths(value: Any, root: Path) -> Any:
         m = _ABSOLUTE.match(value)
         if m and len(m["path"]) > 1:
             rel = os.path.relpath(m["path"], root)
-            rel = rel if rel.startswith("..") else f"./{rel}"
+            rel = "../" if rel == ".." else rel if rel.startswith("../") else f"./{rel}"
             return f"{m['prefix'] or ''}{rel}{m['suffix'] or ''}"
     return value
 

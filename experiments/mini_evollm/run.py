@@ -44,6 +44,7 @@ import zoo  # noqa: E402
 
 TEST_SPLITS = "target_test,math_l1_test,qa_l2_test"
 SEARCH_DONE = "search_done.json"  # in a search's run folder: the experiment and zoo it finished on
+RESUMES = 5  # how often a search whose workers died is resumed before the job gives up
 
 
 def log(msg: str) -> None:
@@ -96,7 +97,6 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
                workers: int, address: str | None = None) -> dict:
     from evomerge.search.experiment import experiment_from_resolved
     from evomerge.search.export import export_trial, load_exported
-    from evomerge.search.launch import start_run
     from evomerge.search.objectives import best_trial
     from evomerge.search.run_folder import RunFolder
 
@@ -116,11 +116,8 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
         best = best_trial(records)
         log(f"{name} seed {seed}: reusing the finished search in {portable(run_dir)}")
     else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        log(f"{name} seed {seed}: evomerge run {portable(exp_file)} --out {portable(run_dir)}")
         t0 = time.perf_counter()
-        run = start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
+        run = _search(name, seed, exp_file, run_dir, done, workers, address)
         wall = time.perf_counter() - t0
         records = run.trials()
         best = best_trial(records)
@@ -133,6 +130,33 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
     return {"name": name, "seed": seed, "trials": len(records), "wall_s": wall, "metrics": metrics,
             "per_item": per_item, "search_score": best.score, "run_dir": str(run_dir),
             "best_trial": best.trial, "layers": _path_layers(export_dir)}
+
+
+def _search(name: str, seed: int, exp_file: Path, run_dir: Path, done: dict, workers: int, address: str | None):
+    """Run the search into ``run_dir``, or resume it there when a search of the same experiment on the same zoo
+    was started before (``SEARCH_STARTED`` beside the experiment copy); a search whose workers all died (a
+    memory-starved machine: Ray kills workers) is resumed up to ``RESUMES`` times, no finished trial lost."""
+    from evomerge.search.launch import resume_run, start_run
+
+    started = exp_file.with_suffix(".started.json")
+    previous = json.loads(started.read_text()) if started.is_file() else None
+    for attempt in range(RESUMES + 1):
+        try:
+            if previous == done and (run_dir / "config.yaml").is_file():
+                log(f"{name} seed {seed}: evomerge run --resume {portable(run_dir)}")
+                return resume_run(run_dir, address=address, workers=workers, progress=False)
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            started.write_text(json.dumps(done))
+            previous = done
+            log(f"{name} seed {seed}: evomerge run {portable(exp_file)} --out {portable(run_dir)}")
+            return start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
+        except Exception as e:  # noqa: BLE001 - Ray's errors have no common base; the last one is raised
+            if attempt == RESUMES:
+                raise
+            log(f"{name} seed {seed}: the search stopped ({type(e).__name__}); resuming it")
+            time.sleep(10)
+    raise AssertionError("unreachable")
 
 
 def _path_layers(export_dir: Path) -> int | None:

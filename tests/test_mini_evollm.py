@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-EXP = Path(__file__).resolve().parents[1] / "experiments" / "mini_evollm"
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments" / "mini_evollm"
 sys.path.insert(0, str(EXP))
 
 import languages as L  # noqa: E402
@@ -196,25 +198,158 @@ def test_cross_skill_verdict_needs_every_seed_beyond_the_spread():
     assert not run.cross_skill_reached([], others)
 
 
+def _git_status() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+
+
+# an absolute path: a slash that starts a path (not one inside a relative path such as ../x/y)
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[\w.+-]+/")
+
+
 def test_pipeline_end_to_end_on_a_miniature_zoo(ray_address, tmp_path, monkeypatch):
     """run.py on the test-sized zoo with tiny budgets: every stage runs through the real loop, each winner is
-    exported and re-scored from disk, and RESULTS.md / pareto.png / summary.json agree with each other."""
+    exported and re-scored from disk, and RESULTS.md / pareto.png / summary.json agree with each other. It
+    writes only into its run folder and the cache (both ignored by git, here private to this test): the tracked
+    tree is unchanged, and no written text file names a machine path (absolute path, host name)."""
+    import shutil
+    import socket
+    import uuid
+
     run = _load_run_module()
-    monkeypatch.setenv("MINI_EVOLLM_CACHE", str(tmp_path / "cache"))   # never touch the real zoo's cache
-    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    assert run.main(["--tiny-zoo", "--quick", "--multi", "always", "--address", ray_address,
-                     "--out", str(out), "--results", str(results)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    trials = {s["name"]: s["trials"] for s in summary["searches"]}
-    assert trials == {"ps": 8, "dfs": 8, "ps_dfs": 12, "ps_multi": 8}
-    for s in summary["searches"]:
-        best = Path(s["run_dir"]) / "best"
-        assert (best / "model.safetensors").is_file() and (best / "evomerge_trial.json").is_file()
-        # a PS winner is reproducible from its recipe; a data-flow winner from its layer path
-        assert (best / ("evomerge_dataflow.json" if s["name"] in ("dfs", "ps_dfs") else "recipe.yaml")).is_file()
-        assert sum(1 for _ in open(Path(s["run_dir"]) / "trials.jsonl")) == s["trials"]
-    text = results.read_text()
-    for label, acc in summary["target_test"].items():   # the table shows the re-scored test accuracies
-        assert f"| {label} | {acc:.1f} |" in text
-    assert "## Compared with the paper's Table 1" in text and "## Multi-skill case" in text
-    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tag = f"test-{uuid.uuid4().hex[:8]}"
+    out, cache = REPO / "runs" / tag, REPO / ".cache" / tag   # where the real job writes: ignored folders
+    monkeypatch.setenv("MINI_EVOLLM_CACHE", str(cache))        # never touch the real zoo's cache
+    before = _git_status()
+    try:
+        assert run.main(["--tiny-zoo", "--quick", "--multi", "always", "--address", ray_address,
+                         "--out", str(out)]) == 0
+        assert _git_status() == before
+        summary = json.loads((out / "summary.json").read_text())
+        trials = {s["name"]: s["trials"] for s in summary["searches"]}
+        assert trials == {"ps": 8, "dfs": 8, "ps_dfs": 8, "ps_multi": 8}     # PS+DFS: PS's budget in all
+        for s in summary["searches"]:
+            run_dir = out / s["run_dir"]
+            best = run_dir / "best"
+            assert (best / "model.safetensors").is_file() and (best / "evomerge_trial.json").is_file()
+            # a PS winner is reproducible from its recipe; a data-flow winner from its layer path
+            info = json.loads((best / "evomerge_trial.json").read_text())
+            assert info["layers"] if info["kind"] == "dfs" else (best / "recipe.yaml").is_file()
+            assert sum(1 for _ in open(run_dir / "trials.jsonl")) == s["trials"]
+        text = (out / "RESULTS.md").read_text()
+        for label, acc in summary["target_test"].items():   # the table shows the re-scored test accuracies
+            assert f"| {label} | {acc:.1f} |" in text
+        assert "## Compared with the paper's Table 1" in text and "## Multi-skill case" in text
+        assert "## PS vs PS+DFS at equal total trial budgets" in text
+        assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".md", ".json", ".jsonl", ".yaml")]
+        assert len(written) > 20
+        host = socket.gethostname()
+        for p in written:
+            body = p.read_text()
+            assert not ABSOLUTE_PATH.search(body), (p.relative_to(out), ABSOLUTE_PATH.search(body))
+            assert str(REPO) not in body and f'"{host}"' not in body, p.relative_to(out)
+        # the path-free run folder still exports: a PS run's best trial again, from its relative records
+        from evomerge.search.experiment import experiment_from_resolved
+        from evomerge.search.export import export_trial
+        from evomerge.search.objectives import best_trial
+        from evomerge.search.run_folder import RunFolder
+
+        folder = RunFolder.open(out / "ps-seed0")
+        again = export_trial(folder, experiment_from_resolved(folder.config()), best_trial(folder.trials()),
+                             tmp_path / "again")
+        assert (again / "model.safetensors").read_bytes() == (out / "ps-seed0" / "best" / "model.safetensors"
+                                                               ).read_bytes()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    assert _git_status() == before
+
+
+def test_same_seeds_give_the_same_table_with_one_or_two_workers(ray_address, tmp_path):
+    """The main job's PS piece (run.run_search) on a test-sized zoo trained just enough for its candidates to score
+    differently (language-blind `val` as the fitness, so the optimizer's ranking matters): with 1 and with 2
+    workers, the same seed gives the same trials (genomes, metrics, scores), the same exported winner (bitwise)
+    and the same held-out row of the table."""
+    from dataclasses import replace
+
+    run = _load_run_module()
+    recipe = replace(zoo.TINY_RECIPE, base=zoo.TrainSpec(steps=150, lr=3e-3, batch=8, warmup=10),
+                     spec_a=zoo.TrainSpec(steps=40, lr=1e-3, batch=8, warmup=5),
+                     spec_b=zoo.TrainSpec(steps=40, lr=1e-3, batch=8, warmup=5))
+    zoo_path = zoo.build_zoo(recipe, cache=tmp_path / "cache", threads=1)
+    overrides = {"budget": {"trials": 24},   # two CMA-ES generations of 12: the second depends on the first's ranks
+                 "objectives": [{"metric": "target/val", "direction": "maximize"}]}
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        s = run.run_search("ps", EXP / "ps.yaml", zoo_path, out, 3, overrides, workers, ray_address)
+        trials = [json.loads(line) for line in open(out / "ps-seed3" / "trials.jsonl")]
+        results[workers] = {
+            "trials": sorted((t["trial"], t["x"], t["metrics"], t["score"]) for t in trials),
+            "row": (s["metrics"], s["per_item"], s["search_score"], s["best_trial"]),
+            "weights": (out / "ps-seed3" / "best" / "model.safetensors").read_bytes()}
+    assert len({t[3] for t in results[1]["trials"]}) > 1          # the candidates do score differently
+    assert results[1]["trials"] == results[2]["trials"]
+    assert results[1]["row"] == results[2]["row"]
+    assert results[1]["weights"] == results[2]["weights"]
+
+
+def _load_study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mini_evollm_study", EXP / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_forces_the_instruction_set_in_a_fresh_process():
+    """The study's avx2 rows run in a process whose torch dispatches to AVX2 kernels (the caps are set before
+    torch is imported), and the zoo cache key differs between the two instruction sets."""
+    import subprocess
+
+    study = _load_study_module()
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import zoo; "
+             "print(zoo.instruction_set(), zoo.ZooRecipe().digest())")
+    got = {isa: subprocess.run([sys.executable, "-c", probe, str(EXP)], env=study.isa_env(isa), check=True,
+                               capture_output=True, text=True).stdout.split() for isa in ("avx512", "avx2")}
+    assert got["avx2"][0] == "avx2"
+    assert got["avx512"][0] != "avx2" or got["avx512"][1] == got["avx2"][1]  # an AVX2-only CPU: one zoo
+    if got["avx512"][0] != "avx2":
+        assert got["avx512"][1] != got["avx2"][1]                             # else one zoo per instruction set
+
+
+def test_study_row_applies_the_verdict_rule_to_every_ps_seed(tmp_path):
+    """A study row from run.py's results: accuracies in %, the smallest bootstrap lower bound over every PS seed
+    against every source and merge, and the verdict (one PS seed inside a merge's interval fails the row)."""
+    study = _load_study_module()
+    n = 200
+
+    def row(label, kind, right, first=0):
+        per_item = [first <= i < first + right for i in range(n)]
+        return {"label": label, "kind": kind, "metrics": {"target_test/accuracy": right / n},
+                "per_item": per_item}
+
+    rows = [row("base (bilingual, no fine-tune)", "source", 16), row("A: language-1 math", "source", 32),
+            row("B: language-2 text", "source", 12), row("TIES, no search", "merge", 40),
+            row("DARE-TIES, no search", "merge", 24)]
+
+    def ctx(ps_right):
+        searches = [{"name": "ps", "seed": i, "trials": 96, "search_score": 0.3, **row("ps", "ps", r, first=20)}
+                    for i, r in enumerate(ps_right)]
+        return {"rows": rows, "searches": searches, "isa": "avx2", "zoo_path": "zoo-seed0-avx2"}
+
+    good = study.summarize(ctx([60, 56, 64]), 0, "avx2")
+    assert good["verdict"] and good["TIES"] == pytest.approx(20.0) and good["PS"] == pytest.approx([30.0, 28.0, 32.0])
+    assert good["worst_lower"] > 0
+    bad = study.summarize(ctx([60, 42, 64]), 0, "avx2")   # 21.0 vs TIES 20.0: inside the interval
+    assert not bad["verdict"] and bad["worst_lower"] < 0
+    settings = study.StudySettings((0, 1), ("avx2",), (0, 1, 2), 96, 2)
+    study.write_summary(tmp_path / "STUDY.md", settings, [good], ["zoo seed 1, avx2: not run yet"], [], "python x")
+    text = (tmp_path / "STUDY.md").read_text()
+    assert "| 0 | avx2 | 8.0 | 16.0 | 6.0 | 20.0 | 12.0 | 30.0 / 28.0 / 32.0 |" in text
+    assert "## Missing rows" in text and "zoo seed 1, avx2: not run yet" in text

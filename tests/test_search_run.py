@@ -320,7 +320,8 @@ def test_dfs_and_ps_dfs_exports_rescore_to_the_trial(ray_address, llama_family, 
     info = json.loads((tmp_path / "ps_dfs_best" / "evomerge_trial.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ps_dfs_best").eval()
     assert model.config.num_hidden_layers == len(info["layers"])
-    assert info["a"] == str(run.path / "stages" / "ps_winner")
+    # the provenance names model A relative to the export (no machine path): the run's PS winner
+    assert (tmp_path / "ps_dfs_best" / info["a"]).resolve() == (run.path / "stages" / "ps_winner").resolve()
     assert helpers.logit_std(model, None)["std"] == best.metrics["e/std"]
 
 
@@ -393,3 +394,30 @@ def test_sigterm_stops_the_run_cleanly_and_it_resumes(tmp_path):
     after = RunFolder.open(out).trials()
     assert after[:len(before)] == before
     assert sorted(t.trial for t in after) == list(range(len(before) + 4))
+
+
+def test_ps_dfs_starts_from_the_ps_winner_and_never_falls_below_it(ray_address, llama_family, tmp_path):
+    """The paper's PS+DFS: the DFS stage's first trial is the PS winner's plain path (model A's layers in
+    order, once, every scale 1), which scores exactly what the PS winner scored, so the PS+DFS winner is never
+    below its PS model on the search fitness; CMA-ES searches from that path (the indicator's mean turns A's
+    first repetition on)."""
+    from evomerge.search.objectives import best_trial
+
+    torch.set_num_threads(1)
+    exp = _ps_experiment(llama_family, helpers.evaluator("logit_std"), search_space="ps_dfs",
+                         budget={"trials": 16}, seed=7)
+    exp["models"]["b"] = str(llama_family["model_2"])
+    run = start_run(_write(tmp_path / "ps_dfs.yaml", exp), out=tmp_path / "ps_dfs", address=ray_address,
+                    progress=False)
+    trials = run.trials()
+    ps = [t for t in trials if t.stage_name == "ps" and t.ok]
+    dfs = sorted((t for t in trials if t.stage_name == "dfs"), key=lambda t: t.trial)
+    assert len(ps) == 8 and len(dfs) == 8
+    n_a = dfs[0].candidate.n_a
+    assert dfs[0].candidate.layers == list(range(n_a)) and dfs[0].candidate.scales == [1.0] * n_a
+    ps_best = max(t.score for t in ps)
+    assert dfs[0].score == ps_best                       # the plain path IS the PS winner
+    assert max(t.score for t in dfs if t.ok) >= ps_best
+    assert best_trial(trials).score >= ps_best
+    # the other members of the first generation are CMA-ES samples around that path, not the path itself
+    assert any(t.candidate.layers != list(range(n_a)) or t.candidate.scales != [1.0] * n_a for t in dfs[1:])

@@ -134,7 +134,8 @@ class SearchDriver:
         exp = self.exp
         space = stage_space(exp, self.run.path, index)
         problem = Problem(space.names, [float(v) for v in space.x0()], exp.objectives,
-                          exp.optimizer_seed + 1000 * index, exp.optimizer, exp.pareto)
+                          exp.optimizer_seed + 1000 * index, exp.optimizer, exp.pareto,
+                          start_at_x0=space.kind == "dfs")
         optimizer = build_optimizer(problem, str(self.run.path), f"{exp.name}-{self.stages[index].name}")
         done = [r for r in self.records if r.stage == index]
         sr = StageRun(index, self.stages[index], space, optimizer,

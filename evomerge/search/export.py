@@ -13,7 +13,9 @@ as the driver decoded it).
   (plain transformers would silently ignore the scales).
 
 Both also get ``evomerge_trial.json`` (run, trial id, genome x, params, metrics) for provenance. The folder appears
-atomically (built next to PATH, then renamed).
+atomically (built next to PATH, then renamed). No file of it names the machine: the recipe, the provenance and
+the model card give every path relative to PATH (``recipe.yaml`` resolves them against its own folder, so
+``evomerge merge PATH/recipe.yaml`` still reproduces the weights).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from evomerge.checkpoint import find_generation_config, write_checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.merge import run_merge
+from evomerge.recipe import Recipe
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import SCALES_FILE, load_dataflow_model, path_config, path_state_dict
 from evomerge.search.experiment import Experiment
 from evomerge.search.objectives import best_trial
 from evomerge.search.records import TrialRecord, json_safe
-from evomerge.search.run_folder import RunFolder
+from evomerge.search.run_folder import RunFolder, portable_paths
 from evomerge.search.stages import PS_WINNER, stage_space
 
 TRIAL_FILE = "evomerge_trial.json"
@@ -55,9 +58,9 @@ def trial_candidate(run: RunFolder, exp: Experiment, record: TrialRecord) -> Can
     return stage_space(exp, run.path, record.stage).decode(record.x)
 
 
-def _model_card(kind: str, record: TrialRecord, run: RunFolder, extra: str = "") -> str:
+def _model_card(kind: str, record: TrialRecord, run: str, extra: str = "") -> str:
     metrics = "\n".join(f"- {k}: {v}" for k, v in record.metrics.items())
-    return (f"# evomerge {kind.upper()} export\n\nTrial {record.trial} of the run in `{run.path}`.\n\n"
+    return (f"# evomerge {kind.upper()} export\n\nTrial {record.trial} of the run in `{run}`.\n\n"
             f"Metrics at search time:\n{metrics}\n{extra}")
 
 
@@ -83,29 +86,46 @@ def export_trial(run: RunFolder, exp: Experiment, record: TrialRecord, out: str 
         raise EvomergeError(f"output folder {out} already exists (pass --overwrite to replace it)")
     cand = trial_candidate(run, exp, record)
     out.parent.mkdir(parents=True, exist_ok=True)
+    here = out.resolve()
+    run_rel = portable_paths(str(run.path), here)
     staging_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     staging = staging_root / "ckpt"
     try:
         if isinstance(cand, LayerPath):
-            card = _model_card("dfs", record, run, _scale_note(cand))
+            card = _model_card("dfs", record, run_rel, _scale_note(cand))
             _write_dataflow(cand, staging, getattr(torch, exp.dtype) if exp.dtype else "auto", card)
         else:
             # the merge path, tensor by tensor: no more memory than `evomerge merge` of the recipe, and the
-            # same tensors as the engine the workers used (same kernels, same per-tensor seeds)
-            run_merge(cand, staging, progress=False)
+            # same tensors as the engine the workers used (same kernels, same per-tensor seeds); its paths
+            # relative to the export, which its recipe.yaml resolves against
+            portable = Recipe.from_dict(portable_paths(cand.to_dict(), here), root=here, source="the trial's recipe")
+            run_merge(portable, staging, progress=False)
+            recipe_yaml = portable.to_yaml()
+            (staging / "README.md").write_text(_model_card("ps", record, run_rel, "\n## Recipe\n\n```yaml\n"
+                                                           + recipe_yaml + "```\n"))
         info: dict[str, Any] = {
-            "run": str(run.path), "trial": record.trial, "stage": record.stage_name,
+            "run": run_rel, "trial": record.trial, "stage": record.stage_name,
             "kind": "dfs" if isinstance(cand, LayerPath) else "ps", "params": record.params, "x": record.x,
             "metrics": record.metrics, "objectives": record.objectives, "score": record.score}
         if isinstance(cand, LayerPath):
-            info.update({"a": cand.a, "b": cand.b, "layers": cand.layers, "scales": cand.scales})
+            info.update({"a": portable_paths(cand.a, here), "b": portable_paths(cand.b, here),
+                         "layers": cand.layers, "scales": cand.scales})
         (staging / TRIAL_FILE).write_text(json.dumps(json_safe(info), indent=1))
+        _forget_source_path(staging / "config.json")
         if out.exists():
             os.replace(out, staging_root / "old")
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return out
+
+
+def _forget_source_path(config_file: Path) -> None:
+    """Drop the ``_name_or_path`` transformers records in a config (the folder model A or the base was read
+    from: a machine path), so the export names no machine path."""
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _scale_note(path: LayerPath) -> str:

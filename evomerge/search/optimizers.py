@@ -61,6 +61,8 @@ class Problem:
         pareto: tell the objective vector (NSGA-II / MOTPE / random) instead of the weighted score.
         seed: the optimizer's seed.
         options: the experiment's ``optimizer:`` section.
+        start_at_x0: the first trial is x0 itself (a DFS stage: model A's plain path, Akiba et al. 2024, so
+            the stage starts from what it was handed instead of spending its first generation recovering it).
     """
 
     names: list[str]
@@ -69,6 +71,7 @@ class Problem:
     seed: int
     options: OptimizerConfig = field(default_factory=OptimizerConfig)
     pareto: bool = False
+    start_at_x0: bool = False
 
     @property
     def dim(self) -> int:
@@ -169,6 +172,8 @@ class CMAESOptimizer(Optimizer):
             opts = {"popsize": pop, "randn": self.rng.randn, "seed": int(problem.seed) + 1, "verbose": -9,
                     "verb_log": 0, "verb_disp": 0, "CMA_diagonal": False}
             self.es = cma.CMAEvolutionStrategy(list(problem.x0), float(problem.options.sigma0), opts)
+            if problem.start_at_x0:  # the first generation's first member is the mean itself
+                self.es.inject([np.asarray(problem.x0, dtype=float)], force=True)
             self.rng_state = np.random.get_state()
         finally:
             np.random.set_state(saved)
@@ -262,8 +267,10 @@ class RandomOptimizer(Optimizer):
         self.population = problem.options.population
 
     def ask(self) -> tuple[Key, list[float]] | None:
-        """See ``Optimizer.ask``; never None."""
+        """See ``Optimizer.ask``; never None (the first is x0 when ``start_at_x0``)."""
         self.count += 1
+        if self.count == 1 and self.problem.start_at_x0:
+            return 0, [float(v) for v in self.problem.x0]
         return self.count - 1, [float(v) for v in self.rng.random(self.problem.dim)]
 
     def tell(self, key: Key, values: Sequence[float] | None) -> None:
@@ -314,6 +321,8 @@ class OptunaOptimizer(Optimizer):
                                          sampler=self._sampler(0), directions=directions, load_if_exists=True)
         self.distributions: dict[str, Any] = {
             n: optuna.distributions.FloatDistribution(0.0, 1.0) for n in problem.names}
+        if problem.start_at_x0 and not self.study.get_trials(deepcopy=False):  # a new study: x0 is its trial 0
+            self.study.enqueue_trial(dict(zip(problem.names, problem.x0)))
 
     def _sampler(self, ask: int) -> Any:
         """A fresh sampler for ask number ``ask``, seeded with ``seed + ask``."""

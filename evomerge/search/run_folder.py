@@ -1,6 +1,6 @@
 """The run folder: everything a search leaves behind, written so that a kill -9 at any moment is recoverable.
 
-    config.yaml      the resolved experiment (absolute paths, defaults filled in)
+    config.yaml      the resolved experiment (defaults filled in; paths relative to the run folder, see below)
     trials.jsonl     one JSON line per finished trial, appended, flushed and fsynced as each finishes
     state.json       the driver's state (the optimizer's state dict, trial counter, asked-but-unfinished trials,
                      elapsed time) as versioned JSON, rewritten atomically (temp file, fsync, rename) after
@@ -17,12 +17,18 @@ SQLite row; other optimizers re-ask deterministically from the last checkpoint, 
 A trial whose line is in trials.jsonl is never evaluated again (if the crash came before its tell was
 checkpointed, resume tells it from the line); a trial whose line is missing (or torn: a last line without its
 newline) was not finished and is evaluated again.
+
+No file of a run folder names the machine: config.yaml and trials.jsonl store every path relative to the run
+folder, written ``./x`` or ``../x`` (``portable_paths``; also inside ``custom:PATH:fn``-style specs), and reading
+resolves them against the folder again (``local_paths``), so a run folder moved together with its models still
+resumes and exports; trial lines keep the worker index and pid but not the host name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +47,49 @@ STATE = "state.json"
 LEGACY_STATE = "state.pkl"
 PARETO = "pareto.json"
 STATE_VERSION = 2
+
+
+# an absolute path, alone or after a spec prefix such as ``custom:`` (then up to the next ``:``)
+_ABSOLUTE = re.compile(r"^(?P<prefix>[A-Za-z_]+:)?(?P<path>/[^:]*)(?P<suffix>:.*)?$", re.DOTALL)
+_RELATIVE = re.compile(r"^(?P<prefix>[A-Za-z_]+:)?(?P<path>\.\.?/[^:]*)(?P<suffix>:.*)?$", re.DOTALL)
+_ANY_ABSOLUTE = re.compile(r"(?<![\w.])/[\w.+-]+(?:/[\w.+-]+)+")
+
+
+def portable_paths(value: Any, root: Path) -> Any:
+    """``value`` (a mapping/list/str tree) with every absolute path made relative to ``root`` as ``./x`` or
+    ``../x``, also after a spec prefix (``custom:/p/f.py:fn`` -> ``custom:../f.py:fn``); other values unchanged.
+    The inverse is ``local_paths``."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, root) for v in value]
+    if isinstance(value, str):
+        m = _ABSOLUTE.match(value)
+        if m and len(m["path"]) > 1:
+            rel = os.path.relpath(m["path"], root)
+            rel = "../" if rel == ".." else rel if rel.startswith("../") else f"./{rel}"
+            return f"{m['prefix'] or ''}{rel}{m['suffix'] or ''}"
+    return value
+
+
+def local_paths(value: Any, root: Path) -> Any:
+    """The inverse of ``portable_paths``: every ``./x`` or ``../x`` (also after a spec prefix) resolved against
+    ``root`` into an absolute path."""
+    if isinstance(value, dict):
+        return {k: local_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [local_paths(v, root) for v in value]
+    if isinstance(value, str):
+        m = _RELATIVE.match(value)
+        if m:
+            path = os.path.normpath(os.path.join(root, m["path"]))
+            return f"{m['prefix'] or ''}{path}{m['suffix'] or ''}"
+    return value
+
+
+def portable_text(text: str, root: Path) -> str:
+    """Free text (an error message) with every absolute path in it made relative to ``root``."""
+    return _ANY_ABSOLUTE.sub(lambda m: os.path.relpath(m[0], root), text)
 
 
 @dataclass
@@ -149,7 +198,7 @@ class RunFolder:
             raise EvomergeError(f"output folder {path} exists and is not empty")
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
-        atomic_write_bytes(run.path / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+        run.update_config(config)
         (run.path / TRIALS).touch()
         return run
 
@@ -166,13 +215,14 @@ class RunFolder:
         return cls(path)
 
     def config(self) -> dict[str, Any]:
-        """The resolved experiment mapping (config.yaml)."""
-        data: dict[str, Any] = yaml.safe_load((self.path / CONFIG).read_text())
+        """The resolved experiment mapping (config.yaml), its paths absolute again (``local_paths``)."""
+        data: dict[str, Any] = local_paths(yaml.safe_load((self.path / CONFIG).read_text()), self.path)
         return data
 
     def update_config(self, config: dict[str, Any]) -> None:
-        """Rewrite config.yaml atomically."""
-        atomic_write_bytes(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+        """Rewrite config.yaml atomically, its paths relative to the run folder (``portable_paths``)."""
+        portable = portable_paths(config, self.path)
+        atomic_write_bytes(self.path / CONFIG, yaml.safe_dump(portable, sort_keys=False).encode())
 
     # -- trials -------------------------------------------------------------------------------------------
     def repair_trials(self) -> None:
@@ -190,10 +240,16 @@ class RunFolder:
                 os.fsync(f.fileno())
 
     def append_trial(self, record: TrialRecord) -> None:
-        """Append one finished trial to trials.jsonl, flushed and fsynced before returning."""
+        """Append one finished trial to trials.jsonl, flushed and fsynced before returning (paths relative to the
+        run folder, no host name)."""
         if self._trials_file is None:
             self._trials_file = open(self.path / TRIALS, "a", encoding="utf-8")
-        self._trials_file.write(json.dumps(record.to_json(), sort_keys=False, allow_nan=False) + "\n")
+        line = record.to_json()
+        line["host"] = None
+        line["candidate"] = portable_paths(line["candidate"], self.path)
+        if line.get("error"):
+            line["error"] = portable_text(line["error"], self.path)
+        self._trials_file.write(json.dumps(line, sort_keys=False, allow_nan=False) + "\n")
         self._trials_file.flush()
         os.fsync(self._trials_file.fileno())
 
@@ -208,7 +264,9 @@ class RunFolder:
                 break  # torn last line: that trial did not finish
             line = line.strip()
             if line:
-                out.append(TrialRecord.from_json(json.loads(line)))
+                data = json.loads(line)
+                data["candidate"] = local_paths(data.get("candidate"), self.path)
+                out.append(TrialRecord.from_json(data))
         return out
 
     def close(self) -> None:

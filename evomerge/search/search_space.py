@@ -30,6 +30,10 @@ Kinds:
 - ``dfs``: indicator genes over T = M x r slots and scalings (an M x M matrix or a small feed-forward net of
   (i, j, t)) -> a ``DataflowPath`` (see dataflow.py).
 - ``ps_dfs``: a ``ps`` stage, then a ``dfs`` stage with the PS winner as model A.
+
+A ``dfs`` stage's x0 is model A's plain path (A's layers in order, once, every scale 1: ``init_on`` for A's slots
+of the first repetition, ``init_off`` elsewhere, scales at 1), and the driver makes x0 the stage's first trial
+(optimizers.Problem.start_at_x0), as in the paper: a PS+DFS winner is never below its PS model on the fitness.
 """
 
 from __future__ import annotations

@@ -9,8 +9,12 @@
    with the target (language-2 math, language-gated) on the search split as the fitness;
 4. exports each search's best trial (`evomerge export`'s code), reloads it from disk and scores it on the
    held-out test split and on both sources' own tasks;
-5. writes experiments/mini_evollm/RESULTS.md (table, seeds, spread and a paired bootstrap interval, the
-   exact command, wall times) and pareto.png.
+5. writes RESULTS.md (table, seeds, spread and a paired bootstrap interval, the exact command, wall times),
+   pareto.png, results_ctx.json and summary.json into the run folder (--out, default runs/mini_evollm).
+
+It writes nothing else: the committed experiments/mini_evollm/RESULTS.md and pareto.png change only with
+--write-summary (or the study, study.py). No file it writes holds a machine path: paths are relative to the
+repository (or to the run folder), and the command line is recorded with its paths made portable the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -38,6 +43,8 @@ import mini_task  # noqa: E402
 import zoo  # noqa: E402
 
 TEST_SPLITS = "target_test,math_l1_test,qa_l2_test"
+SEARCH_DONE = "search_done.json"  # in a search's run folder: the experiment and zoo it finished on
+RESUMES = 5  # how often a search whose workers died is resumed before the job gives up
 
 
 def log(msg: str) -> None:
@@ -56,18 +63,26 @@ def score_model(model, tokenizer) -> tuple[dict[str, float], list[bool]]:
 
 
 def write_experiment(template: Path, out: Path, zoo_path: Path, overrides: dict) -> Path:
-    """A copy of an experiment YAML with the zoo's paths and this run's budget (the committed one stays as is)."""
+    """A copy of an experiment YAML with the zoo's paths and this run's budget (the committed one stays as is).
+
+    Paths in the copy are relative to its own folder (how an experiment's paths resolve), so it names no machine
+    path and keeps working wherever the repository and the run folder move together."""
     data = yaml.safe_load(template.read_text())
     models = data["models"]
+    here = out.parent.resolve()
+
+    def rel(target: Path) -> str:
+        return os.path.relpath(target.resolve(), here)
+
     for key, value in list(models.items()):
         if isinstance(value, str):
-            models[key] = str(zoo_path / Path(value).name)
+            models[key] = rel(zoo_path / Path(value).name)
         elif isinstance(value, dict):
-            models[key] = {k: str(zoo_path / Path(v).name) for k, v in value.items()}
+            models[key] = {k: rel(zoo_path / Path(v).name) for k, v in value.items()}
     for ev in data["evaluators"]:
         spec = ev["spec"]
         if isinstance(spec, dict) and str(spec.get("function", "")).startswith("mini_task.py"):
-            spec["function"] = str(HERE / spec["function"])
+            spec["function"] = rel(HERE / "mini_task.py") + spec["function"][len("mini_task.py"):]
     for key, value in overrides.items():
         if isinstance(value, dict):
             data.setdefault(key, {}).update(value)
@@ -82,23 +97,32 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
                workers: int, address: str | None = None) -> dict:
     from evomerge.search.experiment import experiment_from_resolved
     from evomerge.search.export import export_trial, load_exported
-    from evomerge.search.launch import start_run
     from evomerge.search.objectives import best_trial
+    from evomerge.search.run_folder import RunFolder
 
     run_dir = out_root / f"{name}-seed{seed}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     exp_file = write_experiment(template, out_root / "experiments" / f"{name}-seed{seed}.yaml", zoo_path,
                                 {**overrides, "seed": seed})
-    log(f"{name} seed {seed}: evomerge run {exp_file} --out {run_dir}")
-    t0 = time.perf_counter()
-    run = start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
-    wall = time.perf_counter() - t0
-    records = run.trials()
-    config = run.config()
-    best = best_trial(records)
+    # a finished search of exactly this experiment on exactly this zoo is reused (a rerun of the job, or the
+    # main job after the study's PS rows): SEARCH_DONE records both, written once its winner was exported
+    done = {"experiment": exp_file.read_text(), "zoo": zoo.cached_digest(zoo_path)}
+    marker = run_dir / SEARCH_DONE
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
     export_dir = run_dir / "best"
-    export_trial(run, experiment_from_resolved(config), best, export_dir)
+    if {k: previous.get(k) for k in done} == done:
+        run = RunFolder.open(run_dir)
+        wall = float(previous["wall_s"])
+        records = run.trials()
+        best = best_trial(records)
+        log(f"{name} seed {seed}: reusing the finished search in {portable(run_dir)}")
+    else:
+        t0 = time.perf_counter()
+        run = _search(name, seed, exp_file, run_dir, done, workers, address)
+        wall = time.perf_counter() - t0
+        records = run.trials()
+        best = best_trial(records)
+        export_trial(run, experiment_from_resolved(run.config()), best, export_dir)
+        marker.write_text(json.dumps({**done, "wall_s": wall}))
     model, tok = load_exported(export_dir)            # re-scored from disk, not from the search's memory
     metrics, per_item = score_model(model, tok)
     log(f"{name} seed {seed}: {len(records)} trials in {wall:.0f} s, best search score {best.score:.3f}, "
@@ -106,6 +130,33 @@ def run_search(name: str, template: Path, zoo_path: Path, out_root: Path, seed: 
     return {"name": name, "seed": seed, "trials": len(records), "wall_s": wall, "metrics": metrics,
             "per_item": per_item, "search_score": best.score, "run_dir": str(run_dir),
             "best_trial": best.trial, "layers": _path_layers(export_dir)}
+
+
+def _search(name: str, seed: int, exp_file: Path, run_dir: Path, done: dict, workers: int, address: str | None):
+    """Run the search into ``run_dir``, or resume it there when a search of the same experiment on the same zoo
+    was started before (``SEARCH_STARTED`` beside the experiment copy); a search whose workers all died (a
+    memory-starved machine: Ray kills workers) is resumed up to ``RESUMES`` times, no finished trial lost."""
+    from evomerge.search.launch import resume_run, start_run
+
+    started = exp_file.with_suffix(".started.json")
+    previous = json.loads(started.read_text()) if started.is_file() else None
+    for attempt in range(RESUMES + 1):
+        try:
+            if previous == done and (run_dir / "config.yaml").is_file():
+                log(f"{name} seed {seed}: evomerge run --resume {portable(run_dir)}")
+                return resume_run(run_dir, address=address, workers=workers, progress=False)
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            started.write_text(json.dumps(done))
+            previous = done
+            log(f"{name} seed {seed}: evomerge run {portable(exp_file)} --out {portable(run_dir)}")
+            return start_run(exp_file, out=run_dir, address=address, workers=workers, seed=seed, progress=False)
+        except Exception as e:  # noqa: BLE001 - Ray's errors have no common base; the last one is raised
+            if attempt == RESUMES:
+                raise
+            log(f"{name} seed {seed}: the search stopped ({type(e).__name__}); resuming it")
+            time.sleep(10)
+    raise AssertionError("unreachable")
 
 
 def _path_layers(export_dir: Path) -> int | None:
@@ -138,6 +189,14 @@ def cross_skill_reached(ps_runs: list[dict], rows: list[dict]) -> bool:
     spread = max(accs) - min(accs)
     others = [100 * r["metrics"]["target_test/accuracy"] for r in rows if r["kind"] in ("source", "merge")]
     return min(accs) > 0 and all(min(accs) - o > spread for o in others)
+
+
+def verdict_reached(ps_runs: list[dict], rows: list[dict]) -> bool:
+    """The verdict rule: every PS seed's winner beats every source and every no-search merge on the held-out
+    target, its paired bootstrap 95% interval (``bootstrap_diff``) lying above 0."""
+    others = [r for r in rows if r["kind"] in ("source", "merge")]
+    return bool(ps_runs) and all(bootstrap_diff(s["per_item"], r["per_item"])[1] > 0
+                                 for s in ps_runs for r in others)
 
 
 def bootstrap_diff(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -205,6 +264,27 @@ def paper_comparison(rows: list[dict]) -> list[str]:
              "", "| row | paper | mini |", "|---|---|---|"]
     lines += [f"| {label} | {paper} | {m} |" for (label, paper), m in zip(PAPER_TABLE_1, mine)]
     return lines
+
+
+def ps_vs_ps_dfs(searches: list[dict]) -> list[str]:
+    """PS and PS+DFS of the same search seed at their budgets: search-split score and held-out target."""
+    ps = {s["seed"]: s for s in searches if s["name"] == "ps"}
+    out = []
+    for s in searches:
+        p = ps.get(s["seed"]) if s["name"] == "ps_dfs" else None
+        if p is None:
+            continue
+        d, lo, hi = bootstrap_diff(s["per_item"], p["per_item"])
+        out.append(f"| {s['seed']} | {p['trials']} | {100 * p['search_score']:.1f} | "
+                   f"{pct(p['metrics']['target_test/accuracy'])} | {s['trials']} | {100 * s['search_score']:.1f} | "
+                   f"{pct(s['metrics']['target_test/accuracy'])} | {d:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
+    if not out:
+        return []
+    return ["", "## PS vs PS+DFS at equal total trial budgets", "",
+            "PS+DFS spends its budget on a PS stage (half) and a DFS stage that starts from the PS winner's plain "
+            "path, so its search score is never below its own PS stage's winner.", "",
+            "| seed | PS trials | PS search % | PS test % | PS+DFS trials | PS+DFS search % | PS+DFS test % | "
+            "test diff, 95% interval |", "|---|---|---|---|---|---|---|---|", *out]
 
 
 def pct(x: float) -> str:
@@ -277,27 +357,31 @@ def write_results(path: Path, ctx: dict) -> None:
                   "Sources: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in src.items()) + ". "
                   f"Best merged model: {best['label']} {100 * own(best):.1f} "
                   f"({'beats' if beats else 'does NOT beat'} each source)."]
+    lines += ps_vs_ps_dfs(searches)
     if ps:
         others = [r for r in rows if r["kind"] in ("source", "merge")]
         wins = []
         for r in others:
             k = sum(bootstrap_diff(sp["per_item"], r["per_item"])[1] > 0 for sp in ps)
             wins.append(f"{r['label']}: {k} of {len(ps)} seeds")
+        rule = verdict_reached(ps, rows)
         lines += ["", "## Verdict on the cross-skill target", "",
-                  ("PS beats every source and both no-search merges on the held-out target by more than the "
-                   "run-to-run range." if reached else
-                   "NOT REACHED at this scale: PS does not beat every source and both no-search merges on the "
-                   "held-out target by more than the run-to-run range."),
+                  ("REACHED: every PS seed's winner beats every source and both no-search merges on the held-out "
+                   "target, its paired bootstrap 95% interval above 0" if rule else
+                   "NOT REACHED: some PS seed's winner does not beat every source and both no-search merges on "
+                   "the held-out target with a paired bootstrap 95% interval above 0")
+                  + f" (and by more than the run-to-run range: {'yes' if reached else 'no'}).",
                   "",
                   "PS seeds whose paired 95% interval against each model lies above 0: " + "; ".join(wins) + ".",
                   "",
                   "How the zoo got here (and the designs that did not work) is in [FEASIBILITY.md](FEASIBILITY.md)"
-                  + ("." if reached else "; the multi-skill section above is the fallback the issue asks for.")]
+                  + ("." if rule else "; the multi-skill section above is the fallback the issue asks for.")]
     lines += paper_comparison(rows)
     lines += ["", "![Pareto plot](pareto.png)", "",
               "Left: target vs language-1 math; right: target vs language-2 QA (each point a model of the table).",
               "", "## Settings", "",
-              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 128;",
+              "Trial budgets are the command's flags (defaults: PS 96 trials per seed x 3 seeds, DFS 96, PS+DFS 96 in",
+              "all: 48 PS then 48 DFS, the DFS stage starting from the PS winner's plain path;",
               "the multi-skill PS, 64 trials, runs only when the cross-skill target is missed, or with --multi "
               "always).",
               "", "```", json.dumps(ctx["settings"], indent=1), "```", ""]
@@ -312,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="search seeds for PS (comma-separated)")
     ap.add_argument("--ps-trials", type=int, default=96)
     ap.add_argument("--dfs-trials", type=int, default=96)
-    ap.add_argument("--psdfs-trials", type=int, default=128)
+    ap.add_argument("--psdfs-trials", type=int, default=None,
+                    help="PS+DFS trials in all, both stages (default: --ps-trials, the equal-budget comparison)")
     ap.add_argument("--multi-trials", type=int, default=64)
     ap.add_argument("--multi", choices=("auto", "always", "never"), default="auto",
                     help="the multi-skill PS (the issue's fallback): auto = only when the cross-skill target "
@@ -322,23 +407,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("MINI_EVOLLM_THREADS", "1")),
                     help="torch threads for building the zoo")
     ap.add_argument("--out", default="runs/mini_evollm")
-    ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--write-summary", action="store_true",
+                    help="also write the committed summary, experiments/mini_evollm/RESULTS.md and pareto.png")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of the whole pipeline")
     ap.add_argument("--tiny-zoo", action="store_true",
                     help="a miniature zoo (tiny model, a few training steps): tests the pipeline, not the science")
     ap.add_argument("--skip", default="", help="comma-separated searches to skip: dfs,ps_dfs,ps_multi")
     ap.add_argument("--zoo", default=None, help="use this existing zoo folder as it is (no build)")
     ap.add_argument("--results-only", action="store_true",
-                    help="rewrite RESULTS.md and pareto.png from OUT/results_ctx.json (no training, no search)")
+                    help="rewrite OUT's RESULTS.md and pareto.png (and with --write-summary the committed ones) from "
+                         "OUT/results_ctx.json (no training, no search)")
     args = ap.parse_args(argv)
+    out_root = Path(args.out)
     if args.results_only:
-        ctx = json.loads((Path(args.out) / "results_ctx.json").read_text())
-        pareto_plot(ctx["rows"], Path(args.results).parent / "pareto.png")
-        write_results(Path(args.results), ctx)
+        ctx = json.loads((out_root / "results_ctx.json").read_text())
+        write_summaries(ctx, out_root, args.write_summary)
         return 0
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
+    command = "python " + " ".join(shlex.quote(portable(a)) for a in
+                                   ["experiments/mini_evollm/run.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
-        args.ps_trials, args.dfs_trials, args.psdfs_trials, args.multi_trials, args.seeds = 8, 8, 12, 8, "0"
+        args.ps_trials, args.dfs_trials, args.multi_trials, args.seeds = 8, 8, 8, "0"
+    if args.psdfs_trials is None:
+        args.psdfs_trials = args.ps_trials
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
@@ -348,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = replace(zoo.TINY_RECIPE if args.tiny_zoo else zoo.ZooRecipe(), seed=args.zoo_seed)
     zoo_path = Path(args.zoo).resolve() if args.zoo else zoo.zoo_dir(recipe)
     zoo_built = not args.zoo and zoo.cached_digest(zoo_path) != recipe.digest()
-    log(f"zoo: {'building' if zoo_built else 'cached'} {zoo_path}")
+    log(f"zoo: {'building' if zoo_built else 'cached'} {portable(zoo_path)}")
     t0 = time.perf_counter()
     if args.zoo:
         recipe = json.loads((zoo_path / "zoo.json").read_text())["recipe"]
@@ -373,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"label": label, "kind": "merge", "metrics": metrics, "per_item": per_item})
         log(f"{label}: target {metrics['target_test/accuracy']:.3f}")
 
-    out_root = Path(args.out)
     searches = []
     for seed in seeds:
         searches.append(run_search("ps", HERE / "ps.yaml", zoo_path, out_root, seed,
@@ -386,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                                    {"budget": {"trials": args.psdfs_trials}}, args.workers, args.address))
     ps_runs = [s for s in searches if s["name"] == "ps"]
     if "ps_multi" not in skip and (args.multi == "always" or (args.multi == "auto"
-                                                               and not cross_skill_reached(ps_runs, rows))):
+                                                               and not verdict_reached(ps_runs, rows))):
         searches.append(run_search("ps_multi", HERE / "ps_multi.yaml", zoo_path, out_root, seeds[0],
                                    {"budget": {"trials": args.multi_trials}}, args.workers, args.address))
     for s in searches:
@@ -396,22 +485,46 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"label": f"{label}, seed {s['seed']}{extra}", "kind": s["name"], "metrics": s["metrics"],
                      "per_item": s["per_item"], "trials": s["trials"], "wall_s": s["wall_s"]})
 
-    results = Path(args.results)
-    pareto_plot(rows, results.parent / "pareto.png")
     total = time.perf_counter() - t_start
+    for s in searches:
+        s["run_dir"] = portable(s["run_dir"], out_root)
     ctx = {"rows": rows, "searches": searches, "command": command, "total_s": total, "zoo_s": zoo_s,
-           "zoo_built": zoo_built, "zoo_seed": args.zoo_seed, "zoo_path": str(zoo_path), "seeds": seeds,
-           "workers": args.workers, "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}",
+           "zoo_built": zoo_built, "zoo_seed": args.zoo_seed, "zoo_path": portable(zoo_path),
+           "isa": zoo.instruction_set(), "seeds": seeds, "workers": args.workers,
+           "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}, {zoo.instruction_set()} kernels",
            "settings": {"zoo": recipe, "ps_trials": args.ps_trials,
                         "dfs_trials": args.dfs_trials, "psdfs_trials": args.psdfs_trials}}
+    out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results_ctx.json").write_text(json.dumps(ctx, indent=0))
-    write_results(results, ctx)
+    write_summaries(ctx, out_root, args.write_summary)
     summary = {r["label"]: round(100 * r["metrics"]["target_test/accuracy"], 1) for r in rows}
     (out_root / "summary.json").write_text(json.dumps({"total_s": total, "zoo_s": zoo_s, "target_test": summary,
                                                        "searches": [{k: v for k, v in s.items() if k != "per_item"}
                                                                     for s in searches]}, indent=1))
-    log(f"done in {total:.0f} s; wrote {results}")
+    log(f"done in {total:.0f} s; wrote {portable(out_root / 'RESULTS.md')}"
+        + (" and the committed summary" if args.write_summary else ""))
     return 0
+
+
+def write_summaries(ctx: dict, out_root: Path, committed: bool) -> None:
+    """RESULTS.md and pareto.png into the run folder; with ``committed`` also the committed copies beside run.py."""
+    for folder in [out_root] + ([HERE] if committed else []):
+        pareto_plot(ctx["rows"], folder / "pareto.png")
+        write_results(folder / "RESULTS.md", ctx)
+
+
+def portable(value: str | Path, root: Path | None = None) -> str:
+    """``value`` with no machine path in it: an absolute path (or a path an argument names) becomes relative to
+    ``root`` (default: the repository) when it lies inside, else just its last component; other text is kept."""
+    text = str(value)
+    if not text.startswith(("/", "~")):
+        return text
+    path = Path(text).expanduser().resolve()
+    base = (root or REPO).resolve()
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return path.name
 
 
 if __name__ == "__main__":

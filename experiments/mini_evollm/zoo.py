@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import languages as L  # noqa: E402
 
 ZOO_VERSION = 2
+# The environment variables that cap the vector instruction set of torch's kernels, oneDNN and MKL. They are read
+# when torch is imported, so a study forces a lower set by starting a fresh process with them set.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "mini_evollm"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<q>", "<a>"]
@@ -75,8 +78,20 @@ class ZooRecipe:
     n_eval_own: int = 300
 
     def digest(self) -> str:
-        blob = json.dumps({"version": ZOO_VERSION, **asdict(self)}, sort_keys=True)
+        """The cache key: the recipe, ZOO_VERSION and the instruction set the training kernels dispatch to
+        (different vector kernels round differently, so the same seed trains other weights on another CPU)."""
+        blob = json.dumps({"version": ZOO_VERSION, "isa": instruction_set_key(), **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def instruction_set() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to in this process, e.g. ``avx512`` or ``avx2``."""
+    return str(torch.backends.cpu.get_cpu_capability()).lower()
+
+
+def instruction_set_key() -> dict[str, str]:
+    """What decides the numerics of training on this CPU: torch's dispatch plus the oneDNN/MKL caps if set."""
+    return {"aten": instruction_set(), **{k: os.environ[k] for k in ISA_ENV[1:] if os.environ.get(k)}}
 
 
 # A miniature zoo for pipeline tests (seconds to build; its models know nothing).
@@ -289,8 +304,20 @@ def _qa_batches(tok, items: list[L.Item], spec: TrainSpec, seed: int, extra_text
 # Build / load
 
 def zoo_dir(recipe: ZooRecipe, cache: Path | str | None = None) -> Path:
-    """A stable folder per seed (experiment YAMLs point at it); zoo.json records the recipe digest it holds."""
-    return Path(cache or os.environ.get("MINI_EVOLLM_CACHE") or DEFAULT_CACHE) / f"zoo-seed{recipe.seed}"
+    """A stable folder per seed and instruction set; zoo.json records the recipe digest it holds."""
+    root = Path(cache or os.environ.get("MINI_EVOLLM_CACHE") or DEFAULT_CACHE)
+    return root / f"zoo-seed{recipe.seed}-{instruction_set()}"
+
+
+def link_default(path: Path) -> Path:
+    """Point ``zoo-seed<N>`` (the committed experiment YAMLs' paths) at ``path``, this CPU's zoo of that seed."""
+    link = path.with_name(path.name.rsplit("-", 1)[0])
+    if link.is_symlink() or not link.exists():
+        tmp = link.with_name(link.name + f".link{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name)
+        tmp.replace(link)
+    return link
 
 
 def cached_digest(path: Path) -> str | None:
@@ -314,7 +341,8 @@ def build_zoo(recipe: ZooRecipe | None = None, cache: Path | str | None = None, 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    info: dict = {"digest": r.digest(), "recipe": asdict(r), "version": ZOO_VERSION, "seconds": {}, "final_loss": {}}
+    info: dict = {"digest": r.digest(), "recipe": asdict(r), "version": ZOO_VERSION, "isa": instruction_set_key(),
+                  "seconds": {}, "final_loss": {}}
 
     tok = make_tokenizer()
     tok.save_pretrained(tmp / "tokenizer")
@@ -370,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     path = build_zoo(replace(ZooRecipe(), seed=args.seed), args.cache, args.threads, args.force)
-    print(f"zoo ready at {path} ({time.perf_counter() - t0:.1f} s)")
+    link = link_default(path)
+    print(f"zoo ready at {path} ({time.perf_counter() - t0:.1f} s); {link.name} points at it")
     return 0
 
 

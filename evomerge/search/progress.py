@@ -1,4 +1,5 @@
-"""The live progress bar of a search stage (tqdm on stderr): trials done, best objective, failures, trials/h."""
+"""The live progress bar of a search stage (tqdm on stderr): trials done, best objective, failures, item
+evaluations spent, trials/h."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ class Progress:
         # the rate counts from the first trial finished in this part (not Ray's and the workers' start-up)
         self.rate_from: tuple[float, int] | None = None
 
-    def update(self, done: int, failed: int, best: float | None, objectives: Sequence[Objective]) -> None:
-        """Show ``done`` trials, ``failed`` of them failed, and the best weighted score ``best``."""
+    def update(self, done: int, failed: int, best: float | None, objectives: Sequence[Objective],
+               items: int = 0) -> None:
+        """Show ``done`` trials, ``failed`` of them failed, the best weighted score ``best`` (of fully scored
+        trials) and the ``items`` evaluations the stage's trials spent."""
         if self.bar is None:
             return
         if self.rate_from is None and done > self.start_done:
@@ -39,8 +42,8 @@ class Progress:
         rate = 0.0
         if self.rate_from is not None and done > self.rate_from[1]:
             rate = (done - self.rate_from[1]) / max(1e-9, time.monotonic() - self.rate_from[0]) * 3600
-        self.bar.set_postfix_str(f"best={format_best(best, objectives)} failed={failed} trials/h={rate:.0f}",
-                                 refresh=False)
+        self.bar.set_postfix_str(f"best={format_best(best, objectives)} failed={failed} "
+                                 f"items={format_count(items)} trials/h={rate:.0f}", refresh=False)
         self.bar.n = done
         self.bar.refresh()
 
@@ -48,3 +51,12 @@ class Progress:
         """Close the bar."""
         if self.bar is not None:
             self.bar.close()
+
+
+def format_count(n: int) -> str:
+    """A count for the bar: 950, 12.3k, 4.56M."""
+    if n < 10_000:
+        return str(n)
+    if n < 10_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1e6:.2f}M"

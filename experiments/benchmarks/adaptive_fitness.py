@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=96)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--arms", nargs="+", default=["full", "race"], choices=sorted(ARMS))
+    ap.add_argument("--arms", nargs="+", default=["full", "race", "minibatch"], choices=sorted(ARMS))
     ap.add_argument("--out", default=str(REPO / ".cache" / "adaptive_fitness"))
     args = ap.parse_args(argv)
     if "full" not in args.arms:

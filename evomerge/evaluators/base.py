@@ -85,8 +85,8 @@ class Evaluator:
                 does not take ``items``).
         """
         raise EvomergeError(f"evaluator {self.name} cannot score a subset of its items (fitness: race and "
-                            "minibatch need per-item scores: math_word evaluators, or a custom function that "
-                            "takes items=)")
+                            "minibatch need per-item scores: math_word, one-task lm_eval, or a custom function "
+                            "that takes items=)")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """Metrics of the model as it is now (call again after its weights change).

@@ -276,8 +276,8 @@ def complete(ev: ItemScorer, model: Any, tokenizer: Any, run: ItemRun) -> ItemRu
 def _n_items(ev: ItemScorer) -> int:
     if ev.n_items is None or not getattr(ev, "scores_items", True):
         raise EvomergeError(f"evaluator {ev.name} cannot score a subset of its items (fitness: race and "
-                            "minibatch need per-item scores: a math_word evaluator, or a custom function that "
-                            "takes items= and declares n_items)")
+                            "minibatch need per-item scores: a math_word evaluator, a one-task lm_eval one, or a "
+                            "custom function that takes items= and declares n_items)")
     return int(ev.n_items)
 
 

@@ -177,7 +177,7 @@ class TrialRunner:
                 if not getattr(ev, "scores_items", False):
                     raise EvomergeError(f"fitness: {self.setup.fitness.mode.value} needs per-item scores, and "
                                         f"evaluator {name} cannot score a subset of its items (use a math_word "
-                                        "evaluator, or a custom function that takes items= and declares n_items)")
+                                        "evaluator, a one-task lm_eval one, or a custom function that takes items=)")
 
     def _objective_evaluators(self) -> list[str]:
         """The names of the evaluators the objectives read, in evaluator order."""

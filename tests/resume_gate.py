@@ -39,7 +39,13 @@ def _score(model) -> float:
 def gated(model, tokenizer, gate: str) -> dict[str, float]:
     """``std``: the candidate's logit spread, returned once a ticket is claimed (or the gate is open)."""
     result = {"std": _score(model)}
-    folder = Path(gate)
+    gated_wait(Path(gate))
+    return result
+
+
+def gated_wait(folder: Path) -> None:
+    """Return once a ticket in ``folder`` is claimed (or the gate is open); a ``waiting-<pid>`` marker says an
+    evaluation is waiting meanwhile."""
     waiting = folder / f"waiting-{os.getpid()}"
     waiting.touch()
     try:
@@ -49,11 +55,35 @@ def gated(model, tokenizer, gate: str) -> dict[str, float]:
                     os.rename(ticket, folder / f"used-{ticket.name}")
                 except FileNotFoundError:
                     continue  # another evaluation claimed it first
-                return result
+                return
             time.sleep(0.01)
-        return result
     finally:
         waiting.unlink(missing_ok=True)
 
 
 gated.metric_names = ("std",)
+
+
+def gated_items(model, tokenizer, gate: str, first: int, n: int = 36, items=None) -> dict:
+    """A per-item accuracy for ``fitness: race | minibatch`` (item i right when the candidate's next-token logit
+    prefers item i's first token over its second one, tokens drawn with seed i). The call that starts a trial
+    (``first`` items: a race's first checkpoint, a mini-batch) claims a ticket before it returns, so each trial
+    takes one ticket however far its race goes, and a run without tickets stops mid-race, inside a trial's first
+    checkpoint."""
+    positions = list(range(n)) if items is None else list(items)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    values = []
+    with torch.inference_mode():
+        for i in positions:
+            g = torch.Generator().manual_seed(i)
+            ids = torch.randint(4, vocab, (1, 6), generator=g)
+            a, b = torch.randint(4, vocab, (2,), generator=g).tolist()
+            last = model(ids.to(next(model.parameters()).device)).logits[0, -1].float()
+            values.append(float(last[a] > last[b]))
+    if items is None or len(positions) == first:
+        gated_wait(Path(gate))
+    return {"acc": values} if items is not None else {"acc": sum(values) / len(values)}
+
+
+gated_items.metric_names = ("acc",)
+gated_items.n_items = lambda n=36, **_: n

@@ -98,3 +98,32 @@ die_on_token.metric_names = ("std",)
 def evaluator(function: str, **kwargs) -> dict:
     """An experiment's evaluator spec for one of the functions above."""
     return {"type": "custom", "function": f"{HERE}:{function}", "kwargs": kwargs}
+
+
+def _item_batch(positions: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item i: 6 token ids and a pair of candidate next tokens, all drawn from a generator seeded with (seed, i)."""
+    ids, pairs = [], []
+    for i in positions:
+        gen = torch.Generator().manual_seed(seed * 100_003 + i)
+        ids.append(torch.randint(4, vocab, (6,), generator=gen))
+        pairs.append(torch.randint(4, vocab, (2,), generator=gen))
+    return torch.stack(ids), torch.stack(pairs)
+
+
+def pairwise(model, tokenizer, items=None, n: int = 60, seed: int = 0) -> dict:
+    """A per-item accuracy (``fitness: race | minibatch``): item i is right when the candidate's next-token logit
+    prefers the item's first token over its second one. Without ``items``: the mean over all ``n`` items."""
+    positions = list(range(n)) if items is None else list(items)
+    if not positions:
+        return {"acc": []}
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, pairs = _item_batch(positions, vocab, seed)
+    with torch.inference_mode():
+        last = model(ids.to(next(model.parameters()).device)).logits[:, -1].float().cpu()
+    right = (last.gather(1, pairs[:, :1]) > last.gather(1, pairs[:, 1:])).squeeze(1)
+    values = [float(v) for v in right]
+    return {"acc": values} if items is not None else {"acc": sum(values) / len(values)}
+
+
+pairwise.metric_names = ("acc",)
+pairwise.n_items = lambda n=60, **_: n

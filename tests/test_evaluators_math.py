@@ -204,3 +204,32 @@ def test_language_gate_metrics(arith_data):
     en = build_evaluator(math_config(arith_data, language_gate={"threshold": 0.5}))
     en_metrics = en.evaluate(model, tok)
     assert en_metrics["acc_lang"] == en_metrics["acc"] and en_metrics["lang_rate"] == 1.0
+
+
+def test_score_items_gives_each_item_its_full_run_verdict(arith_data):
+    """Per-item scores (fitness: race | minibatch) of a subset, in the asked order, are the full run's verdicts
+    of those items; over every item their means are ``evaluate``'s metrics."""
+    model, tok = load_arith_model()
+    ev = build_evaluator(math_config(arith_data, metrics=["acc", "answered"]))
+    assert ev.scores_items and ev.n_items == 40
+    full = ev.run(model, tok)
+    subset = [31, 2, 17, 8]
+    scores = ev.score_items(model, tok, subset)
+    assert scores.indices == tuple(subset)
+    assert scores.values["acc"] == tuple(float(full[i].correct) for i in subset)
+    assert scores.values["answered"] == tuple(float(full[i].predicted is not None) for i in subset)
+    every = ev.score_items(model, tok, list(range(40)))
+    assert every.means() == pytest.approx(ev.evaluate(model, tok))
+
+
+def test_lm_eval_score_items_are_lm_evals_own_per_document_values(arith_data, lm_eval_task_dir, tmp_path):
+    model, tok = load_arith_model()
+    ev = build_evaluator({"type": "lm_eval", "task": "evomerge_mgsm_en", "include_path": str(lm_eval_task_dir),
+                          "batch_size": 8, "metric": "exact_match,flexible-extract", "hf_home": str(tmp_path / "hf")})
+    assert ev.scores_items and ev.n_items == 40
+    ours = [r.correct for r in build_evaluator(math_config(arith_data)).run(model, tok)]
+    subset = [9, 30, 1, 22, 14]
+    scores = ev.score_items(model, tok, subset)
+    assert scores.values["exact_match,flexible-extract"] == tuple(float(ours[i]) for i in subset)
+    every = ev.score_items(model, tok, list(range(40)))
+    assert every.means() == pytest.approx(ev.evaluate(model, tok))

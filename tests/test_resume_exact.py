@@ -73,8 +73,18 @@ KILL_POINTS = {
     "tpe": [6, STATE_WRITE],
     "random": [2, BUDGET - 1],
 }
+# cheap fitness (evomerge/search/fitness.py): a trial's race reference comes from older trials' records, so a
+# resume must rebuild every pending trial's plan exactly. Killed mid-race: the run stops inside a trial's first
+# checkpoint (resume_gate.gated_items takes its ticket there), with older trials stopped early or fully scored.
+# 36 items, checkpoints 6, 18, 36; a mini-batch of 6 then the other 30 when it reaches the best.
+FITNESS_CASES = {
+    "cmaes-race": ({"name": "cmaes", "population": 4},
+                   {"mode": "race", "min_items": 6, "growth": 3, "confidence": 0.6}, [5, 9]),
+    "tpe-minibatch": ({"name": "tpe"}, {"mode": "minibatch", "batch_items": 6}, [7]),
+}
 # what must be equal between the resumed and the uninterrupted run (not who ran it, when, or how fast)
-COMPARED = ("trial", "stage", "status", "x", "params", "candidate", "metrics", "objectives", "score", "error")
+COMPARED = ("trial", "stage", "status", "x", "params", "candidate", "metrics", "objectives", "score", "error",
+            "items", "full")
 
 
 class Gate:
@@ -129,7 +139,8 @@ def _lines(run_dir: Path) -> int:
     return p.read_bytes().count(b"\n") if p.exists() else 0
 
 
-def _experiment(tmp: Path, family, optimizer: dict, gate: Gate, workers: int = 1) -> Path:
+def _experiment(tmp: Path, family, optimizer: dict, gate: Gate, workers: int = 1, fitness: dict | None = None
+                ) -> Path:
     exp = {
         "name": "exact",
         "models": {"base": str(family["base"]),
@@ -144,6 +155,12 @@ def _experiment(tmp: Path, family, optimizer: dict, gate: Gate, workers: int = 1
         "workers": {"count": workers, "threads": 1},
         "seed": 3,
     }
+    if fitness is not None:
+        first = fitness.get("min_items", fitness.get("batch_items"))
+        exp["evaluators"][0]["spec"].update(function=f"{gate.folder / GATE.name}:gated_items",
+                                            kwargs={"gate": str(gate.folder), "first": first})
+        exp["objectives"] = [{"metric": "e/acc", "direction": "maximize"}]
+        exp["fitness"] = fitness
     path = tmp / f"{optimizer['name']}-{workers}.yaml"
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
     return path
@@ -215,7 +232,11 @@ def uninterrupted(ray_address, llama_family, tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"straight-{name}")
             gate = Gate(tmp / "gate")
             gate.open()
-            exp = _experiment(tmp, llama_family, OPTIMIZERS[name], gate)
+            if name in FITNESS_CASES:
+                optimizer, fitness, _ = FITNESS_CASES[name]
+                exp = _experiment(tmp, llama_family, optimizer, gate, fitness=fitness)
+            else:
+                exp = _experiment(tmp, llama_family, OPTIMIZERS[name], gate)
             start_run(exp, out=tmp / "run", address=ray_address, progress=False)
             runs[name] = _compared(tmp / "run")
             assert [t["trial"] for t in runs[name]] == list(range(BUDGET))
@@ -275,6 +296,33 @@ def test_two_workers_killed_and_resumed_give_the_one_worker_trials(name, uninter
     trials = _compared(run)
     assert sorted(t["trial"] for t in trials) == list(range(BUDGET))
     assert sorted(trials, key=lambda t: t["trial"]) == uninterrupted(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FITNESS_CASES))
+def test_killed_mid_race_then_resumed_is_the_uninterrupted_run(name, uninterrupted, forkserver, ray_address,
+                                                               llama_family, tmp_path):
+    optimizer, fitness, points = FITNESS_CASES[name]
+    gate = Gate(tmp_path / "gate")
+    exp = _experiment(tmp_path, llama_family, optimizer, gate, fitness=fitness)
+    run = tmp_path / "run"
+    parts = Parts(forkserver, run, gate)
+    seen = []
+    for i, point in enumerate(points):
+        args = ["run", str(exp), "--out", str(run)] if i == 0 else ["run", "--resume", str(run)]
+        parts.kill_at_lines([*args, "--address", ray_address], point)
+        seen.append(_compared(run))
+    gate.open()
+    resume_run(run, address=ray_address, progress=False)
+
+    expected = uninterrupted(name)
+    # the case is one: trials stopped early (or mini-batch only) and fully scored ones, before the kills too
+    assert {t["full"] for t in expected[: points[0]]} == {True, False}
+    assert all(t["items"] < 36 for t in expected if not t["full"]) and all(t["items"] == 36 for t in expected
+                                                                           if t["full"])
+    for before in seen:
+        assert before == expected[: len(before)]
+    assert _compared(run) == expected
 
 
 # ----------------------------------------------------------------------------------------------------------

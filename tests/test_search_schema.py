@@ -43,14 +43,16 @@ def _full(family) -> dict:
         "name": "full", "seed": 11, "out": "somewhere", "description": "every key set",
         "models": {"base": str(family["base"]), "sources": {"m1": str(family["model_1"])}},
         "search_space": "ps_ties_dare", "space": {"group_size": 2},
-        "evaluators": [{"name": "e", "spec": "custom:search_helpers:logit_std", "limit": 3, "seed": 4}],
-        "objectives": [{"metric": "e/std", "direction": "minimize", "weight": 2.0}],
+        "evaluators": [{"name": "e", "spec": "custom:search_helpers:pairwise", "limit": 3, "seed": 4}],
+        "objectives": [{"metric": "e/acc", "direction": "minimize", "weight": 2.0}],
         "optimizer": {"name": "random", "sigma0": 0.25, "population": 5, "multi_objective": "pareto", "seed": 99},
         "budget": {"trials": 7, "generations": 2, "wall_time": "2m"},
         "workers": {"count": 3, "device": "cpu", "gpus_per_worker": 0.5, "cpus_per_worker": 2, "threads": 2,
                     "sources": "object_store", "max_retries": 4, "device_memory_gb": 2.5, "sources_mode": "streamed",
                     "devices_per_worker": 2, "resources": {"evomerge_worker": 1}},
         "python_path": ["lib"], "dtype": "bfloat16",
+        "fitness": {"mode": "race", "min_items": 20, "growth": 3.0, "confidence": 0.8, "bound": "bernstein",
+                    "against": "quantile", "quantile": 0.25, "window": 6, "batch_items": 40, "seed": 8},
     }
 
 
@@ -58,7 +60,7 @@ def test_every_accepted_key_reaches_the_resolved_config(llama_family, tmp_path):
     data = _full(llama_family)
     sections = {"models": schema.MODEL_KEYS - {"a", "b", "build"}, "evaluators": schema.EVALUATOR_KEYS,
                 "objectives": schema.OBJECTIVE_KEYS, "optimizer": schema.OPTIMIZER_KEYS,
-                "budget": schema.BUDGET_KEYS, "workers": schema.WORKER_KEYS}
+                "budget": schema.BUDGET_KEYS, "workers": schema.WORKER_KEYS, "fitness": schema.FITNESS_KEYS}
     assert set(data) == schema.TOP_KEYS  # the example sets every top-level key
     exp = validate_experiment(data, base_dir=tmp_path)
     raw = exp.raw
@@ -164,7 +166,7 @@ def test_every_accepted_device_works_in_a_worker(device, llama_family, tmp_path)
         result = runner.evaluate(0, space.decode(space.x0()))
     finally:
         torch.set_num_threads(threads)
-    assert result.status == "ok" and result.metrics["e/std"] > 0
+    assert result.status == "ok" and 0 <= result.metrics["e/acc"] <= 1 and result.items == 60
 
 
 @pytest.mark.parametrize("memory,mode", [(None, "auto"), (4, "auto"), (4, "resident"), (2.5, "streamed"),
@@ -202,7 +204,7 @@ def test_every_accepted_memory_setting_works_in_a_worker(memory, mode, llama_fam
         result = runner.evaluate(0, space.decode(space.x0()))
     finally:
         torch.set_num_threads(threads)
-    assert result.status == "ok" and result.metrics["e/std"] > 0
+    assert result.status == "ok" and 0 <= result.metrics["e/acc"] <= 1 and result.items == 60
 
 
 def test_models_build_keys_shape_the_built_family(tmp_path):

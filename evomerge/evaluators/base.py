@@ -8,6 +8,8 @@ tokenizer only) is fine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,75 @@ import yaml
 from evomerge.errors import EvomergeError
 
 
+@dataclass(frozen=True)
+class ItemScores:
+    """Per-item values of an evaluator on some of its items (the cheap-fitness modes score subsets).
+
+    Attributes:
+        indices: the item positions scored (0 .. ``n_items`` - 1 of the evaluator's item list), in call order.
+        values: {metric name: one value per item of ``indices``}; every metric's value on a set of items is the
+            mean of its per-item values (accuracy: 1.0 right, 0.0 wrong).
+    """
+
+    indices: tuple[int, ...]
+    values: dict[str, tuple[float, ...]]
+
+    def __post_init__(self) -> None:
+        bad = [m for m, v in self.values.items() if len(v) != len(self.indices)]
+        if bad:
+            raise EvomergeError(f"per-item metric {bad[0]!r} has {len(self.values[bad[0]])} values for "
+                                f"{len(self.indices)} items")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def extend(self, other: ItemScores) -> ItemScores:
+        """These items followed by ``other``'s (same metrics)."""
+        return ItemScores(self.indices + other.indices,
+                          {m: v + other.values[m] for m, v in self.values.items()})
+
+    def means(self) -> dict[str, float]:
+        """{metric: mean over the items} (fractions in [0, 1] for accuracies)."""
+        n = max(len(self.indices), 1)
+        return {m: float(sum(v)) / n for m, v in self.values.items()}
+
+
 class Evaluator:
-    """Base class: subclasses set ``name`` and ``metric_names`` and implement ``evaluate``."""
+    """Base class: subclasses set ``name`` and ``metric_names`` and implement ``evaluate``.
+
+    Evaluators whose metrics are means over items (accuracy on a list of problems) also implement
+    ``score_items`` and set ``n_items``: the search's cheap-fitness modes (``fitness: race | minibatch``,
+    evomerge/search/fitness.py) then score a candidate on a subset of the items, growing it as needed.
+    """
 
     name: str = "evaluator"
     metric_names: tuple[str, ...] = ()
+    n_items: int | None = None  # how many items ``evaluate`` scores (None: not a mean over items, or unknown)
+
+    @property
+    def scores_items(self) -> bool:
+        """Whether ``score_items`` works (the evaluator overrides it and knows its item count)."""
+        return self.n_items is not None and type(self).score_items is not Evaluator.score_items
+
+    def score_items(self, model, tokenizer, indices: Sequence[int]) -> ItemScores:
+        """Per-item values of ``metric_names`` on the items at ``indices`` (a subset, in the given order).
+
+        Scoring every index and taking ``ItemScores.means`` gives what ``evaluate`` returns.
+
+        Args:
+            model, tokenizer: as for ``evaluate``.
+            indices: item positions in 0 .. ``n_items`` - 1, distinct.
+
+        Returns:
+            The per-item values, one per index, in the order of ``indices``.
+
+        Raises:
+            EvomergeError: the evaluator cannot score single items (perplexity, lm-eval, a custom function that
+                does not take ``items``).
+        """
+        raise EvomergeError(f"evaluator {self.name} cannot score a subset of its items (fitness: race and "
+                            "minibatch need per-item scores: math_word, one-task lm_eval, or a custom function "
+                            "that takes items=)")
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """Metrics of the model as it is now (call again after its weights change).
@@ -44,6 +110,18 @@ class Evaluator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, metrics={list(self.metric_names)})"
+
+
+def check_indices(indices: Sequence[int], n_items: int, name: str) -> list[int]:
+    """``indices`` as a list, checked to be distinct positions in 0 .. n_items - 1.
+
+    Raises:
+        EvomergeError: an index out of range or repeated.
+    """
+    out = [int(i) for i in indices]
+    if any(not 0 <= i < n_items for i in out) or len(set(out)) != len(out):
+        raise EvomergeError(f"evaluator {name}: item indices must be distinct and in 0..{n_items - 1}")
+    return out
 
 
 def check_keys(config: dict[str, Any], allowed: set[str], what: str) -> None:

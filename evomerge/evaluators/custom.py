@@ -15,14 +15,14 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluators.base import Evaluator, check_keys, resolve_path
+from evomerge.evaluators.base import Evaluator, ItemScores, check_indices, check_keys, resolve_path
 
-CONFIG_KEYS = {"type", "name", "description", "function", "kwargs", "metrics"}
+CONFIG_KEYS = {"type", "name", "description", "function", "kwargs", "metrics", "n_items"}
 
 
 def load_function(target: str, base_dir: Path) -> Callable:
@@ -76,6 +76,40 @@ class CustomEvaluator(Evaluator):
                 self.kwargs.setdefault(key, value)
         declared = config.get("metrics") or getattr(self.function, "metric_names", None) or ()
         self.metric_names = tuple(str(m) for m in declared)
+        self.takes_items = takes_any or "items" in accepted
+        self.n_items = self._item_count(config.get("n_items", getattr(self.function, "n_items", None)))
+
+    def _item_count(self, declared: Any) -> int | None:
+        if callable(declared):
+            declared = declared(**self.kwargs)
+        if declared is None or not self.takes_items:
+            return None
+        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+            raise EvomergeError(f"custom evaluator {self.target}: n_items must be a positive integer, "
+                                f"got {declared!r}")
+        return declared
+
+    def score_items(self, model, tokenizer, indices: Sequence[int]) -> ItemScores:
+        """The function's per-item values on the items at ``indices`` (see the module docstring).
+
+        Raises:
+            EvomergeError: the function takes no ``items`` or declares no ``n_items``; it returns anything but
+                ``{metric: one number per item}`` with the declared metrics.
+        """
+        if self.n_items is None:
+            return super().score_items(model, tokenizer, indices)
+        positions = check_indices(indices, self.n_items, self.name)
+        result = self.function(model, tokenizer, items=positions, **self.kwargs)
+        if not isinstance(result, dict):
+            raise EvomergeError(f"custom evaluator {self.target} returned {type(result).__name__}, expected a dict")
+        values: dict[str, tuple[float, ...]] = {}
+        for metric in self.metric_names or tuple(result):
+            try:
+                values[str(metric)] = tuple(float(v) for v in result[metric])
+            except (KeyError, TypeError, ValueError):
+                raise EvomergeError(f"custom evaluator {self.target}: with items= it must return "
+                                    f"{{metric: one number per item}}; {metric!r} is not that") from None
+        return ItemScores(tuple(positions), values)
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """The user function's metrics: ``{name: float}`` (``EvomergeError`` when it returns anything else)."""

@@ -14,6 +14,10 @@ Metrics use lm-eval's names, ``METRIC,FILTER`` (e.g. ``exact_match,strict-match`
 group), ``TASK/METRIC,FILTER``. ``metric`` picks one; by default every metric of every task is returned.
 ``limit`` draws that many documents per task with ``random.Random(seed)`` (lm-eval's ``samples``), the same for
 every candidate.
+
+Per-item scores (``score_items``, what ``fitness: race | minibatch`` need): a single task whose metrics lm-eval
+aggregates by their mean (acc, exact_match, ...) is scored on the chosen documents only, and each document's
+value is read from lm-eval's logged sample for that metric and filter.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluators.base import Evaluator, check_keys, resolve_path
+from evomerge.evaluators.base import Evaluator, ItemScores, check_indices, check_keys, resolve_path
 
 CONFIG_KEYS = {"type", "name", "description", "task", "metric", "include_path", "num_fewshot", "batch_size",
                "max_gen_toks", "gen_kwargs", "apply_chat_template", "fewshot_seed", "hf_home", "log_samples",
@@ -114,6 +119,19 @@ class LmEvalEvaluator(Evaluator):
                                 f"available: {', '.join(self.all_metric_names)}")
         self.metric_names = tuple(wanted)
         self._lm = None
+        self.doc_ids = self._item_docs()
+        self.n_items = None if self.doc_ids is None else len(self.doc_ids)
+
+    def _item_docs(self) -> list[int] | None:
+        """The documents per-item scoring walks (the subsample, else all), or None when it cannot: several
+        tasks, or a metric lm-eval does not aggregate by its mean."""
+        if len(self.tasks) != 1:
+            return None
+        (name, task), = self.tasks.items()
+        aggregation = task.aggregation()
+        if any(getattr(aggregation.get(m.split(",", 1)[0]), "__name__", "") != "mean" for m in self.metric_names):
+            return None
+        return list(self.samples[name]) if self.samples is not None else list(range(len(task.eval_docs)))
 
     def _configure_tasks(self, config: dict[str, Any]) -> None:
         gen_kwargs = dict(config.get("gen_kwargs") or {})
@@ -156,6 +174,35 @@ class LmEvalEvaluator(Evaluator):
             kwargs = {"max_length": int(self.max_length)} if self.max_length else {}
             self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **kwargs)
         return self._lm
+
+    def score_items(self, model, tokenizer, indices: Sequence[int]) -> ItemScores:
+        """Per-document metric values (lm-eval's logged samples) of the items at ``indices``.
+
+        Raises:
+            EvomergeError: several tasks, a metric not aggregated by its mean, or a document without a value.
+        """
+        if self.doc_ids is None:
+            return super().score_items(model, tokenizer, indices)
+        from lm_eval import evaluator  # deferred: heavy (see TaskManager above)
+
+        positions = check_indices(indices, len(self.doc_ids), self.name)
+        (task_name,) = self.tasks
+        wanted = [self.doc_ids[p] for p in positions]
+        results = evaluator.evaluate(lm=self._wrapper(model, tokenizer), task_dict=self.loaded,
+                                     samples={task_name: sorted(wanted)}, bootstrap_iters=0, log_samples=True,
+                                     apply_chat_template=self.apply_chat_template, verbosity="ERROR")
+        by_doc: dict[tuple[int, str], float] = {}
+        for sample in results["samples"][task_name]:
+            for name in self.metric_names:
+                metric, _, filter_name = name.partition(",")
+                if sample.get("filter") == filter_name and metric in sample:
+                    by_doc[(int(sample["doc_id"]), name)] = float(sample[metric])
+        try:
+            values = {m: tuple(by_doc[(d, m)] for d in wanted) for m in self.metric_names}
+        except KeyError as exc:
+            raise EvomergeError(f"lm-eval task {self.task_name} logged no {exc.args[0][1]} for document "
+                                f"{exc.args[0][0]}") from None
+        return ItemScores(tuple(positions), values)
 
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         """The task's metrics (lm-eval's values: accuracies as fractions) on the in-memory model."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.answers import DEFAULT_ANSWER_PHRASES, answers_equal, extract_answer, parse_number
-from evomerge.evaluators.base import Evaluator, check_keys, load_yaml, resolve_path
+from evomerge.evaluators.base import Evaluator, ItemScores, check_indices, check_keys, load_yaml, resolve_path
 from evomerge.evaluators.generation import GenerationSettings, encode_prompts, greedy_generate
 from evomerge.evaluators.language import DEFAULT_THRESHOLD, SUPPORTED_LANGUAGES, is_language
 
@@ -158,6 +159,7 @@ class MathWordEvaluator(Evaluator):
 
         self.split = str(config.get("split", "all"))
         self.items = subsample(self._load_split(config, base_dir), limit, seed)
+        self.n_items = len(self.items)
         self.question_prefix, self.answer_prefix = cues["question_prefix"], cues["answer_prefix"]
         self.fewshot_block = self._fewshot_block(config, base_dir)
 
@@ -247,13 +249,15 @@ class MathWordEvaluator(Evaluator):
         return self._prompt_cache[1], self._prompt_cache[2]
 
     # --- evaluation ---------------------------------------------------------------------------------------
-    def run(self, model, tokenizer, progress: bool = False) -> list[ItemResult]:
-        """Generate and score every item; per-item results in item order."""
+    def run(self, model, tokenizer, progress: bool = False, indices: Sequence[int] | None = None
+            ) -> list[ItemResult]:
+        """Generate and score the items (all, or those at ``indices`` in that order); per-item results."""
         texts, token_ids = self.prompts(tokenizer)
-        generations = greedy_generate(model, tokenizer, texts, self.settings, token_ids=token_ids,
-                                      progress=progress)
+        positions = list(range(len(self.items))) if indices is None else list(indices)
+        generations = greedy_generate(model, tokenizer, [texts[i] for i in positions], self.settings,
+                                      token_ids=[token_ids[i] for i in positions], progress=progress)
         results = []
-        for item, gen in zip(self.items, generations):
+        for item, gen in zip((self.items[i] for i in positions), generations):
             predicted = self.read_answer(gen.text)
             in_language = None
             if self.gate_threshold is not None:
@@ -262,6 +266,16 @@ class MathWordEvaluator(Evaluator):
                                       predicted=predicted, correct=answers_equal(predicted, item.answer),
                                       in_language=in_language, new_tokens=gen.new_tokens))
         return results
+
+    def score_items(self, model, tokenizer, indices: Sequence[int]) -> ItemScores:
+        """Per-item ``metric_names`` (1.0 / 0.0 each) of the items at ``indices`` (positions in ``items``);
+        their means are what ``evaluate`` gives on those items."""
+        positions = check_indices(indices, len(self.items), self.name)
+        results = self.run(model, tokenizer, indices=positions)
+        per_item = {"acc": [r.correct for r in results], "answered": [r.predicted is not None for r in results],
+                    "acc_lang": [bool(r.correct and r.in_language) for r in results],
+                    "lang_rate": [bool(r.in_language) for r in results]}
+        return ItemScores(tuple(positions), {m: tuple(float(v) for v in per_item[m]) for m in self.metric_names})
 
     def read_answer(self, text: str) -> Decimal | None:
         """The number a model's ``text`` answers with, read in this evaluator's language ("70 000" in French,

@@ -9,6 +9,10 @@ Resume (see run_folder.py for the write order): trials in trials.jsonl are never
 if the crash came before the tell was checkpointed); asked-but-unfinished trials run again first, with their
 recorded genomes; the optimizer continues from its saved state, so with a fixed seed and one worker the trials
 are those of an uninterrupted run. The budget counts every part.
+
+Cheap fitness (``fitness: race | minibatch``, search/fitness.py): each trial is submitted with a plan whose
+reference score comes from the stage's trials at least ``lag`` ids older (lag = the worker slots); a trial is
+asked only once all of those have finished, so the plan is the same after a resume.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from evomerge.recipe import Recipe
 from evomerge.search import legacy
 from evomerge.search.experiment import Experiment
 from evomerge.search.export import export_ps_winner
+from evomerge.search.fitness import FitnessMode, FitnessPlan, reference_score, trial_seed
 from evomerge.search.objectives import pareto_front, update_front
 from evomerge.search.optimizers import Optimizer, Problem, build_optimizer
 from evomerge.search.pool import Died, Done, Event, Lost, Ready, WorkerPool, worker_setup
@@ -31,7 +36,7 @@ from evomerge.search.progress import Progress
 from evomerge.search.ray_runtime import gpus_per_worker, ray_session
 from evomerge.search.records import Placement, TrialRecord, TrialResult, TrialStatus, record_of
 from evomerge.search.run_folder import DriverState, PendingTrial, RunFolder
-from evomerge.search.scheduler import Scheduler, StageBudget, stage_budget
+from evomerge.search.scheduler import SLOTS_PER_WORKER, Scheduler, StageBudget, stage_budget
 from evomerge.search.search_space import SearchSpace
 from evomerge.search.stages import Stage, stage_definitions, stage_space
 from evomerge.search.worker import WorkerResources
@@ -50,6 +55,7 @@ class StageRun:
     failed: int = 0
     best: float | None = None  # the best weighted score so far
     nodes_lost: list[str] = field(default_factory=list)  # Ray nodes lost with workers on them (this part)
+    items: int = 0  # item evaluations spent by the stage's finished trials
     front: list[TrialRecord] = field(default_factory=list)
     progress: Progress = field(default_factory=lambda: Progress(False, None, 0, ""))
 
@@ -140,9 +146,9 @@ class SearchDriver:
         done = [r for r in self.records if r.stage == index]
         sr = StageRun(index, self.stages[index], space, optimizer,
                       stage_budget(self.stages, index, optimizer.population, exp.optimizer.name), done=len(done),
-                      failed=sum(not r.ok for r in done), best=max((r.score for r in done if r.ok and r.score
-                                                                    is not None), default=None),
-                      front=pareto_front(self.records, exp.objectives))
+                      failed=sum(not r.ok for r in done), best=max((r.score for r in done if r.ok and r.full
+                                                                    and r.score is not None), default=None),
+                      items=sum(r.items or 0 for r in done), front=pareto_front(self.records, exp.objectives))
         saved, pending = self.state.optimizer, self.state.pending
         if saved is not None and saved.get("version") == legacy.LEGACY_VERSION:
             legacy.upgrade_optimizer(optimizer, saved, done)
@@ -183,7 +189,7 @@ class SearchDriver:
             while True:
                 while (assignment := scheduler.next_assignment(lambda: self._ask(sr))) is not None:
                     tid, worker = assignment
-                    pool.submit(worker, tid, sr.space.decode(self.state.pending[tid].x))
+                    pool.submit(worker, tid, sr.space.decode(self.state.pending[tid].x), self._plan(sr, tid))
                 work_left = bool(scheduler.queue) or self._budget_left(sr)
                 if pool.empty or (not pool.inflight and not work_left):  # replacements still starting (their
                     if work_left and not scheduler.has_idle:            # node may be gone) are not waited for
@@ -194,6 +200,27 @@ class SearchDriver:
         finally:
             sr.progress.close()
             pool.close()
+
+    @property
+    def _lag(self) -> int:
+        """How many ids older a trial's fitness reference must be (every worker slot may hold a newer trial)."""
+        return SLOTS_PER_WORKER * self.exp.workers.count
+
+    def _plan(self, sr: StageRun, tid: int) -> FitnessPlan | None:
+        """Trial ``tid``'s fitness plan (None: full scoring), from the trials at least ``_lag`` ids older."""
+        fitness = self.exp.fitness
+        if fitness.mode == FitnessMode.FULL:
+            return None
+        window = fitness.window or sr.optimizer.population or 8
+        reference = reference_score(self.records, tid, sr.index, self._lag, fitness, window)
+        seed = self.exp.seed if fitness.seed is None else fitness.seed
+        return FitnessPlan(fitness, trial_seed(seed, tid), reference, tuple(self.exp.objectives))
+
+    def _reference_pending(self) -> bool:
+        """Cheap fitness: whether a trial the next one's reference needs is still running (then wait)."""
+        if self.exp.fitness.mode == FitnessMode.FULL:
+            return False
+        return any(t <= self.state.next_trial - self._lag for t in self.state.pending)
 
     def _budget_left(self, sr: StageRun) -> bool:
         return sr.budget.left(sr.done, len(self.state.pending), self._elapsed())
@@ -228,7 +255,7 @@ class SearchDriver:
         If that trial had already finished (its line is in trials.jsonl), it is told from its line, not run.
         """
         pending = self.state.pending
-        while self._budget_left(sr):
+        while self._budget_left(sr) and not self._reference_pending():
             asked = sr.optimizer.ask()
             if asked is None:
                 return None
@@ -264,9 +291,10 @@ class SearchDriver:
         del self.state.pending[record.trial]
         self._checkpoint(sr)
         sr.done += 1
+        sr.items += record.items or 0
         if not record.ok:
             sr.failed += 1
-        elif record.score is not None and (sr.best is None or record.score > sr.best):
+        elif record.full and record.score is not None and (sr.best is None or record.score > sr.best):
             sr.best = record.score
         if record.ok and (front := update_front(sr.front, record, self.exp.objectives)) is not None:
             sr.front = front
@@ -274,4 +302,4 @@ class SearchDriver:
         self._show(sr)
 
     def _show(self, sr: StageRun) -> None:
-        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives, len(sr.nodes_lost))
+        sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives, sr.items, len(sr.nodes_lost))

@@ -30,6 +30,9 @@ Shape (every key is checked; unknown keys are errors)::
               resources: {}}                  # custom Ray resources per worker, e.g. {evomerge_worker: 1}
     python_path: []                   # extra import folders (relative to this file) for custom evaluators
     dtype: null                       # compute dtype; default: the sources' (bf16 sources merge in bf16)
+    fitness: {mode: full}             # or race / minibatch: score candidates on part of the search split
+                                      # (min_items, growth, confidence, bound, against, quantile, window,
+                                      #  batch_items, seed; see evomerge/search/fitness.py)
     description: ""                   # free text, kept in the run folder's config.yaml and shown by the report
 
 Every key above is used and every value validation accepts works (tests/test_search_schema.py).
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import math
 import re
 from dataclasses import dataclass, field
@@ -48,6 +52,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError, check_keys
+from evomerge.search.fitness import Against, Bound, FitnessConfig, FitnessMode
 from evomerge.search.objectives import Direction, Objective
 from evomerge.search.search_space import SpaceDef, check_space_models, load_space_definition
 
@@ -55,7 +60,7 @@ OPTIMIZERS = ("cmaes", "optuna_cmaes", "tpe", "nsga2", "random")
 MULTI_OBJECTIVE = ("weighted_sum", "pareto")
 DIRECTIONS = tuple(d.value for d in Direction)
 TOP_KEYS = {"name", "seed", "out", "models", "search_space", "space", "evaluators", "objectives", "optimizer",
-            "budget", "workers", "python_path", "dtype", "description"}
+            "budget", "workers", "python_path", "dtype", "description", "fitness"}
 MODEL_KEYS = {"base", "sources", "a", "b", "build"}
 BUILD_KEYS = {"arch", "n_variants", "seed", "scale", "num_layers", "hidden_size", "intermediate_size"}
 EVALUATOR_KEYS = {"name", "spec", "limit", "seed"}
@@ -64,6 +69,8 @@ OPTIMIZER_KEYS = {"name", "sigma0", "population", "multi_objective", "seed"}
 BUDGET_KEYS = {"trials", "generations", "wall_time"}
 WORKER_KEYS = {"count", "device", "gpus_per_worker", "cpus_per_worker", "threads", "sources", "max_retries",
                "device_memory_gb", "sources_mode", "devices_per_worker", "resources"}
+FITNESS_KEYS = {"mode", "min_items", "growth", "confidence", "bound", "against", "quantile", "window",
+                "batch_items", "seed"}
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCES_MODES = ("auto", "resident", "streamed")  # evomerge.memory_plan.SourcesMode
 
@@ -157,6 +164,7 @@ class Experiment:
     python_path: list[str]
     dtype: str | None  # None: the sources' dtype
     description: str = ""
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
     source_file: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -275,6 +283,7 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     if workers.devices_per_worker > 1 and space.kind != "ps":
         raise _err(f"workers.devices_per_worker {workers.devices_per_worker}: only a ps search places a "
                    f"candidate across devices ({space.kind} workers rewire two whole models on one device)")
+    fitness = _validate_fitness(data.get("fitness"), objectives)
 
     python_path = data.get("python_path") or []
     if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
@@ -289,7 +298,8 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
         raise _err("description must be a string")
     exp = Experiment(name=name, seed=seed, out=out_path, models=models, space=space, evaluators=evaluators,
                      objectives=objectives, optimizer=optimizer, budget=budget, workers=workers,
-                     python_path=python_path, dtype=dtype, description=description, source_file=source_file)
+                     python_path=python_path, dtype=dtype, description=description, fitness=fitness,
+                     source_file=source_file)
     exp.raw = experiment_to_dict(exp)
     return exp
 
@@ -310,6 +320,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         "workers": dataclasses.asdict(exp.workers),
         "python_path": list(exp.python_path),
         "dtype": exp.dtype,
+        "fitness": exp.fitness.to_dict(),
     }
 
 
@@ -494,6 +505,50 @@ def _validate_budget(budget: Any, optimizer: OptimizerConfig) -> BudgetConfig:
         raise _err(f"budget.generations needs optimizer.population for {optimizer.name} "
                    "(it has no generations of its own)")
     return BudgetConfig(trials=trials, generations=generations, wall_time=wall)
+
+
+def _choice(where: str, value: Any, kind: type[enum.Enum]) -> Any:
+    choices = [str(c.value) for c in kind]
+    if value not in choices:
+        raise _err(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return kind(value)
+
+
+def _number_in(where: str, value: Any, low: float, high: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+        raise _err(f"{where} must be a number {what}, got {value!r}")
+    return float(value)
+
+
+def _validate_fitness(fitness: Any, objectives: list[Objective]) -> FitnessConfig:
+    """``fitness:`` (see search/fitness.py): race needs exactly one objective (the raced accuracy)."""
+    if fitness is None:
+        return FitnessConfig()
+    if isinstance(fitness, str):
+        fitness = {"mode": fitness}
+    fitness = check_keys("fitness", fitness, FITNESS_KEYS)
+    d = FitnessConfig()
+    mode = _choice("fitness.mode", fitness.get("mode", d.mode.value), FitnessMode)
+    quantile = fitness.get("quantile", d.quantile)
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 <= quantile <= 1:
+        raise _err(f"fitness.quantile must be a number in [0, 1], got {quantile!r}")
+    seed = fitness.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _err(f"fitness.seed must be an integer, got {seed!r}")
+    config = FitnessConfig(
+        mode=mode, min_items=_positive_int("fitness.min_items", fitness.get("min_items", d.min_items), False) or 1,
+        growth=_number_in("fitness.growth", fitness.get("growth", d.growth), 1, math.inf, "above 1"),
+        confidence=_number_in("fitness.confidence", fitness.get("confidence", d.confidence), 0, 1,
+                              "strictly between 0 and 1"),
+        bound=_choice("fitness.bound", fitness.get("bound", d.bound.value), Bound),
+        against=_choice("fitness.against", fitness.get("against", d.against.value), Against),
+        quantile=float(quantile), window=_positive_int("fitness.window", fitness.get("window")),
+        batch_items=_positive_int("fitness.batch_items", fitness.get("batch_items", d.batch_items), False) or 1,
+        seed=seed)
+    if mode == FitnessMode.RACE and len(objectives) != 1:
+        raise _err(f"fitness: race needs exactly one objective (the accuracy it races), got {len(objectives)}; "
+                   "use fitness: minibatch or full")
+    return config
 
 
 def _validate_workers(workers: Any) -> WorkersConfig:

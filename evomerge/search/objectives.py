@@ -62,6 +62,9 @@ class Scored(Protocol):
     @property
     def ok(self) -> bool: ...
 
+    @property
+    def full(self) -> bool: ...
+
 
 R = TypeVar("R", bound=Scored)
 
@@ -129,7 +132,8 @@ def pareto_front(records: Sequence[R], objectives: Sequence[Objective]) -> list[
     """Successful trials that no other successful trial dominates, sorted by trial id.
 
     With one objective that is the best trial(s). Only trials of the last stage that has successful trials
-    count (ps_dfs: the DFS stage, whose candidates build on the PS winner).
+    count (ps_dfs: the DFS stage, whose candidates build on the PS winner), and only fully scored ones (a
+    trial stopped early or scored on a mini-batch by ``fitness: race | minibatch`` is not: search/fitness.py).
 
     Args:
         records: finished trials (any order).
@@ -138,7 +142,7 @@ def pareto_front(records: Sequence[R], objectives: Sequence[Objective]) -> list[
     Returns:
         The non-dominated records of that stage.
     """
-    ok = [t for t in records if t.ok and t.objectives is not None]
+    ok = [t for t in records if t.ok and t.full and t.objectives is not None]
     if ok:
         last_stage = max(t.stage for t in ok)
         ok = [t for t in ok if t.stage == last_stage]
@@ -150,8 +154,10 @@ def pareto_front(records: Sequence[R], objectives: Sequence[Objective]) -> list[
 def update_front(front: list[R], record: R, objectives: Sequence[Objective]) -> list[R] | None:
     """The front after one more successful trial, or None when it is unchanged (the trial is dominated).
 
-    A trial of a later stage than the front's starts a new front.
+    A trial of a later stage than the front's starts a new front; a trial not fully scored changes nothing.
     """
+    if not record.full:
+        return None
     if front and front[0].stage != record.stage:
         front = []
     new = oriented(record.objectives or [], objectives)
@@ -171,9 +177,9 @@ def format_best(score: float | None, objectives: Sequence[Objective]) -> str:
 
 
 def best_trial(records: Sequence[R], stage: int | None = None) -> R | None:
-    """The successful trial with the highest weighted score (ties: the earliest), of ``stage`` (default: the
-    last stage with a successful trial); None when there is none."""
-    ok = [r for r in records if r.ok and r.score is not None]
+    """The fully scored successful trial with the highest weighted score (ties: the earliest), of ``stage``
+    (default: the last stage with such a trial); None when there is none."""
+    ok = [r for r in records if r.ok and r.full and r.score is not None]
     if stage is None and ok:
         stage = max(r.stage for r in ok)
     ok = [r for r in ok if r.stage == stage]

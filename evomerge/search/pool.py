@@ -19,6 +19,7 @@ import ray
 from evomerge.memory_plan import MemoryOptions
 from evomerge.search.candidates import Candidate
 from evomerge.search.experiment import Experiment
+from evomerge.search.fitness import FitnessPlan
 from evomerge.search.ray_runtime import put_source_blobs
 from evomerge.search.records import TrialResult
 from evomerge.search.search_space import SearchSpace
@@ -88,9 +89,10 @@ class WorkerPool:
         self.starting[self.actors[w].ready.remote()] = w
         return w
 
-    def submit(self, worker: int, trial: int, candidate: Candidate) -> None:
-        """Queue ``trial`` on ``worker`` (it runs after the worker's earlier trials)."""
-        self.inflight[self.actors[worker].evaluate.remote(trial, candidate)] = (trial, worker)
+    def submit(self, worker: int, trial: int, candidate: Candidate, plan: FitnessPlan | None = None) -> None:
+        """Queue ``trial`` on ``worker`` (it runs after the worker's earlier trials), scored as ``plan`` says
+        (None: on every item)."""
+        self.inflight[self.actors[worker].evaluate.remote(trial, candidate, plan)] = (trial, worker)
 
     @property
     def empty(self) -> bool:
@@ -173,4 +175,5 @@ def worker_setup(exp: Experiment, run_path: Path, stage: int, space: SearchSpace
                        threads=exp.workers.threads, dtype=exp.dtype,
                        memory=MemoryOptions(device_memory_gb=exp.workers.device_memory_gb,
                                             sources=exp.workers.sources_mode),
-                       python_path=[*exp.python_path, os.getcwd()], blobs=blobs)
+                       python_path=[*exp.python_path, os.getcwd()], fitness=exp.fitness,
+                       objectives=tuple(exp.objectives), blobs=blobs)

@@ -1,4 +1,5 @@
-"""The live progress bar of a search stage (tqdm on stderr): trials done, best objective, failures, trials/h."""
+"""The live progress bar of a search stage (tqdm on stderr): trials done, best objective, failures, item
+evaluations spent, trials/h."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ class Progress:
         self.rate_from: tuple[float, int] | None = None
 
     def update(self, done: int, failed: int, best: float | None, objectives: Sequence[Objective],
-               nodes_lost: int = 0) -> None:
-        """Show ``done`` trials, ``failed`` of them failed, the best weighted score ``best``, and the Ray nodes
-        lost with their workers during this part of the run (shown once there is one)."""
+               items: int = 0, nodes_lost: int = 0) -> None:
+        """Show ``done`` trials, ``failed`` of them failed, the best weighted score ``best`` (of fully scored
+        trials), the ``items`` evaluations the stage's trials spent, and the Ray nodes lost with their workers
+        during this part of the run (shown once there is one)."""
         if self.bar is None:
             return
         if self.rate_from is None and done > self.start_done:
@@ -42,8 +44,8 @@ class Progress:
         if self.rate_from is not None and done > self.rate_from[1]:
             rate = (done - self.rate_from[1]) / max(1e-9, time.monotonic() - self.rate_from[0]) * 3600
         lost = f" nodes_lost={nodes_lost}" if nodes_lost else ""
-        self.bar.set_postfix_str(f"best={format_best(best, objectives)} failed={failed} trials/h={rate:.0f}{lost}",
-                                 refresh=False)
+        self.bar.set_postfix_str(f"best={format_best(best, objectives)} failed={failed} "
+                                 f"items={format_count(items)} trials/h={rate:.0f}{lost}", refresh=False)
         self.bar.n = done
         self.bar.refresh()
 
@@ -58,3 +60,12 @@ class Progress:
         """Close the bar."""
         if self.bar is not None:
             self.bar.close()
+
+
+def format_count(n: int) -> str:
+    """A count for the bar: 950, 12.3k, 4.56M."""
+    if n < 10_000:
+        return str(n)
+    if n < 10_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1e6:.2f}M"

@@ -41,6 +41,8 @@ class TrialResult:
     seconds: float | None = None
     materialize_s: float | None = None
     evaluate_s: float | None = None
+    items: int | None = None
+    full: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class TrialRecord:
         worker, host, pid: where it ran; attempts: how many workers it took (retries after worker deaths).
         seconds, materialize_s, evaluate_s: wall-clock seconds in the worker (total, materialize, evaluate).
         finished_at: Unix time the driver recorded it.
+        items: item evaluations the trial used, over all its evaluators (one item = one problem scored once;
+            None when an evaluator does not count items, and in records of earlier releases).
+        full: whether it was scored on the whole search split; ``fitness: race | minibatch`` trials stopped
+            early are not, and cannot become the best trial or reach the Pareto front (search/fitness.py).
     """
 
     trial: int
@@ -81,6 +87,8 @@ class TrialRecord:
     evaluate_s: float | None = None
     attempts: int = 1
     finished_at: float | None = None
+    items: int | None = None
+    full: bool = True
 
     @property
     def ok(self) -> bool:
@@ -96,7 +104,7 @@ class TrialRecord:
             "metrics": dict(self.metrics), "objectives": self.objectives, "score": self.score, "error": self.error,
             "worker": self.worker, "host": self.host, "pid": self.pid, "seconds": self.seconds,
             "materialize_s": self.materialize_s, "evaluate_s": self.evaluate_s, "attempts": self.attempts,
-            "finished_at": self.finished_at}
+            "finished_at": self.finished_at, "items": self.items, "full": self.full}
         return json_safe(out)  # type: ignore[no-any-return]
 
     @classmethod
@@ -112,7 +120,7 @@ class TrialRecord:
             error=data.get("error"), worker=data.get("worker"), host=data.get("host"), pid=data.get("pid"),
             seconds=data.get("seconds"), materialize_s=data.get("materialize_s"),
             evaluate_s=data.get("evaluate_s"), attempts=int(data.get("attempts", 1)),
-            finished_at=data.get("finished_at"))
+            finished_at=data.get("finished_at"), items=data.get("items"), full=bool(data.get("full", True)))
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,7 @@ def record_of(result: TrialResult, where: Placement, space: SearchSpace, objecti
         params=space.values(where.x), candidate=space.decode(where.x), metrics=dict(result.metrics),
         objectives=values, score=score, error=error, worker=result.worker, host=result.host, pid=result.pid,
         seconds=result.seconds, materialize_s=result.materialize_s, evaluate_s=result.evaluate_s,
-        attempts=where.attempts, finished_at=time.time())
+        attempts=where.attempts, finished_at=time.time(), items=result.items, full=result.full)
 
 
 def json_safe(value: Any) -> Any:

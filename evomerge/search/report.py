@@ -1,8 +1,9 @@
 """`evomerge report DIR`: best trials, the Pareto front as a table, and PNG plots, from the run folder alone.
 
 Works on a finished run, a running one (it only reads trials.jsonl and config.yaml) and a killed one.
-Writes ``report/report.md``, ``report/objectives.png`` (each objective over trials, with best-so-far) and
-``report/pareto.png`` (the first two objectives, front highlighted; with one objective: score over wall time).
+Writes ``report/report.md``, ``report/objectives.png`` (each objective over trials, with best-so-far),
+``report/pareto.png`` (the first two objectives, front highlighted; with one objective: score over wall time)
+and ``report/best_vs_items.png`` (the best fully scored weighted score against the item evaluations spent).
 """
 
 from __future__ import annotations
@@ -79,16 +80,23 @@ def make_report(run_dir: str | Path, top: int = 10) -> Report:
     front = pareto_front(records, objectives)
     text = "\n".join([*_summary(config, run, records, objectives), *_best_table(records, objectives, top),
                       *_front_table(front, objectives), *_best_params(best), *_failures(records)]) + "\n"
-    files = [out / "report.md", out / "objectives.png", out / "pareto.png"]
+    files = [out / "report.md", out / "objectives.png", out / "pareto.png", out / "best_vs_items.png"]
     atomic_write_bytes(files[0], text.encode())
     _plot_objectives(records, objectives, files[1])
     _plot_pareto(records, objectives, front, files[2])
+    _plot_best_vs_items(records, files[3])
     return Report(text, [str(f) for f in files], best, front)
 
 
 def _summary(config: dict[str, Any], run: RunFolder, records: Sequence[TrialRecord],
              objectives: Sequence[Objective]) -> list[str]:
     n_ok = sum(r.ok for r in records)
+    fitness = (config.get("fitness") or {}).get("mode", "full")
+    n_full = sum(r.ok and r.full for r in records)
+    known = [r.items for r in records if r.items is not None]
+    items = (f"Item evaluations spent: {sum(known)}" + ("" if len(known) == len(records) else
+                                                       f" (counted in {len(known)} of {len(records)} trials)")
+             + f"; fitness: {fitness}; {n_full} trials fully scored.")
     lines = [f"# Run {config.get('name')} ({run.path})", ""]
     if config.get("description"):
         lines += [str(config["description"]), ""]
@@ -96,20 +104,20 @@ def _summary(config: dict[str, Any], run: RunFolder, records: Sequence[TrialReco
         f"{len(records)} trials finished: {n_ok} ok, {len(records) - n_ok} failed.",
         f"Search space: {config['search_space'].get('name')} ({config['search_space']['kind']}); "
         f"optimizer: {config['optimizer']['name']}; objectives: "
-        + ", ".join(f"{o.metric} ({o.direction}, weight {o.weight})" for o in objectives), ""]
+        + ", ".join(f"{o.metric} ({o.direction}, weight {o.weight})" for o in objectives), items, ""]
 
 
 def _best_table(records: Sequence[TrialRecord], objectives: Sequence[Objective], top: int) -> list[str]:
     names = [o.metric for o in objectives]
-    lines = ["## Best trials (by weighted score)", "",
-             "| trial | stage | score | " + " | ".join(names) + " | seconds |",
-             "|---|---|---|" + "---|" * len(names) + "---|"]
-    ok = [r for r in records if r.ok]
+    lines = ["## Best trials (by weighted score, fully scored trials)", "",
+             "| trial | stage | score | " + " | ".join(names) + " | items | seconds |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    ok = [r for r in records if r.ok and r.full]
     last_stage = max((r.stage for r in ok), default=0)
     ranked = sorted((r for r in ok if r.stage == last_stage), key=lambda r: -(r.score or 0.0))[:top]
     for r in ranked:
         lines.append(f"| {r.trial} | {r.stage_name} | {_fmt(r.score)} | "
-                     + " | ".join(_fmt(v) for v in r.objectives or []) + f" | {_fmt(r.seconds)} |")
+                     + " | ".join(_fmt(v) for v in r.objectives or []) + f" | {_fmt(r.items)} | {_fmt(r.seconds)} |")
     return lines
 
 
@@ -205,6 +213,39 @@ def _plot_pareto(records: Sequence[TrialRecord], objectives: Sequence[Objective]
     plt.close(fig)
 
 
+def best_vs_items(records: Sequence[TrialRecord]) -> list[tuple[int, float]]:
+    """(item evaluations spent so far, best fully scored weighted score so far) after each trial that improved
+    the best, in trial order over the last stage that has fully scored trials (trials without an item count
+    count 0)."""
+    full = [r for r in records if r.ok and r.full and r.score is not None]
+    stage = max((r.stage for r in full), default=0)
+    spent, best, points = 0, None, []
+    for r in sorted((r for r in records if r.stage == stage), key=lambda r: r.trial):
+        spent += r.items or 0
+        if r.ok and r.full and r.score is not None and (best is None or r.score > best):
+            best = r.score
+            points.append((spent, best))
+    return points
+
+
+def _plot_best_vs_items(records: Sequence[TrialRecord], path: Path) -> None:
+    """The best fully scored weighted score against the item evaluations spent (a step curve)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = best_vs_items(records)
+    total = sum(r.items or 0 for r in records if not points or r.stage == max(x.stage for x in records))
+    if points:
+        xs = [p[0] for p in points] + [max(total, points[-1][0])]
+        ys = [p[1] for p in points] + [points[-1][1]]
+        ax.step(xs, ys, where="post", color="C3", label="best fully scored trial")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("item evaluations spent")
+    ax.set_ylabel("best weighted score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def format_summary(report: Report) -> str:
     """The best trial in one line, then the files written."""
     best = report.best
@@ -214,4 +255,4 @@ def format_summary(report: Report) -> str:
     return head + "\n" + "\n".join(f"wrote {f}" for f in report.files)
 
 
-__all__ = ["Report", "best_trial", "find_trial", "make_report", "format_summary"]
+__all__ = ["Report", "best_trial", "best_vs_items", "find_trial", "make_report", "format_summary"]

@@ -38,9 +38,20 @@ from evomerge.recipe import Recipe
 from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import DataflowCandidate
 from evomerge.search.experiment import EvaluatorSpec
+from evomerge.search.fitness import FitnessConfig, FitnessMode, FitnessPlan, ItemRun, complete, minibatch, promote, race
 from evomerge.search.node_sources import node_source_copy
-from evomerge.search.objectives import Objective
+from evomerge.search.objectives import Objective, scalarize
 from evomerge.search.records import TrialResult, TrialStatus
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A candidate's metrics {"EVALUATOR/METRIC": value}, the item evaluations they took (None: an evaluator
+    does not count items) and whether they cover the whole search split."""
+
+    metrics: dict[str, float]
+    items: int | None
+    full: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,8 @@ class WorkerSetup:
         memory: the PS engine's device budget and sources mode (``workers.device_memory_gb``,
             ``workers.sources_mode``).
         python_path: folders custom evaluators import from.
+        fitness: the experiment's ``fitness:`` (cheap fitness needs evaluators that score single items).
+        objectives: the experiment's objectives (which evaluators the cheap fitness scores).
         blobs: {model folder: object ref of its files} with ``workers.sources: object_store``, else None.
         worker: this worker's id.
     """
@@ -71,6 +84,8 @@ class WorkerSetup:
     dtype: str | None = None
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     python_path: list[str] = field(default_factory=list)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    objectives: tuple[Objective, ...] = ()
     blobs: dict[str, Any] | None = None
     worker: int = 0
 
@@ -179,6 +194,18 @@ class TrialRunner:
             built = build_evaluator(ev.spec, limit=ev.limit, seed=ev.seed)
             self.evaluators.append((ev.name, built))
             self.metric_names += [f"{ev.name}/{m}" for m in getattr(built, "metric_names", [])]
+        if self.setup.fitness.mode != FitnessMode.FULL:
+            for name in self._objective_evaluators():
+                ev = dict(self.evaluators)[name]
+                if not getattr(ev, "scores_items", False):
+                    raise EvomergeError(f"fitness: {self.setup.fitness.mode.value} needs per-item scores, and "
+                                        f"evaluator {name} cannot score a subset of its items (use a math_word "
+                                        "evaluator, a one-task lm_eval one, or a custom function that takes items=)")
+
+    def _objective_evaluators(self) -> list[str]:
+        """The names of the evaluators the objectives read, in evaluator order."""
+        wanted = {o.metric.split("/", 1)[0] for o in self.setup.objectives}
+        return [name for name, _ in self.evaluators if name in wanted]
 
     def _unpack_blobs(self, blobs: dict[str, Any]) -> None:
         """Source folders shipped through Ray's object store, as local folders of this node (see
@@ -227,18 +254,20 @@ class TrialRunner:
         model: nn.Module = self.engine.materialize(candidate)
         return model
 
-    def evaluate(self, trial: int, candidate: Candidate) -> TrialResult:
+    def evaluate(self, trial: int, candidate: Candidate, plan: FitnessPlan | None = None) -> TrialResult:
         """Materialize and score one candidate; any failure is a failed result, never an exception.
 
         Args:
             trial: the trial id.
             candidate: a ``Recipe`` (PS) or ``LayerPath`` (DFS).
+            plan: how much of the search split to score it on (None: all of it; see search/fitness.py).
 
         Returns:
             The metrics {"EVALUATOR/METRIC": float} with status ok, or status failed with a one-line error
             (an exception, out of memory, or a non-finite metric); times in seconds.
         """
         metrics: dict[str, float] = {}
+        scores = Scores({}, None)
         error: str | None = None
         t0 = time.perf_counter()
         t1 = t0
@@ -248,7 +277,8 @@ class TrialRunner:
             with torch.inference_mode():
                 model = self.materialize(candidate)
                 t1 = time.perf_counter()
-                metrics = self._score(model)
+                scores = self._score(model, plan)
+                metrics = scores.metrics
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
                 error = f"metric {bad[0]} is {metrics[bad[0]]}"
@@ -263,15 +293,49 @@ class TrialRunner:
         t2 = time.perf_counter()
         return TrialResult(trial=trial, status=TrialStatus.FAILED if error else TrialStatus.OK, metrics=metrics,
                            error=error, worker=self.setup.worker, host=socket.gethostname(), pid=os.getpid(),
-                           seconds=t2 - t0, materialize_s=t1 - t0, evaluate_s=t2 - t1)
+                           seconds=t2 - t0, materialize_s=t1 - t0, evaluate_s=t2 - t1, items=scores.items,
+                           full=scores.full)
 
-    def _score(self, model: nn.Module) -> dict[str, float]:
+    def _score(self, model: nn.Module, plan: FitnessPlan | None) -> Scores:
+        """Every evaluator on every item (``full``), or the plan's cheap fitness on the objectives' evaluators
+        and, when that reaches the whole split, the other evaluators in full."""
+        if plan is None or plan.config.mode == FitnessMode.FULL:
+            return self._score_full(model, [name for name, _ in self.evaluators])
+        names = self._objective_evaluators()
+        evs = dict(self.evaluators)
+        if plan.config.mode == FitnessMode.RACE:
+            runs = {names[0]: race(evs[names[0]], model, self.tokenizer, plan)}
+        else:
+            runs = {n: minibatch(evs[n], model, self.tokenizer, plan) for n in names}
+            if promote(self._estimate(runs, plan), plan.reference):
+                runs = {n: complete(evs[n], model, self.tokenizer, r) for n, r in runs.items()}
+        metrics = {f"{n}/{k}": v for n, r in runs.items() for k, v in r.scores.means().items()}
+        items = sum(len(r.scores) for r in runs.values())
+        if not all(r.full for r in runs.values()):
+            return Scores(metrics, items, full=False)
+        rest = self._score_full(model, [n for n, _ in self.evaluators if n not in runs])
+        return Scores({**metrics, **rest.metrics}, None if rest.items is None else items + rest.items)
+
+    def _score_full(self, model: nn.Module, names: Sequence[str]) -> Scores:
         metrics: dict[str, float] = {}
+        items: int | None = 0
         for name, ev in self.evaluators:
+            if name not in names:
+                continue
             for k, v in ev.evaluate(model, self.tokenizer).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     metrics[f"{name}/{k}"] = float(v)
-        return metrics
+            n = getattr(ev, "n_items", None)
+            items = None if items is None or n is None else items + int(n)
+        return Scores(metrics, items)
+
+    @staticmethod
+    def _estimate(runs: dict[str, ItemRun], plan: FitnessPlan) -> float:
+        """The weighted score of the objectives on the mini-batch (a missing metric counts as -inf)."""
+        metrics = {f"{n}/{k}": v for n, r in runs.items() for k, v in r.scores.means().items()}
+        if any(o.metric not in metrics for o in plan.objectives):
+            return -math.inf
+        return scalarize([metrics[o.metric] for o in plan.objectives], plan.objectives)
 
 
 @dataclass(frozen=True)

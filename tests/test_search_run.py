@@ -251,6 +251,30 @@ def test_nan_raising_and_oom_candidates_are_failed_trials(ray_address, llama_fam
     assert helpers._logit_score(model) == ok[0].metrics["e/std"]
 
 
+def test_object_store_sources_are_fetched_once_per_node_by_two_workers(ray_address, llama_family, tmp_path):
+    """workers.sources: object_store with two workers on one node: the node fetches each source folder once (the
+    first worker writes the node's copy under its lock, the other loads it), as its fetch log records."""
+    import shutil
+
+    import ray
+
+    from evomerge.search.node_sources import FETCH_LOG, node_cache
+
+    family = {k: tmp_path / "models" / k for k in ("base", "model_1", "model_2")}  # paths no other test ships
+    for k, dest in family.items():
+        shutil.copytree(llama_family[k], dest)
+    exp = _ps_experiment(family, helpers.evaluator("logit_std", sleep=0.2), optimizer={"name": "random"},
+                         budget={"trials": 6}, workers={"count": 2, "sources": "object_store"})
+    run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+    trials = run.trials()
+    assert sorted(t.trial for t in trials) == list(range(6)) and all(t.status == "ok" for t in trials)
+    assert len({t.pid for t in trials}) == 2  # both workers evaluated candidates
+    log = node_cache(ray.get_runtime_context().get_node_id()) / FETCH_LOG
+    fetched = [json.loads(line)["source"] for line in log.read_text().splitlines()]
+    ours = sorted(s for s in fetched if s.startswith(str(tmp_path)))
+    assert ours == sorted(str(p) for p in family.values())  # each source exactly once on this node
+
+
 def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family, tmp_path):
     import optuna
 

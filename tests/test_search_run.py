@@ -169,6 +169,7 @@ def test_report_writes_pngs_and_tables(resumed_runs, capsys):
     text = (run / "report" / "report.md").read_text()
     assert "## Pareto front" in text and f"| {best.trial} | {best.objectives[0]:.4g} |" in text
     assert text.count("\n| ") >= 10  # ranked trials + front + genome rows
+    assert str(run.parent) not in text  # the report names the run folder, not the machine path
     for png in ("objectives.png", "pareto.png"):
         data = (run / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -273,6 +274,45 @@ def test_object_store_sources_are_fetched_once_per_node_by_two_workers(ray_addre
     fetched = [json.loads(line)["source"] for line in log.read_text().splitlines()]
     ours = sorted(s for s in fetched if s.startswith(str(tmp_path)))
     assert ours == sorted(str(p) for p in family.values())  # each source exactly once on this node
+
+
+def test_relative_evaluator_file_of_an_experiment_in_another_folder(ray_address, llama_family, tmp_path):
+    """A custom evaluator named ``../evals/e.py:fn`` (relative to the experiment file, which lives in another folder
+    than the run) is found by the workers and by a resume: the run folder stores it relative to itself."""
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "e.py").write_text(
+        "def spread(model, tokenizer):\n"
+        "    import torch\n"
+        "    with torch.no_grad():\n"
+        "        return {'std': float(model(torch.arange(8)[None]).logits.float().std())}\n")
+    (tmp_path / "sub").mkdir()
+    exp = _ps_experiment(llama_family, {"type": "custom", "function": "../evals/e.py:spread"},
+                         optimizer={"name": "random"}, budget={"trials": 2})
+    run_dir = tmp_path / "runs" / "r"
+    start_run(_write(tmp_path / "sub" / "exp.yaml", exp), out=run_dir, address=ray_address, progress=False)
+    assert [t.status for t in RunFolder(run_dir).trials()] == ["ok", "ok"]
+    config = (run_dir / "config.yaml").read_text()
+    assert "../../evals/e.py:spread" in config and str(tmp_path) not in config
+    run = resume_run(run_dir, address=ray_address, progress=False)  # a finished run: reads the config back
+    assert len(run.trials()) == 2
+
+
+def test_error_text_keeps_urls_and_makes_paths_relative(tmp_path):
+    """Error messages stored in trial lines: absolute paths made relative to the run folder, URLs untouched."""
+    from evomerge.search.portable import portable_text
+
+    text = f"see https://huggingface.co/docs/x and {tmp_path}/models/base/config.json"
+    assert portable_text(text, tmp_path / "run") == "see https://huggingface.co/docs/x and ../models/base/config.json"
+
+
+def test_custom_resource_no_node_offers_is_refused(ray_address, llama_family, tmp_path):
+    """workers.resources that no node of the cluster offers: one error naming it (a worker would wait forever)."""
+    from evomerge.errors import EvomergeError
+
+    exp = _ps_experiment(llama_family, helpers.evaluator("logit_std"), optimizer={"name": "random"},
+                         budget={"trials": 2}, workers={"count": 1, "resources": {"evomerge_worker": 1}})
+    with pytest.raises(EvomergeError, match="no node of the Ray cluster offers evomerge_worker 1 per worker"):
+        start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
 
 
 def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family, tmp_path):

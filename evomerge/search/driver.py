@@ -33,7 +33,7 @@ from evomerge.search.objectives import pareto_front, update_front
 from evomerge.search.optimizers import Optimizer, Problem, build_optimizer
 from evomerge.search.pool import Died, Done, Event, Lost, Ready, WorkerPool, worker_setup
 from evomerge.search.progress import Progress
-from evomerge.search.ray_runtime import gpus_per_worker, ray_session
+from evomerge.search.ray_runtime import check_custom_resources, gpus_per_worker, ray_session
 from evomerge.search.records import Placement, TrialRecord, TrialResult, TrialStatus, record_of
 from evomerge.search.run_folder import DriverState, PendingTrial, RunFolder
 from evomerge.search.scheduler import SLOTS_PER_WORKER, Scheduler, StageBudget, stage_budget
@@ -181,6 +181,7 @@ class SearchDriver:
             else:
                 text = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory).describe()
             print(text, file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
+        check_custom_resources(self.exp)
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
         pool = WorkerPool(setup, WorkerResources(w.cpus_per_worker, gpus_per_worker(self.exp), w.resources))
         try:

@@ -54,6 +54,7 @@ import yaml
 from evomerge.errors import EvomergeError, check_keys
 from evomerge.search.fitness import Against, Bound, FitnessConfig, FitnessMode
 from evomerge.search.objectives import Direction, Objective
+from evomerge.search.portable import local_paths
 from evomerge.search.search_space import SpaceDef, check_space_models, load_space_definition
 
 OPTIMIZERS = ("cmaes", "optuna_cmaes", "tpe", "nsga2", "random")
@@ -395,8 +396,8 @@ def _needed(kind: str) -> tuple[str, ...]:
 def _anchor_spec(spec: Any, base_dir: Path) -> Any:
     """Relative file paths in an evaluator spec are relative to the experiment file; workers run elsewhere,
     so they are made absolute here."""
-    if isinstance(spec, dict):
-        return {"base_dir": str(base_dir), **spec}
+    if isinstance(spec, dict):  # ./x and ../x values made absolute too: a run folder reads them back from itself
+        return {"base_dir": str(base_dir), **local_paths(spec, base_dir)}
     if not isinstance(spec, str):
         return spec
     if spec.endswith((".yaml", ".yml")) and (base_dir / spec).is_file():

@@ -40,8 +40,9 @@ from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import SCALES_FILE, load_dataflow_model, path_config, path_state_dict
 from evomerge.search.experiment import Experiment
 from evomerge.search.objectives import best_trial
+from evomerge.search.portable import portable_paths
 from evomerge.search.records import TrialRecord, json_safe
-from evomerge.search.run_folder import RunFolder, portable_paths
+from evomerge.search.run_folder import RunFolder
 from evomerge.search.stages import PS_WINNER, stage_space
 
 TRIAL_FILE = "evomerge_trial.json"

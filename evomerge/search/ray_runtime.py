@@ -127,6 +127,21 @@ def gpus_per_worker(exp: Experiment) -> float:
     return float(w.devices_per_worker) if resources.get("GPU", 0) > 0 else 0.0
 
 
+def check_custom_resources(exp: Experiment) -> None:
+    """Refuse ``workers.resources`` that no live node of the cluster offers (a worker asking for them would wait
+    for a node forever).
+
+    Raises:
+        EvomergeError: a custom resource whose amount per worker exceeds what every live node offers.
+    """
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    for name, amount in exp.workers.resources.items():
+        most = max((float(r.get(name, 0.0)) for r in nodes), default=0.0)
+        if most < amount:
+            raise EvomergeError(f"workers.resources: no node of the Ray cluster offers {name} {amount:g} per worker "
+                                f"(the most one node has is {most:g}; start nodes with ray start --resources)")
+
+
 def put_source_blobs(paths: list[str]) -> dict[str, Any]:
     """Model folders as {folder: object ref of {relative path: bytes}} in Ray's object store (for clusters
     without a shared disk: ``workers.sources: object_store``)."""

@@ -97,7 +97,7 @@ def _summary(config: dict[str, Any], run: RunFolder, records: Sequence[TrialReco
     items = (f"Item evaluations spent: {sum(known)}" + ("" if len(known) == len(records) else
                                                        f" (counted in {len(known)} of {len(records)} trials)")
              + f"; fitness: {fitness}; {n_full} trials fully scored.")
-    lines = [f"# Run {config.get('name')} ({run.path})", ""]
+    lines = [f"# Run {config.get('name')} ({run.path.name})", ""]  # the folder's name: no machine path
     if config.get("description"):
         lines += [str(config["description"]), ""]
     return lines + [

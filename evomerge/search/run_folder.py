@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.search.legacy import read_legacy_state
 from evomerge.search.objectives import Objective, pareto_front
+from evomerge.search.portable import local_paths, portable_paths, portable_text
 from evomerge.search.records import TrialRecord, json_safe
 
 CONFIG = "config.yaml"
@@ -47,49 +47,6 @@ STATE = "state.json"
 LEGACY_STATE = "state.pkl"
 PARETO = "pareto.json"
 STATE_VERSION = 2
-
-
-# an absolute path, alone or after a spec prefix such as ``custom:`` (then up to the next ``:``)
-_ABSOLUTE = re.compile(r"^(?P<prefix>[A-Za-z_]+:)?(?P<path>/[^:]*)(?P<suffix>:.*)?$", re.DOTALL)
-_RELATIVE = re.compile(r"^(?P<prefix>[A-Za-z_]+:)?(?P<path>\.\.?/[^:]*)(?P<suffix>:.*)?$", re.DOTALL)
-_ANY_ABSOLUTE = re.compile(r"(?<![\w.])/[\w.+-]+(?:/[\w.+-]+)+")
-
-
-def portable_paths(value: Any, root: Path) -> Any:
-    """``value`` (a mapping/list/str tree) with every absolute path made relative to ``root`` as ``./x`` or
-    ``../x``, also after a spec prefix (``custom:/p/f.py:fn`` -> ``custom:../f.py:fn``); other values unchanged.
-    The inverse is ``local_paths``."""
-    if isinstance(value, dict):
-        return {k: portable_paths(v, root) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [portable_paths(v, root) for v in value]
-    if isinstance(value, str):
-        m = _ABSOLUTE.match(value)
-        if m and len(m["path"]) > 1:
-            rel = os.path.relpath(m["path"], root)
-            rel = "../" if rel == ".." else rel if rel.startswith("../") else f"./{rel}"
-            return f"{m['prefix'] or ''}{rel}{m['suffix'] or ''}"
-    return value
-
-
-def local_paths(value: Any, root: Path) -> Any:
-    """The inverse of ``portable_paths``: every ``./x`` or ``../x`` (also after a spec prefix) resolved against
-    ``root`` into an absolute path."""
-    if isinstance(value, dict):
-        return {k: local_paths(v, root) for k, v in value.items()}
-    if isinstance(value, list):
-        return [local_paths(v, root) for v in value]
-    if isinstance(value, str):
-        m = _RELATIVE.match(value)
-        if m:
-            path = os.path.normpath(os.path.join(root, m["path"]))
-            return f"{m['prefix'] or ''}{path}{m['suffix'] or ''}"
-    return value
-
-
-def portable_text(text: str, root: Path) -> str:
-    """Free text (an error message) with every absolute path in it made relative to ``root``."""
-    return _ANY_ABSOLUTE.sub(lambda m: os.path.relpath(m[0], root), text)
 
 
 @dataclass

@@ -127,3 +127,18 @@ def pairwise(model, tokenizer, items=None, n: int = 60, seed: int = 0) -> dict:
 
 pairwise.metric_names = ("acc",)
 pairwise.n_items = lambda n=60, **_: n
+
+
+def pairwise_margin(model, tokenizer, items=None, n: int = 60, seed: int = 0) -> dict:
+    """Like ``pairwise``, but each item's value is the logit margin itself (any real number, not in [0, 1])."""
+    positions = list(range(n)) if items is None else list(items)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, pairs = _item_batch(positions, vocab, seed)
+    with torch.inference_mode():
+        last = model(ids.to(next(model.parameters()).device)).logits[:, -1].float().cpu()
+    values = [float(v) for v in (last.gather(1, pairs[:, :1]) - last.gather(1, pairs[:, 1:])).squeeze(1)]
+    return {"margin": values} if items is not None else {"margin": sum(values) / len(values)}
+
+
+pairwise_margin.metric_names = ("margin",)
+pairwise_margin.n_items = lambda n=60, **_: n

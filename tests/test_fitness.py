@@ -25,6 +25,7 @@ from evomerge.search.fitness import (
     can_beat,
     checkpoints,
     item_order,
+    race,
     reference_score,
     split_bounds,
     trial_seed,
@@ -139,9 +140,15 @@ def test_fitness_defaults_to_full_and_is_kept_in_the_resolved_config(llama_famil
     ({"mode": "race", "confidence": 1.5}, "fitness.confidence must be a number strictly between 0 and 1"),
     ({"mode": "race", "bound": "chernoff"}, "fitness.bound must be one of wilson, hoeffding, bernstein"),
     ({"mode": "race", "against": "mean"}, "fitness.against must be one of best, quantile"),
-    ({"mode": "race", "quantile": 2}, "fitness.quantile must be a number in [0, 1]"),
+    ({"mode": "race", "against": "quantile", "quantile": 2}, "fitness.quantile must be a number in [0, 1]"),
     ({"mode": "minibatch", "batch_items": 2.5}, "fitness.batch_items must be a positive integer"),
     ({"mode": "race", "items": 5}, "unknown key 'items' in fitness"),
+    # a key of another mode would silently do nothing: refused
+    ({"mode": "minibatch", "min_items": 20}, "fitness.min_items is a setting of fitness mode race, not of minibatch"),
+    ({"mode": "full", "batch_items": 20}, "fitness.batch_items is a setting of fitness mode minibatch, not of full"),
+    ({"mode": "race", "batch_items": 20}, "fitness.batch_items is a setting of fitness mode minibatch, not of race"),
+    ({"mode": "full", "against": "best"}, "fitness.against is a setting of fitness mode race and minibatch, not of"),
+    ({"mode": "race", "window": 4}, "fitness.window is a setting of fitness against: quantile, not of against: best"),
 ])
 def test_bad_fitness_values_are_one_line_errors_with_exit_2(fitness, message, llama_family, tmp_path, capsys):
     path = tmp_path / "exp.yaml"
@@ -179,6 +186,28 @@ def test_custom_function_with_items_scores_a_subset(llama_family):
     assert not plain.scores_items
     with pytest.raises(EvomergeError, match="cannot score a subset"):
         plain.score_items(model, tok, [0])
+
+
+def test_race_refuses_per_item_values_outside_0_1_and_races_a_minimized_rate(llama_family):
+    """The race's bounds are those of a mean of values in [0, 1]: a metric outside it is refused by name (in a
+    worker: a failed trial saying so). A minimized objective in [0, 1] (an error rate) races as well."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_family["model_1"]).eval()
+    tok = AutoTokenizer.from_pretrained(llama_family["model_1"])
+    config = FitnessConfig(mode=FitnessMode.RACE, min_items=8, growth=2.0, confidence=0.5)
+    margin = build_evaluator(helpers.evaluator("pairwise_margin", n=40))
+    plan = FitnessPlan(config, 0, 0.0, (Objective("e/margin", "maximize", 1.0),))
+    with pytest.raises(EvomergeError, match=r"race needs per-item values in \[0, 1\].*reported margin = "):
+        race(margin, model, tok, plan)
+    acc = build_evaluator(helpers.evaluator("pairwise", n=40))
+    whole = acc.evaluate(model, tok)["acc"]
+    # minimized: reference 0.0 (the score of a 0 % rate) is out of reach of this candidate: stopped early
+    stopped = race(acc, model, tok, FitnessPlan(config, 0, 0.0, (Objective("e/acc", "minimize", 1.0),)))
+    assert whole > 0.2 and not stopped.full and len(stopped.scores) < 40
+    # a reference every rate beats (-1: a 100 % rate) lets it run to the end, scored on every item
+    kept = race(acc, model, tok, FitnessPlan(config, 0, -1.0, (Objective("e/acc", "minimize", 1.0),)))
+    assert kept.full and kept.scores.means()["acc"] == pytest.approx(whole)
 
 
 # -- searches end to end ------------------------------------------------------------------------------------

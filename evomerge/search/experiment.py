@@ -241,7 +241,8 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str = "experiment",
-                        source_file: Path | None = None, check_models: bool = True) -> Experiment:
+                        source_file: Path | None = None, check_models: bool = True, resolved: bool = False
+                        ) -> Experiment:
     """Validate a mapping into an ``Experiment``.
 
     Args:
@@ -250,6 +251,8 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
         default_name: the name when ``name`` is not given.
         source_file: the YAML file it came from, if any.
         check_models: whether model folders must exist (False for a run folder's resolved config).
+        resolved: ``data`` is a run folder's resolved config (every ``fitness`` key written, whatever the mode),
+            not what a user wrote (where a key of another mode is refused).
 
     Returns:
         The validated ``Experiment`` with ``raw`` set to its resolved mapping.
@@ -284,7 +287,7 @@ def validate_experiment(data: Any, base_dir: str | Path = ".", default_name: str
     if workers.devices_per_worker > 1 and space.kind != "ps":
         raise _err(f"workers.devices_per_worker {workers.devices_per_worker}: only a ps search places a "
                    f"candidate across devices ({space.kind} workers rewire two whole models on one device)")
-    fitness = _validate_fitness(data.get("fitness"), objectives)
+    fitness = _validate_fitness(data.get("fitness"), objectives, resolved)
 
     python_path = data.get("python_path") or []
     if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
@@ -331,7 +334,7 @@ def experiment_from_resolved(data: dict[str, Any]) -> Experiment:
     data = copy.deepcopy(data)
     space = data.pop("search_space")
     data["search_space"] = space  # inline, already resolved
-    exp = validate_experiment({k: v for k, v in data.items() if k != "space"}, check_models=False)
+    exp = validate_experiment({k: v for k, v in data.items() if k != "space"}, check_models=False, resolved=True)
     return exp
 
 
@@ -521,8 +524,10 @@ def _number_in(where: str, value: Any, low: float, high: float, what: str) -> fl
     return float(value)
 
 
-def _validate_fitness(fitness: Any, objectives: list[Objective]) -> FitnessConfig:
-    """``fitness:`` (see search/fitness.py): race needs exactly one objective (the raced accuracy)."""
+def _validate_fitness(fitness: Any, objectives: list[Objective], resolved: bool = False) -> FitnessConfig:
+    """``fitness:`` (see search/fitness.py): race needs exactly one objective (the raced accuracy); a key that
+    the mode (or ``against``) does not use is refused, unless ``resolved`` (a run folder's config keeps them all).
+    """
     if fitness is None:
         return FitnessConfig()
     if isinstance(fitness, str):
@@ -530,6 +535,8 @@ def _validate_fitness(fitness: Any, objectives: list[Objective]) -> FitnessConfi
     fitness = check_keys("fitness", fitness, FITNESS_KEYS)
     d = FitnessConfig()
     mode = _choice("fitness.mode", fitness.get("mode", d.mode.value), FitnessMode)
+    if not resolved:
+        _check_fitness_keys(fitness, mode)
     quantile = fitness.get("quantile", d.quantile)
     if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 <= quantile <= 1:
         raise _err(f"fitness.quantile must be a number in [0, 1], got {quantile!r}")
@@ -550,6 +557,28 @@ def _validate_fitness(fitness: Any, objectives: list[Objective]) -> FitnessConfi
         raise _err(f"fitness: race needs exactly one objective (the accuracy it races), got {len(objectives)}; "
                    "use fitness: minibatch or full")
     return config
+
+
+#: The ``fitness`` keys each mode uses (besides ``mode``); ``quantile`` and ``window`` only with ``against: quantile``.
+FITNESS_MODE_KEYS = {
+    FitnessMode.FULL: set(),
+    FitnessMode.RACE: {"min_items", "growth", "confidence", "bound", "against", "quantile", "window", "seed"},
+    FitnessMode.MINIBATCH: {"batch_items", "against", "quantile", "window", "seed"},
+}
+
+
+def _check_fitness_keys(fitness: dict[str, Any], mode: FitnessMode) -> None:
+    """Refuse a ``fitness`` key that ``mode`` ignores (e.g. ``min_items`` with ``minibatch``): a setting that
+    would silently do nothing."""
+    used = FITNESS_MODE_KEYS[mode]
+    for key in sorted(set(fitness) - {"mode"}):
+        if key not in used:
+            modes = [m.value for m, keys in FITNESS_MODE_KEYS.items() if key in keys]
+            raise _err(f"fitness.{key} is a setting of fitness mode {' and '.join(modes)}, not of {mode.value}")
+    if fitness.get("against", Against.BEST.value) == Against.BEST.value:
+        for key in ("quantile", "window"):
+            if key in fitness:
+                raise _err(f"fitness.{key} is a setting of fitness against: quantile, not of against: best")
 
 
 def _validate_workers(workers: Any) -> WorkersConfig:

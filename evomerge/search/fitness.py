@@ -238,8 +238,12 @@ def race(ev: ItemScorer, model: Any, tokenizer: Any, plan: FitnessPlan) -> ItemR
     """Score ``ev``'s items in the trial's seeded order, checkpoint by checkpoint, until the candidate cannot
     beat the reference (stopped, ``full`` False) or every item is scored.
 
+    A minimized objective (an error rate) races as well as a maximized one: ``can_beat`` compares the weighted
+    score, oriented by the objective's direction.
+
     Raises:
-        EvomergeError: the evaluator cannot score single items.
+        EvomergeError: the evaluator cannot score single items, or reports a per-item value outside [0, 1]
+            (in a worker: a failed trial naming it).
     """
     n_items = _n_items(ev)
     order = item_order(n_items, plan.seed)
@@ -251,6 +255,10 @@ def race(ev: ItemScorer, model: Any, tokenizer: Any, plan: FitnessPlan) -> ItemR
         scores = chunk if scores is None else scores.extend(chunk)
         if metric not in scores.values:
             raise EvomergeError(f"evaluator {ev.name} reports no per-item {metric!r}")
+        outside = [v for v in scores.values[metric] if not 0.0 <= v <= 1.0]
+        if outside:  # the bounds are those of a mean of values in [0, 1]
+            raise EvomergeError(f"fitness: race needs per-item values in [0, 1] (an accuracy or an error rate); "
+                                f"evaluator {ev.name} reported {metric} = {outside[0]:g}")
         if n < n_items and not can_beat(scores.values[metric], n_items, plan, len(marks)):
             return ItemRun(scores, False)
     return ItemRun(scores, True)

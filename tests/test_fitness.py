@@ -35,7 +35,6 @@ from evomerge.search.launch import start_run
 from evomerge.search.objectives import Objective, best_trial, pareto_front
 from evomerge.search.records import TrialRecord, TrialStatus
 from evomerge.search.report import best_vs_items
-from evomerge.search.run_folder import RunFolder
 
 
 # -- bounds ------------------------------------------------------------------------------------------------
@@ -259,4 +258,4 @@ def test_an_evaluator_without_item_scores_stops_a_race_with_one_line(ray_address
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evomerge run:")]
     assert code == 2 and len(err) == 1
     assert "fitness: race needs per-item scores, and evaluator e cannot score a subset" in err[0]
-    assert RunFolder.open(tmp_path / "run").trials() == []
+    assert not (tmp_path / "run").exists()  # refused before any trial: no half-written run folder

@@ -305,14 +305,70 @@ def test_error_text_keeps_urls_and_makes_paths_relative(tmp_path):
     assert portable_text(text, tmp_path / "run") == "see https://huggingface.co/docs/x and ../models/base/config.json"
 
 
-def test_custom_resource_no_node_offers_is_refused(ray_address, llama_family, tmp_path):
-    """workers.resources that no node of the cluster offers: one error naming it (a worker would wait forever)."""
-    from evomerge.errors import EvomergeError
+REFUSED_AFTER_RAY = {  # refusals that need the started Ray or a started worker
+    "cuda": ({"workers": {"count": 1, "device": "cuda", "devices_per_worker": 2}},
+             "workers.device cuda: workers.devices_per_worker 2: no node of the Ray cluster has 2 GPU(s)"),
+    "resources": ({"workers": {"count": 1, "resources": {"evomerge_worker": 1}}},
+                  "workers.resources: no node of the Ray cluster offers evomerge_worker 1 per worker"),
+    "race": ({"fitness": {"mode": "race"}},
+             "fitness: race needs per-item scores, and evaluator e cannot score a subset of its items"),
+}
 
+
+def _refusal_experiment(case: str, family) -> dict:
+    over, _ = REFUSED_AFTER_RAY[case]
+    return _ps_experiment(family, helpers.evaluator("logit_std"), optimizer={"name": "random"},
+                          budget={"trials": 2}, **over)
+
+
+def _skip_on_gpus(case: str) -> None:
+    import ray
+
+    if case == "cuda" and ray.cluster_resources().get("GPU", 0) >= 2:
+        pytest.skip("the cluster has GPUs: device cuda is not refused")
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_AFTER_RAY))
+@pytest.mark.parametrize("existing", [False, True])
+def test_refusal_after_ray_started_leaves_no_run_folder(case, existing, ray_address, llama_family, tmp_path, capsys):
+    """Bad input found once Ray (or a worker) runs: one line naming it, exit 2, and what this call created is gone:
+    the run folder and the parents it made; a folder that existed (empty) before stays, empty."""
+    _skip_on_gpus(case)
+    out = tmp_path / "out" if existing else tmp_path / "new" / "run"
+    if existing:
+        out.mkdir()
+    path = _write(tmp_path / "exp.yaml", _refusal_experiment(case, llama_family))
+    code = main(["run", str(path), "--out", str(out), "--address", ray_address, "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert err[-1].startswith("evomerge run: error: ") and REFUSED_AFTER_RAY[case][1] in err[-1]
+    assert not [line for line in err if line.startswith(("evomerge", "memory per worker", "  device"))][:-1], err
+    if existing:
+        assert out.is_dir() and not list(out.iterdir())
+    else:
+        assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("case", ["cuda", "resources"])
+def test_refusal_on_resume_leaves_the_run_folder_unchanged(case, ray_address, llama_family, tmp_path, capsys):
+    """A run resumed on a cluster that cannot host its workers (GPUs, custom resources) is refused before its
+    folder changes: every file byte for byte as it was, also with --workers (which a resume would save)."""
+    _skip_on_gpus(case)
     exp = _ps_experiment(llama_family, helpers.evaluator("logit_std"), optimizer={"name": "random"},
-                         budget={"trials": 2}, workers={"count": 1, "resources": {"evomerge_worker": 1}})
-    with pytest.raises(EvomergeError, match="no node of the Ray cluster offers evomerge_worker 1 per worker"):
-        start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+                         budget={"trials": 2})
+    run = start_run(_write(tmp_path / "exp.yaml", exp), out=tmp_path / "run", address=ray_address, progress=False)
+    config = run.config()
+    config["budget"]["trials"] = 3  # unfinished: the resume has a trial to run
+    config["workers"].update(REFUSED_AFTER_RAY[case][0]["workers"])  # the cluster it resumes on lacks them
+    run.update_config(config)
+    with open(run.path / "trials.jsonl", "a") as f:
+        f.write('{"torn')  # a torn last line: resume would cut it
+    before = {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    code = main(["run", "--resume", str(run.path), "--workers", "2", "--address", ray_address, "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and REFUSED_AFTER_RAY[case][1] in err[-1]
+    assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before
 
 
 def test_nsga2_two_objectives_two_workers_sqlite_study(ray_address, llama_family, tmp_path):
@@ -429,6 +485,7 @@ def test_an_evaluator_that_cannot_be_built_stops_the_run_with_one_line(ray_addre
     assert code == 2
     assert "mgsm needs a language" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_sigterm_stops_the_run_cleanly_and_it_resumes(tmp_path):

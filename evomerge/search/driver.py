@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from evomerge.errors import EvomergeError
-from evomerge.memory_plan import plan_worker_memory
+from evomerge.memory_plan import MemoryOptions, plan_worker_memory
 from evomerge.placement import worker_placement
 from evomerge.recipe import Recipe
 from evomerge.search import legacy
@@ -33,7 +34,7 @@ from evomerge.search.objectives import pareto_front, update_front
 from evomerge.search.optimizers import Optimizer, Problem, build_optimizer
 from evomerge.search.pool import Died, Done, Event, Lost, Ready, WorkerPool, worker_setup
 from evomerge.search.progress import Progress
-from evomerge.search.ray_runtime import check_custom_resources, gpus_per_worker, ray_session
+from evomerge.search.ray_runtime import check_cluster, gpus_per_worker, ray_session
 from evomerge.search.records import Placement, TrialRecord, TrialResult, TrialStatus, record_of
 from evomerge.search.run_folder import DriverState, PendingTrial, RunFolder
 from evomerge.search.scheduler import SLOTS_PER_WORKER, Scheduler, StageBudget, stage_budget
@@ -58,6 +59,7 @@ class StageRun:
     items: int = 0  # item evaluations spent by the stage's finished trials
     front: list[TrialRecord] = field(default_factory=list)
     progress: Progress = field(default_factory=lambda: Progress(False, None, 0, ""))
+    memory_text: str | None = None  # the workers' memory plan, printed once the first worker is ready
 
 
 class SearchDriver:
@@ -91,16 +93,25 @@ class SearchDriver:
         self.run.save_state(self.state)
 
     # -- main ---------------------------------------------------------------------------------------------
-    def run_search(self) -> None:
+    def run_search(self, checked: Callable[[], None] | None = None) -> None:
         """Search every stage until its budget is spent (a finished run resumed does nothing).
 
+        Before anything is written to the run folder, the cluster is checked (``check_cluster``: GPUs, custom
+        resources) and the current stage's memory plan is made (refused if nothing fits); then ``checked`` is
+        called (resume saves a changed worker count there).
+
         Raises:
-            EvomergeError: a worker cannot be set up, an objective is not a metric, or every worker died.
+            EvomergeError: the cluster cannot host the workers, nothing fits in memory, a worker cannot be set
+                up, an objective is not a metric, or every worker died.
             KeyboardInterrupt: Ctrl-C or SIGTERM; every finished trial is saved and the run can be resumed.
         """
         if self._finished():
             return
         with ray_session(self.address, self.exp):
+            check_cluster(self.exp)
+            self._memory_text(self.state.stage)
+            if checked is not None:
+                checked()
             try:
                 self._run_stages()
             except KeyboardInterrupt:
@@ -131,12 +142,13 @@ class SearchDriver:
         st = self.state
         if st.stage + 1 < len(self.stages) or st.optimizer is None or st.pending:
             return False
-        sr = self._open_stage(st.stage)
+        sr = self._open_stage(st.stage, checkpoint=False)
         sr.optimizer.close()
         return not sr.budget.left(sr.done, 0, self._elapsed())
 
-    def _open_stage(self, index: int) -> StageRun:
-        """The stage's space and optimizer (restored from the checkpoint), reconciled with trials.jsonl."""
+    def _open_stage(self, index: int, checkpoint: bool = True) -> StageRun:
+        """The stage's space and optimizer (restored from the checkpoint), reconciled with trials.jsonl, then
+        checkpointed (unless ``checkpoint`` is False: a look that writes nothing)."""
         exp = self.exp
         space = stage_space(exp, self.run.path, index)
         problem = Problem(space.names, [float(v) for v in space.x0()], exp.objectives,
@@ -162,8 +174,24 @@ class SearchDriver:
             if rec is not None:
                 optimizer.tell(pending.pop(tid).key, rec.objectives if rec.ok else None)
         optimizer.recover_lost_asks({p.key for p in pending.values()})
-        self._checkpoint(sr)
+        if checkpoint:
+            self._checkpoint(sr)
         return sr
+
+    def _memory_text(self, index: int) -> str | None:
+        """The workers' planned memory for stage ``index`` (PS: a recipe), as printed lines; None for DFS.
+
+        Raises:
+            EvomergeError: nothing fits (memory_plan / placement).
+        """
+        initial = stage_space(self.exp, self.run.path, index)
+        candidate = initial.decode(initial.x0())
+        if not isinstance(candidate, Recipe):
+            return None
+        w = self.exp.workers
+        if w.devices_per_worker > 1:
+            return worker_placement(candidate, w.device, w.devices_per_worker, w.threads, _memory(self.exp)).describe()
+        return plan_worker_memory(candidate, w.device, w.threads, _memory(self.exp)).describe()
 
     # -- one stage ----------------------------------------------------------------------------------------
     def _search(self, sr: StageRun) -> None:
@@ -174,14 +202,7 @@ class SearchDriver:
         sr.progress = Progress(self.show_progress, sr.budget.max_trials, sr.done, f"{self.exp.name}:{sr.stage.name}")
         self._show(sr)
         setup = worker_setup(self.exp, self.run.path, sr.index, sr.space)
-        if isinstance(setup.initial, Recipe):  # the planned memory per worker; refused here (exit 2) if nothing fits
-            if setup.devices_per_worker > 1:
-                text = worker_placement(setup.initial, setup.device, setup.devices_per_worker, setup.threads,
-                                        setup.memory).describe()
-            else:
-                text = plan_worker_memory(setup.initial, setup.device, setup.threads, setup.memory).describe()
-            print(text, file=sys.stderr, flush=True)  # stdout: the run's YAML / summary only
-        check_custom_resources(self.exp)
+        sr.memory_text = self._memory_text(sr.index)  # refused here (exit 2) if nothing fits
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
         pool = WorkerPool(setup, WorkerResources(w.cpus_per_worker, gpus_per_worker(self.exp), w.resources))
         try:
@@ -229,6 +250,9 @@ class SearchDriver:
     def _handle(self, sr: StageRun, event: Event, scheduler: Scheduler, pool: WorkerPool) -> None:
         if isinstance(event, Ready):
             event.info.check(self.exp.objectives)
+            if sr.memory_text is not None:  # after the workers' own checks: a refusal stays one line
+                sr.progress.note(sr.memory_text)  # stderr; stdout: the run's YAML / summary only
+                sr.memory_text = None
             scheduler.worker_ready(event.worker)
         elif isinstance(event, Lost):
             scheduler.worker_lost(event.worker)
@@ -304,3 +328,8 @@ class SearchDriver:
 
     def _show(self, sr: StageRun) -> None:
         sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives, sr.items, len(sr.nodes_lost))
+
+
+def _memory(exp: Experiment) -> MemoryOptions:
+    """The workers' memory options (as worker_setup gives them)."""
+    return MemoryOptions(device_memory_gb=exp.workers.device_memory_gb, sources=exp.workers.sources_mode)

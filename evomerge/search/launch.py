@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def start_run(experiment: str | Path | Experiment, out: str | Path | None = None
         The run folder.
 
     Raises:
-        EvomergeError: a bad experiment or option (nothing is written), or a search that cannot go on.
+        EvomergeError: a bad experiment or option, or a search that cannot go on. When no trial has finished,
+            what this call created is removed first (``remove_created``): a refusal leaves no run folder.
     """
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
     if workers is not None:
@@ -46,10 +48,43 @@ def start_run(experiment: str | Path | Experiment, out: str | Path | None = None
     exp.raw["workers"] = dataclasses.asdict(exp.workers)
     exp.raw["optimizer"] = dataclasses.asdict(exp.optimizer)
     exp.raw["seed"] = exp.seed
-    run = RunFolder.create(Path(out) if out else (exp.out or default_out(exp)), exp.raw)
-    exp = experiment_from_resolved(build_models(run, run.config()))
-    SearchDriver(run, exp, address, progress).run_search()
+    path = Path(out) if out else (exp.out or default_out(exp))
+    created = first_missing(path)
+    run = RunFolder.create(path, exp.raw)
+    try:
+        exp = experiment_from_resolved(build_models(run, run.config()))
+        SearchDriver(run, exp, address, progress).run_search()
+    except EvomergeError:
+        run.close()
+        if not run.trials():  # refused before any trial finished: nothing worth keeping
+            remove_created(run.path, created)
+        raise
     return run
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None when it exists."""
+    path = path.resolve()
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def remove_created(path: Path, created: Path | None) -> None:
+    """Remove what a refused run created: ``created`` (the outermost folder it made, see ``first_missing``), or,
+    when the run folder existed before (it was empty: ``RunFolder.create`` refuses anything else), its
+    contents only. A folder that existed before is never removed."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def resume_run(run_dir: str | Path, address: str | None = None, workers: int | None = None,
@@ -66,16 +101,21 @@ def resume_run(run_dir: str | Path, address: str | None = None, workers: int | N
         The run folder.
 
     Raises:
-        EvomergeError: ``run_dir`` is not a run folder, or the search cannot go on.
+        EvomergeError: ``run_dir`` is not a run folder, or the search cannot go on. A refusal of the cluster
+            (GPUs, custom resources) or of the memory plan comes before anything in the folder changes.
     """
     run = RunFolder.open(run_dir)
-    run.repair_trials()
-    config = run.config()
+    if workers is not None and workers < 1:
+        raise EvomergeError("--workers must be at least 1")
+    config = build_models(run, run.config())  # built already: config.yaml is rewritten as it was
     if workers is not None:
-        if workers < 1:
-            raise EvomergeError("--workers must be at least 1")
         config["workers"]["count"] = workers
-        run.update_config(config)
-    exp = experiment_from_resolved(build_models(run, config))
-    SearchDriver(run, exp, address, progress).run_search()
+    exp = experiment_from_resolved(config)
+
+    def checked() -> None:  # the cluster can host the workers: now the folder may change
+        run.repair_trials()
+        if workers is not None:
+            run.update_config(config)
+
+    SearchDriver(run, exp, address, progress).run_search(checked)
     return run

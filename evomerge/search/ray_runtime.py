@@ -127,14 +127,53 @@ def gpus_per_worker(exp: Experiment) -> float:
     return float(w.devices_per_worker) if resources.get("GPU", 0) > 0 else 0.0
 
 
-def check_custom_resources(exp: Experiment) -> None:
+def check_cluster(exp: Experiment) -> None:
+    """Refuse, before a run writes anything, workers that the cluster cannot host: ``check_devices`` and
+    ``check_custom_resources``.
+
+    Raises:
+        EvomergeError: the first problem, as one line.
+    """
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    check_devices(exp, nodes)
+    check_custom_resources(exp, nodes)
+
+
+def check_devices(exp: Experiment, nodes: list[dict[str, float]]) -> None:
+    """Refuse ``workers.device: cuda`` (or ``cuda:N``) when no live node has the GPUs one worker needs
+    (``devices_per_worker``, at least 1), and ``workers.gpus_per_worker`` more than any node has (a worker
+    asking for them would wait for a node forever). ``auto`` falls back to the CPU and is never refused.
+
+    Args:
+        exp: the experiment.
+        nodes: the live nodes' Ray resources ({"GPU": count, ...}).
+
+    Raises:
+        EvomergeError: one line naming the key, the GPUs needed and the most one node has.
+    """
+    w = exp.workers
+    most = max((float(r.get("GPU", 0.0)) for r in nodes), default=0.0)
+    if w.device.startswith("cuda") and most < w.devices_per_worker:
+        spans = f"workers.devices_per_worker {w.devices_per_worker}: " if w.devices_per_worker > 1 else ""
+        raise EvomergeError(f"workers.device {w.device}: {spans}no node of the Ray cluster has "
+                            f"{w.devices_per_worker} GPU(s) for a worker (the most one node has is {most:g}; "
+                            f"use device: auto or cpu)")
+    if w.gpus_per_worker is not None and most < w.gpus_per_worker:
+        raise EvomergeError(f"workers.gpus_per_worker {w.gpus_per_worker:g}: no node of the Ray cluster has that "
+                            f"many GPUs (the most one node has is {most:g})")
+
+
+def check_custom_resources(exp: Experiment, nodes: list[dict[str, float]]) -> None:
     """Refuse ``workers.resources`` that no live node of the cluster offers (a worker asking for them would wait
     for a node forever).
+
+    Args:
+        exp: the experiment.
+        nodes: the live nodes' Ray resources.
 
     Raises:
         EvomergeError: a custom resource whose amount per worker exceeds what every live node offers.
     """
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
     for name, amount in exp.workers.resources.items():
         most = max((float(r.get(name, 0.0)) for r in nodes), default=0.0)
         if most < amount:

@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 on success, 2 for an ``EvomergeError`` (printed as one line on stderr), 130 when
-        interrupted. Other exceptions propagate with their traceback.
+        The exit code: 0 on success, 2 for an ``EvomergeError`` (printed as one line on stderr), 1 for
+        ``AllTrialsFailed`` (a search whose every trial failed; one line too), 130 when interrupted. Other
+        exceptions propagate with their traceback.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

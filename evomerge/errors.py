@@ -2,6 +2,7 @@
 
 Anything the user can fix (a bad recipe, a missing file, mismatched models) raises ``EvomergeError``.
 The command line prints its message as one line and exits with code 2, never with a traceback.
+A search that finished without one successful trial raises ``AllTrialsFailed`` (exit code 1).
 """
 
 
@@ -9,6 +10,13 @@ class EvomergeError(Exception):
     """A problem with the user's input, reported as one line and exit code 2."""
 
     exit_code = 2
+
+
+class AllTrialsFailed(EvomergeError):
+    """A search ran, and every trial of it failed: one line (the count and the first failure's reason), exit
+    code 1, distinct from bad input (2). The failed trials are recorded; the run folder stays resumable."""
+
+    exit_code = 1
 
 
 def check_keys(where: str, mapping, allowed: set[str]) -> dict:

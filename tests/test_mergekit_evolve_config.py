@@ -50,6 +50,35 @@ def test_evolve_config_runs_end_to_end(llama_family, task_dir, ray_address, tmp_
         assert acc in (0.0, 0.25, 0.5, 0.75, 1.0) and t["score"] == pytest.approx(2.0 * acc)
 
 
+def test_every_trial_failing_exits_1_with_the_first_reason_and_stays_resumable(llama_family, task_dir, ray_address,
+                                                                              tmp_path, capsys):
+    """mergekit-evolve's default apply_chat_template: true on a tokenizer without a chat template: every trial
+    fails. The run records them, then exits 1 (not 0, not 2) with one line: the count and the first reason."""
+    data = _evolve(llama_family)
+    del data["apply_chat_template"]  # mergekit-evolve's default: true
+    config = tmp_path / "evolve.yml"
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["run", str(config), "--out", str(out), "--address", ray_address, "--no-progress",
+                 "--max-fevals", "2", "--task-search-path", str(task_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert code == 1
+    assert len(trials) == 2 and all(t["status"] == "failed" for t in trials)
+    assert err[-1] == f"evomerge run: error: all 2 trials failed; the first (trial 0): {trials[0]['error']}"
+    assert "chat template" in trials[0]["error"]
+    # resumable: a resume with nothing left says the same; with a larger budget it runs the new trials
+    assert main(["run", "--resume", str(out), "--address", ray_address, "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == err[-1]
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    stored["budget"]["trials"] = 3
+    (out / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert main(["run", "--resume", str(out), "--address", ray_address, "--no-progress"]) == 1
+    assert "all 3 trials failed; the first (trial 0)" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "trials.jsonl").read_text().startswith("".join(json.dumps(t) + "\n" for t in trials))
+
+
 def test_translation_matches_mergekit_genome(llama_family):
     """Gene count and starting point are mergekit-evolve's: (layer groups x models x params), weight 1/n,
     density 1; ties/dare_ties normalize by default; the base listed among the models gets no genes."""

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import AllTrialsFailed, EvomergeError
 
 #: Keys of a run's config.yaml that may differ on --resume (the worker count can change between sessions).
 RESUME_MAY_CHANGE = ("workers",)
@@ -30,7 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start or resume a search; print the run folder, the trial counts and the best trial. Returns 0."""
+    """Start or resume a search; print the run folder, the trial counts and the best trial.
+
+    Returns:
+        0.
+
+    Raises:
+        EvomergeError: bad input (exit code 2).
+        AllTrialsFailed: the run has trials and every one failed (exit code 1), after the summary.
+    """
     # the search stack (Ray, torch, transformers) loads only when this command runs, not for every CLI call
     from evomerge.search.launch import resume_run, start_run
     from evomerge.search.objectives import best_trial
@@ -61,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"best trial {best.trial}: score {best.score:.6g} "
               + " ".join(f"{k}={v:.6g}" for k, v in best.metrics.items() if v is not None))
     print(f"next: evomerge report {run_folder.path}   |   evomerge export {run_folder.path} --out MODEL_DIR")
+    if records and failed == len(records):
+        first = min(records, key=lambda r: r.trial)
+        reason = (first.error or "no reason recorded").strip().splitlines()[0]
+        raise AllTrialsFailed(f"all {len(records)} trials failed; the first (trial {first.trial}): {reason}")
     return 0
 
 

@@ -96,6 +96,49 @@ class Translation:
                   f"# (relative paths are relative to that file's folder)\n")
         return header + yaml.safe_dump(self.experiment, sort_keys=False)
 
+    def stored_copies(self, options: EvolveOptions, run_path: Path) -> dict[str, str]:
+        """What the run folder keeps, {file name: YAML text}, every path in it relative to the run folder (``./x``,
+        ``../x``; search/portable.py), so that both re-run from there, also after the run folder moved together
+        with its models and task folders:
+
+        - ``experiment.yaml``: the translation (``evomerge run RUN/experiment.yaml``);
+        - ``mergekit_evolve.yaml``: the original config, its model paths rebased; its header names the command
+          line options it ran with (``--task-search-path`` relative to the run folder: run it from there).
+
+        Args:
+            options: the command-line options the translation was made with.
+            run_path: the run folder.
+        """
+        # deferred: the search package loads only for `evomerge run`
+        from evomerge.search.portable import portable_paths
+
+        run_path = run_path.resolve()
+        base_dir = self.source.resolve().parent
+
+        def rebase(path: str) -> str:
+            p = Path(path).expanduser()
+            return str(portable_paths(str((p if p.is_absolute() else base_dir / p).resolve()), run_path))
+
+        experiment = copy.deepcopy(self.experiment)
+        models = experiment["models"]
+        models["base"], models["sources"] = rebase(models["base"]), [rebase(m) for m in models["sources"]]
+        original = copy.deepcopy(self.original)
+        genome = original["genome"]
+        genome["models"] = [rebase(m) for m in genome["models"]]
+        if genome.get("base_model") is not None:
+            genome["base_model"] = rebase(genome["base_model"])
+        flags = f"--max-fevals {options.max_fevals} --sigma0 {options.sigma0!r}" + "".join(
+            f" --task-search-path {rebase(str(Path.cwd() / t))}" for t in options.task_search_path)
+        return {
+            "experiment.yaml": (f"# evomerge experiment translated from the mergekit-evolve config "
+                                f"{self.source.name}\n# (paths relative to this file's folder: the run folder)\n"
+                                + yaml.safe_dump(portable_paths(experiment, run_path), sort_keys=False)),
+            "mergekit_evolve.yaml": (f"# the mergekit-evolve config {self.source.name} of this run, paths relative "
+                                     f"to this folder; from this folder it re-runs with:\n"
+                                     f"#   evomerge run mergekit_evolve.yaml {flags}\n"
+                                     + yaml.safe_dump(original, sort_keys=False)),
+        }
+
 
 def is_evolve_config(data: Any) -> bool:
     """A mergekit-evolve config has a ``genome`` and no ``search_space``."""
@@ -353,7 +396,8 @@ def genome_from_genotype(space: PSSpace, models: Sequence[str], genotype: Sequen
 
 def run_evolve_config(args: Any, start_run: Any):
     """`evomerge run EVOLVE.yaml`: translate, print and validate the experiment, run it, and keep the
-    translation in the run folder (``mergekit_evolve.yaml``: the original; ``experiment.yaml``: the translation).
+    translation in the run folder (``mergekit_evolve.yaml``: the original; ``experiment.yaml``: the translation;
+    both re-runnable from there, ``Translation.stored_copies``).
     Returns the RunFolder, or None when ``args.experiment`` is not a mergekit-evolve config."""
     # deferred: the search stack loads only for `evomerge run`, not when a config is only translated
     from evomerge.search.experiment import validate_experiment
@@ -384,6 +428,5 @@ def run_evolve_config(args: Any, start_run: Any):
                          progress=not args.no_progress)
     finally:
         if (out / "config.yaml").is_file():
-            (out / "experiment.yaml").write_text(translation.to_yaml(), encoding="utf-8")
-            (out / "mergekit_evolve.yaml").write_text(yaml.safe_dump(translation.original, sort_keys=False),
-                                                      encoding="utf-8")
+            for name, text in translation.stored_copies(options, out).items():
+                (out / name).write_text(text, encoding="utf-8")

@@ -7,6 +7,7 @@ real local Ray (conftest's session cluster), on tiny Llama checkpoints.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.mergekit_evolve import EvolveOptions, translate
-from evomerge.search.experiment import validate_experiment
+from evomerge.search.experiment import load_experiment, validate_experiment
+from evomerge.search.run_folder import RunFolder
 from evomerge.search.search_space import build_space
 
 
@@ -26,17 +28,36 @@ def _evolve(llama_family, **genome) -> dict:
 
 
 def test_evolve_config_runs_end_to_end(llama_family, task_dir, ray_address, tmp_path, capsys):
-    config = tmp_path / "evolve.yml"
-    config.write_text(yaml.safe_dump(_evolve(llama_family, layer_granularity=2, allow_negative_weights=True)))
-    out = tmp_path / "run"
+    """A mergekit-evolve config beside its models (relative paths) runs; the run folder keeps the translation
+    (experiment.yaml) and the original (mergekit_evolve.yaml) with paths relative to the run folder, so that
+    after the whole layout moved both re-run from there into the run's own config."""
+    layout = tmp_path / "layout"
+    for name in ("base", "model_1", "model_2"):
+        shutil.copytree(llama_family[name], layout / "models" / name)
+    shutil.copytree(task_dir, layout / "tasks")
+    data = _evolve({k: Path("models") / k for k in ("base", "model_1", "model_2")}, layer_granularity=2,
+                   allow_negative_weights=True)
+    config = layout / "evolve.yml"
+    config.write_text(yaml.safe_dump(data))
+    out = layout / "runs" / "run"
     capsys.readouterr()
     code = main(["run", str(config), "--out", str(out), "--address", ray_address, "--no-progress",
-                 "--max-fevals", "3", "--task-search-path", str(task_dir)])
+                 "--max-fevals", "3", "--task-search-path", str(layout / "tasks")])
     printed = capsys.readouterr().out
     assert code == 0
     translated = yaml.safe_load((out / "experiment.yaml").read_text())
-    assert yaml.safe_load(printed.split("run folder:")[0]) == translated
-    assert yaml.safe_load((out / "mergekit_evolve.yaml").read_text()) == yaml.safe_load(config.read_text())
+    assert translated["models"] == {"base": "../../models/base",
+                                    "sources": ["../../models/model_1", "../../models/model_2"]}
+    assert translated["evaluators"][0]["spec"]["include_path"] == ["../../tasks"]
+    shown = yaml.safe_load(printed.split("run folder:")[0])  # printed as translated: paths as in evolve.yml
+    assert shown["models"] == {"base": "models/base", "sources": ["models/model_1", "models/model_2"]}
+    assert shown == {**translated, "models": shown["models"], "evaluators": shown["evaluators"]}
+    stored = (out / "mergekit_evolve.yaml").read_text()
+    assert yaml.safe_load(stored) == {**data, "genome": {**data["genome"], "base_model": "../../models/base",
+                                                         "models": ["../../models/model_1",
+                                                                    "../../models/model_2"]}}
+    assert "#   evomerge run mergekit_evolve.yaml --max-fevals 3 --sigma0 0.16666666666666666 " \
+           "--task-search-path ../../tasks\n" in stored
     space = translated["search_space"]
     assert space["merge_method"] == "task_arithmetic" and space["group_size"] == 2
     assert space["searched"] == ["weight"] and space["genes"]["weight"]["low"] == -1.0
@@ -48,6 +69,27 @@ def test_evolve_config_runs_end_to_end(llama_family, task_dir, ray_address, tmp_
     for t in trials:  # score = weight * accuracy on the 4 drawn items
         acc = t["metrics"]["tiny_choice/acc,none"]
         assert acc in (0.0, 0.25, 0.5, 0.75, 1.0) and t["score"] == pytest.approx(2.0 * acc)
+    # the layout moved: both stored copies re-run from the run folder into the run's own config
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(layout, moved)
+    run = moved / "runs" / "run"
+    own = RunFolder.open(run).config()
+    assert own["models"]["base"] == str(moved / "models" / "base")
+    again = load_experiment(run / "experiment.yaml").raw
+    original = yaml.safe_load((run / "mergekit_evolve.yaml").read_text())
+    line = next(t for t in (run / "mergekit_evolve.yaml").read_text().splitlines() if "evomerge run" in t)
+    flags = line.split("mergekit_evolve.yaml")[1].split()
+    options = EvolveOptions(max_fevals=int(flags[1]), sigma0=float(flags[3]),
+                            task_search_path=[str((run / flags[5]).resolve())])  # cwd: the run folder
+    evolved = validate_experiment(translate(original, run, options, "mergekit_evolve.yaml"), base_dir=run).raw
+    assert again["name"] == own["name"] == "evolve" and evolved["name"] == "mergekit_evolve"  # named after its file
+    for fresh in (again, evolved):
+        for key in ("models", "search_space", "objectives", "optimizer", "budget", "dtype", "fitness"):
+            assert fresh[key] == own[key], key
+        spec, own_spec = fresh["evaluators"][0]["spec"], own["evaluators"][0]["spec"]
+        assert spec["include_path"] == own_spec["include_path"] == [str(moved / "tasks")]
+        assert {k: v for k, v in spec.items() if k != "base_dir"} == {k: v for k, v in own_spec.items()
+                                                                      if k != "base_dir"}
 
 
 def test_every_trial_failing_exits_1_with_the_first_reason_and_stays_resumable(llama_family, task_dir, ray_address,

@@ -1,6 +1,7 @@
 """A custom evaluator whose evaluations finish only on the test's say-so (the kill-and-resume tests).
 
-The test copies this file into a gate folder and names that copy in the experiment. Each evaluation scores the
+The test copies this file (and search_helpers.py, whose score it uses) into a gate folder and names that copy in
+the experiment. Each evaluation scores the
 candidate for real (the spread of its logits on fixed tokens), then may return only after claiming a ticket: a
 ``ticket-*`` file in the gate folder, claimed by an atomic rename (two evaluations never get the same one);
 while there is none it waits. A file ``open`` in the gate folder lets every evaluation through. With N tickets
@@ -22,23 +23,18 @@ from pathlib import Path
 
 import torch
 
+# search_helpers.py lies beside this file (the test copies both into the gate folder): a custom evaluator file's
+# own folder is on sys.path in every process that loads it (evomerge/evaluators/custom.py)
+from search_helpers import _logit_score
+
 HERE = Path(__file__).resolve().parent
 if (HERE / "GATE").exists():
     (HERE / f"process-{os.getpid()}").touch()
 
 
-def _score(model) -> float:
-    gen = torch.Generator().manual_seed(7)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(4, vocab, (2, 8), generator=gen)
-    with torch.inference_mode():
-        logits = model(ids.to(next(model.parameters()).device)).logits.float()
-    return float(logits.std())
-
-
 def gated(model, tokenizer, gate: str) -> dict[str, float]:
     """``std``: the candidate's logit spread, returned once a ticket is claimed (or the gate is open)."""
-    result = {"std": _score(model)}
+    result = {"std": _logit_score(model)}
     gated_wait(Path(gate))
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import textwrap
 
@@ -154,3 +155,31 @@ def test_custom_file_path_relative_to_yaml(tmp_path, model_and_tok):
     (exp / "bad.py").write_text("def f(model, tokenizer):\n    return [1]\n")
     with pytest.raises(EvomergeError, match="expected a dict"):
         build_evaluator(f"custom:{exp}/bad.py:f").evaluate(model, tok)
+
+
+def test_custom_file_imports_its_sibling_modules_in_any_process(tmp_path, monkeypatch, model_and_tok):
+    """A ``file.py:fn`` evaluator imports the modules beside it: its folder is first on sys.path of whatever
+    process loads it (here this one, and a fresh interpreter started in another folder)."""
+    model, tok = model_and_tok
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    helper = f"helper_{tmp_path.name.replace('-', '_')}"  # a name no other test or process has imported
+    (folder / f"{helper}.py").write_text("def scale(x):\n    return 2.0 * x\n")
+    (folder / "score.py").write_text(textwrap.dedent(f"""
+        from {helper} import scale
+
+        def doubled(model, tokenizer):
+            return {{"w": scale(float(next(model.parameters()).detach().flatten()[0]))}}
+    """))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # this test's sys.path change stays in this test
+    ev = build_evaluator(f"custom:{folder / 'score.py'}:doubled")
+    first = float(next(model.parameters()).detach().flatten()[0])
+    assert ev.evaluate(model, tok) == {"w": pytest.approx(2.0 * first)}
+    assert sys.path[0] == str(folder)
+    code = ("import sys; from evomerge.evaluators import build_evaluator; "
+            f"ev = build_evaluator('custom:tasks/score.py:doubled', base_dir={str(tmp_path)!r}); "
+            "print(ev.function.__module__, sys.path[0])")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True).stdout
+    assert out.split()[1] == str(folder)
+    sys.modules.pop(helper, None)
+

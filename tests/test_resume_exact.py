@@ -52,6 +52,7 @@ from evomerge.search.optimizers import Problem, build_optimizer
 from evomerge.search.run_folder import RunFolder
 
 GATE = Path(__file__).resolve().with_name("resume_gate.py")
+HELPERS = GATE.with_name("search_helpers.py")
 BUDGET = 12
 OPTIMIZERS = {
     "cmaes": {"name": "cmaes", "population": 4},
@@ -94,6 +95,7 @@ class Gate:
         self.folder = folder
         folder.mkdir()
         shutil.copy(GATE, folder / GATE.name)
+        shutil.copy(HELPERS, folder / HELPERS.name)  # resume_gate imports it from its own folder
         (folder / "GATE").touch()
         self.count = itertools.count()
 

@@ -2,10 +2,13 @@
 
 ``function`` is ``package.module:function`` (imported normally) or ``path/to/file.py:function`` (loaded from that
 file, relative to the YAML that names it), so an experiment folder that is not a package can hold its own task
-code. Declare the metric names up front with ``metrics: [...]`` (or a ``metric_names`` attribute on the
-function) so an experiment's objectives can be checked before the search starts; every call is checked against
-them. ``kwargs`` (a mapping in the YAML) is passed to the function on every call, as are ``limit``/``seed`` when
-the function accepts them.
+code. As for a script Python runs, the file's own folder is put first on ``sys.path`` of every process that
+loads it (the driver, each search worker), so the file can import its sibling modules (``from helpers import
+f``); a sibling module name is imported once per process (the first folder that provides it wins).
+Declare the metric names up front with ``metrics: [...]`` (or a ``metric_names`` attribute on the function) so
+an experiment's objectives can be checked before the search starts; every call is checked against them.
+``kwargs`` (a mapping in the YAML) is passed to the function on every call, as are ``limit``/``seed`` when the
+function accepts them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ CONFIG_KEYS = {"type", "name", "description", "function", "kwargs", "metrics", "
 
 
 def load_function(target: str, base_dir: Path) -> Callable:
-    """``pkg.mod:fn`` or ``file.py:fn`` -> the function object."""
+    """``pkg.mod:fn`` or ``file.py:fn`` -> the function object (a file's folder first on ``sys.path``, see the
+    module docstring).
+
+    Raises:
+        EvomergeError: a malformed target, a missing file, a failed import, or no such function.
+    """
     module_part, sep, func_name = target.rpartition(":")
     if not sep or not module_part or not func_name:
         raise EvomergeError(f"custom evaluator {target!r}: expected package.module:function or path/file.py:function")
@@ -36,6 +44,8 @@ def load_function(target: str, base_dir: Path) -> Callable:
             raise EvomergeError(f"custom evaluator file not found: {path}")
         module_name = f"evomerge_custom_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
         module = sys.modules.get(module_name)
+        if str(path.parent) not in sys.path:  # its sibling modules import as they would from a script
+            sys.path.insert(0, str(path.parent))
         if module is None:
             spec = importlib.util.spec_from_file_location(module_name, path)
             if spec is None or spec.loader is None:

@@ -254,7 +254,8 @@ def test_nan_raising_and_oom_candidates_are_failed_trials(ray_address, llama_fam
 
 def test_object_store_sources_are_fetched_once_per_node_by_two_workers(ray_address, llama_family, tmp_path):
     """workers.sources: object_store with two workers on one node: the node fetches each source folder once (the
-    first worker writes the node's copy under its lock, the other loads it), as its fetch log records."""
+    first worker writes the node's copy under its lock, the other loads it), as its fetch log records; the copies
+    are removed when the search ends."""
     import shutil
 
     import ray
@@ -271,9 +272,13 @@ def test_object_store_sources_are_fetched_once_per_node_by_two_workers(ray_addre
     assert sorted(t.trial for t in trials) == list(range(6)) and all(t.status == "ok" for t in trials)
     assert len({t.pid for t in trials}) == 2  # both workers evaluated candidates
     log = node_cache(ray.get_runtime_context().get_node_id()) / FETCH_LOG
-    fetched = [json.loads(line)["source"] for line in log.read_text().splitlines()]
-    ours = sorted(s for s in fetched if s.startswith(str(tmp_path)))
-    assert ours == sorted(str(p) for p in family.values())  # each source exactly once on this node
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    ours = [line for line in lines if line["source"].startswith(str(tmp_path))]
+    assert sorted(line["source"] for line in ours) == sorted(str(p) for p in family.values())  # each source once
+    # the search ended: the node's copies of this run's sources are gone (their locks and markers too), the log
+    # stays; other runs' copies are named by their own object ids and are not touched
+    root = log.parent
+    assert ours and not [p for line in ours for p in root.glob(f"{line['object']}*")]
 
 
 def test_relative_evaluator_file_of_an_experiment_in_another_folder(ray_address, llama_family, tmp_path):

@@ -205,6 +205,7 @@ class SearchDriver:
         sr.memory_text = self._memory_text(sr.index)  # refused here (exit 2) if nothing fits
         scheduler = Scheduler.start(queue, w.max_retries, w.count)
         pool = WorkerPool(setup, WorkerResources(w.cpus_per_worker, gpus_per_worker(self.exp), w.resources))
+        ended = False  # the stage's search ended normally: its nodes' source copies can go
         try:
             for _ in range(w.count):
                 pool.start()
@@ -217,11 +218,12 @@ class SearchDriver:
                     if work_left and not scheduler.has_idle:            # node may be gone) are not waited for
                         raise EvomergeError("no live workers left (every worker died and the replacements "
                                             "ran out); the run can be resumed with --resume")
+                    ended = True
                     return
                 self._handle(sr, pool.wait(), scheduler, pool)
         finally:
             sr.progress.close()
-            pool.close()
+            pool.close(drop_sources=ended)
 
     @property
     def _lag(self) -> int:

@@ -9,9 +9,12 @@ appends one line to the node's ``fetches.jsonl`` (object id, the driver's folder
 what crossed the network to this node, kept for the operator and read by the cluster tests.
 
 Copies live in ``$TMPDIR/evomerge-sources-NODE/`` (``NODE``: the first 16 hex digits of the Ray node id), on the
-node's own disk; one copy per source folder per driver (a resumed driver puts its sources again). They are
-not removed by the run (a worker killed with its node cannot clean up): remove them with the node's other
-temporary files.
+node's own disk, each named by its object's id: one copy per source folder per stage of a driver (a resumed
+driver puts its sources again, under new ids), so two runs on one node never share a copy. When a stage's search
+ends (budget or wall time spent), one worker per node removes that stage's copies (``drop_node_copies``, under
+each copy's lock); the fetch log stays. A run stopped otherwise (Ctrl-C, an error, a killed driver or node)
+leaves its copies, as may a replacement worker still fetching when the stage ended: they go with the node's
+other temporary files.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -71,3 +75,30 @@ def _write_folder(folder: Path, files: dict[str, bytes]) -> None:
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
+
+
+def drop_node_copies(keys: list[str], node: str) -> int:
+    """Remove this node's copies of the objects ``keys`` (their folders, done markers and locks), each under its
+    lock, so that a worker of the same stage still loading it finishes first.
+
+    Args:
+        keys: the object ids (hex) of the source folders (``ref.hex()``).
+        node: this node's Ray node id.
+
+    Returns:
+        How many copies were removed.
+    """
+    root = node_cache(node)
+    removed = 0
+    for key in keys:
+        lock_path = root / f"{key}.lock"
+        if not lock_path.exists():
+            continue
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            shutil.rmtree(root / key, ignore_errors=True)
+            (root / f"{key}.done").unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+

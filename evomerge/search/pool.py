@@ -62,6 +62,7 @@ class Died:
 
 
 Event = Ready | Lost | Done | Died
+DROP_TIMEOUT_S = 30.0  # how long a pool's close waits for the nodes' source copies to be removed
 
 
 class WorkerPool:
@@ -127,8 +128,17 @@ class WorkerPool:
                 self.inflight.pop(other)
             return Died(w, trial, type(exc).__name__, node_lost(self.nodes.get(w, "")))
 
-    def close(self) -> None:
-        """Kill every worker of the pool."""
+    def close(self, drop_sources: bool = False) -> None:
+        """Kill every worker of the pool; with ``drop_sources`` (a stage that ended normally, every trial in) one
+        ready worker per node first removes the node's copies of the stage's object-store sources (waiting up to
+        ``DROP_TIMEOUT_S``; node_sources.py)."""
+        if drop_sources and self.setup.blobs:
+            one_per_node = {node: w for w, node in sorted(self.nodes.items()) if w in self.actors}
+            refs = [self.actors[w].drop_sources.remote() for w in one_per_node.values()]
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=DROP_TIMEOUT_S)
+            except ray.exceptions.RayError:  # a worker or node gone meanwhile: its copies stay
+                pass
         for actor in self.actors.values():
             try:
                 ray.kill(actor)

@@ -39,7 +39,7 @@ from evomerge.search.candidates import Candidate, LayerPath
 from evomerge.search.dataflow import DataflowCandidate
 from evomerge.search.experiment import EvaluatorSpec
 from evomerge.search.fitness import FitnessConfig, FitnessMode, FitnessPlan, ItemRun, complete, minibatch, promote, race
-from evomerge.search.node_sources import node_source_copy
+from evomerge.search.node_sources import drop_node_copies, node_source_copy
 from evomerge.search.objectives import Objective, scalarize
 from evomerge.search.records import TrialResult, TrialStatus
 
@@ -213,6 +213,14 @@ class TrialRunner:
         node = ray.get_runtime_context().get_node_id()
         for orig, ref in sorted(blobs.items()):
             self.path_map[orig] = str(node_source_copy(orig, ref, node))
+
+    def drop_sources(self) -> int:
+        """Remove this node's copies of the stage's source folders (``workers.sources: object_store``; called on
+        one worker per node once the stage's search ended). Returns how many were removed."""
+        if not self.setup.blobs or not ray.is_initialized():
+            return 0
+        keys = [str(ref.hex()) for ref in self.setup.blobs.values()]
+        return drop_node_copies(keys, ray.get_runtime_context().get_node_id())
 
     def _local(self, candidate: Candidate) -> Candidate:
         """The candidate with model folders shipped as blobs replaced by their local copies."""

@@ -216,8 +216,10 @@ class SearchDriver:
                 work_left = bool(scheduler.queue) or self._budget_left(sr)
                 if pool.empty or (not pool.inflight and not work_left):  # replacements still starting (their
                     if work_left and not scheduler.has_idle:            # node may be gone) are not waited for
-                        raise EvomergeError("no live workers left (every worker died and the replacements "
-                                            "ran out); the run can be resumed with --resume")
+                        hint = "; the run can be resumed with --resume" if self.records else (
+                            " before any trial finished")  # then start_run removes the run folder it made
+                        raise EvomergeError(f"no live workers left (every worker died and the replacements "
+                                            f"ran out){hint}")
                     ended = True
                     return
                 self._handle(sr, pool.wait(), scheduler, pool)
@@ -252,11 +254,10 @@ class SearchDriver:
     def _handle(self, sr: StageRun, event: Event, scheduler: Scheduler, pool: WorkerPool) -> None:
         if isinstance(event, Ready):
             event.info.check(self.exp.objectives)
-            if sr.memory_text is not None:  # after the workers' own checks: a refusal stays one line
-                sr.progress.note(sr.memory_text)  # stderr; stdout: the run's YAML / summary only
-                sr.memory_text = None
+            self._show_memory(sr)  # after the workers' own checks: a refusal stays one line
             scheduler.worker_ready(event.worker)
         elif isinstance(event, Lost):
+            self._show_memory(sr)  # a worker died loading: the plan helps to see why
             scheduler.worker_lost(event.worker)
         elif isinstance(event, Done):
             self._finish(sr, event.result, scheduler.finished(event.result.trial, event.worker))
@@ -273,6 +274,13 @@ class SearchDriver:
                 error = f"worker died {death.attempts} times: {event.error}"
                 self._finish(sr, TrialResult(death.failed, TrialStatus.FAILED, error=error, worker=event.worker),
                              death.attempts)
+
+    @staticmethod
+    def _show_memory(sr: StageRun) -> None:
+        """Print the workers' memory plan once (stderr; stdout holds the run's YAML and summary only)."""
+        if sr.memory_text is not None:
+            sr.progress.note(sr.memory_text)
+            sr.memory_text = None
 
     def _ask(self, sr: StageRun) -> int | None:
         """A new trial id with its genome in ``pending``, or None (budget spent or generation barrier).

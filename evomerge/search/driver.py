@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from evomerge.errors import EvomergeError
-from evomerge.memory_plan import MemoryOptions, plan_worker_memory
+from evomerge.memory_plan import plan_worker_memory
 from evomerge.placement import worker_placement
 from evomerge.recipe import Recipe
 from evomerge.search import legacy
@@ -32,7 +32,7 @@ from evomerge.search.export import export_ps_winner
 from evomerge.search.fitness import FitnessMode, FitnessPlan, reference_score, trial_seed
 from evomerge.search.objectives import pareto_front, update_front
 from evomerge.search.optimizers import Optimizer, Problem, build_optimizer
-from evomerge.search.pool import Died, Done, Event, Lost, Ready, WorkerPool, worker_setup
+from evomerge.search.pool import Died, Done, Event, Lost, Ready, WorkerPool, memory_options, worker_setup
 from evomerge.search.progress import Progress
 from evomerge.search.ray_runtime import check_cluster, gpus_per_worker, ray_session
 from evomerge.search.records import Placement, TrialRecord, TrialResult, TrialStatus, record_of
@@ -188,10 +188,10 @@ class SearchDriver:
         candidate = initial.decode(initial.x0())
         if not isinstance(candidate, Recipe):
             return None
-        w = self.exp.workers
+        w, memory = self.exp.workers, memory_options(self.exp)
         if w.devices_per_worker > 1:
-            return worker_placement(candidate, w.device, w.devices_per_worker, w.threads, _memory(self.exp)).describe()
-        return plan_worker_memory(candidate, w.device, w.threads, _memory(self.exp)).describe()
+            return worker_placement(candidate, w.device, w.devices_per_worker, w.threads, memory).describe()
+        return plan_worker_memory(candidate, w.device, w.threads, memory).describe()
 
     # -- one stage ----------------------------------------------------------------------------------------
     def _search(self, sr: StageRun) -> None:
@@ -338,8 +338,3 @@ class SearchDriver:
 
     def _show(self, sr: StageRun) -> None:
         sr.progress.update(sr.done, sr.failed, sr.best, self.exp.objectives, sr.items, len(sr.nodes_lost))
-
-
-def _memory(exp: Experiment) -> MemoryOptions:
-    """The workers' memory options (as worker_setup gives them)."""
-    return MemoryOptions(device_memory_gb=exp.workers.device_memory_gb, sources=exp.workers.sources_mode)

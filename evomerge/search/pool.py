@@ -183,7 +183,12 @@ def worker_setup(exp: Experiment, run_path: Path, stage: int, space: SearchSpace
     return WorkerSetup(kind=space.kind, initial=space.decode(space.x0()), evaluators=exp.evaluators,
                        device=exp.workers.device, devices_per_worker=exp.workers.devices_per_worker,
                        threads=exp.workers.threads, dtype=exp.dtype,
-                       memory=MemoryOptions(device_memory_gb=exp.workers.device_memory_gb,
-                                            sources=exp.workers.sources_mode),
+                       memory=memory_options(exp),
                        python_path=[*exp.python_path, os.getcwd()], fitness=exp.fitness,
                        objectives=tuple(exp.objectives), blobs=blobs)
+
+
+def memory_options(exp: Experiment) -> MemoryOptions:
+    """The workers' memory options: ``workers.device_memory_gb`` and ``workers.sources_mode``."""
+    return MemoryOptions(device_memory_gb=exp.workers.device_memory_gb, sources=exp.workers.sources_mode)
+

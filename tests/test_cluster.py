@@ -233,9 +233,9 @@ class PSRun:
 @pytest.fixture(scope="module")
 def ps_run(cluster, forkserver, sources, tmp_path_factory) -> PSRun:
     """The uninterrupted PS search, one worker per worker node, whose workers start only after the source
-    folders were moved out of reach: the driver has put them in the object store (it printed its memory plan,
-    which follows the put), a helper process held both nodes' ``evomerge_worker`` until then. Its evaluations
-    go on once both workers hold a trial."""
+    folders were moved out of reach: the driver has put them in the object store (its first worker actor exists,
+    created after the put, waiting for a node), a helper process held both nodes' ``evomerge_worker`` until
+    then. Its evaluations go on once both workers hold a trial."""
     tmp = tmp_path_factory.mktemp("ps")
     gate = Gate(tmp / "gate")
     exp = _experiment(tmp / "ps.yaml", _ps_models(sources), gate)
@@ -251,9 +251,9 @@ def ps_run(cluster, forkserver, sources, tmp_path_factory) -> PSRun:
         pid = forkserver.run(["run", str(exp), "--out", str(tmp / "run"), "--address", cluster.address,
                               "--no-progress"], str(log))
         end = time.time() + TIMEOUT
-        while "memory per worker" not in (log.read_text() if log.exists() else ""):
-            assert _alive(pid) and time.time() < end, log.read_text()[-3000:]
-            time.sleep(0.05)
+        while not {a.actor_id for a in cluster.workers()} - known:  # its first worker exists (pending: held)
+            assert _alive(pid) and time.time() < end, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.2)
         folder.rename(away)  # from here on nobody can read the driver's source paths
         hold.stdin.close()
         assert hold.wait(timeout=60) == 0

@@ -50,11 +50,15 @@ static inline To bit_cast(From x) { To y; std::memcpy(&y, &x, sizeof(To)); retur
 
 // GCC/Clang vector types: element-wise IEEE arithmetic, 8 floats or 4 doubles at a time (two SSE registers
 // each where AVX2 is not enabled), so the per-element loop below is vectorized whatever the auto-vectorizer does.
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef uint64_t v4u __attribute__((vector_size(32)));
+// EVOMERGE_VEC_BYTES: 32 (AVX2 / SSE) or 64 (AVX-512 builds): 8 or 16 floats per vector.
+#ifndef EVOMERGE_VEC_BYTES
+#define EVOMERGE_VEC_BYTES 32
+#endif
+typedef float v8f __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+typedef uint32_t v8u __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+typedef uint16_t v8h __attribute__((vector_size(EVOMERGE_VEC_BYTES / 2)));
+typedef double v4d __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+typedef uint64_t v4u __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
 
 // Storage types: S is stored, C computes, V is W lanes of C (VB: their bits). Reduced-precision values are
 // computed in float and rounded back (round) exactly where the torch kernel rounds: its products and quotients
@@ -62,7 +66,7 @@ typedef uint64_t v4u __attribute__((vector_size(32)));
 // are rounded once.
 struct FP32 {
   using S = float; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
-  static constexpr int W = 8;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 4;
   static inline C load(S x) { return x; }
   static inline S store(C x) { return x; }
   static inline C round(C x) { return x; }
@@ -72,7 +76,7 @@ struct FP32 {
 };
 struct FP64 {
   using S = double; using C = double; using Bits = uint64_t; using V = v4d; using VB = v4u;
-  static constexpr int W = 4;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 8;
   static inline C load(S x) { return x; }
   static inline S store(C x) { return x; }
   static inline C round(C x) { return x; }
@@ -82,7 +86,7 @@ struct FP64 {
 };
 struct BF16 {
   using S = uint16_t; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
-  static constexpr int W = 8;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 4;
   static inline float load(uint16_t h) { return bit_cast<float>(uint32_t(h) << 16); }
   static inline uint16_t store(float f) { return uint16_t(bit_cast<uint32_t>(round(f)) >> 16); }
   static inline float round(float f) {  // float(bf16(f)): round to nearest even; NaN -> 0xffff as torch's cast
@@ -183,9 +187,11 @@ static inline void keep(const typename F::S* d, const uint8_t* bits, typename F:
     const V zero = V{}, l = zero + lambda;
     VB lane{};
     for (int j = 0; j < F::W; ++j) lane[j] = Bits(1) << j;
-    for (; k + F::W <= len; k += F::W) {  // W divides 8: these lanes' bits are in one byte
+    for (; k + F::W <= len; k += F::W) {  // these lanes' bits: W <= 16 bits from bit k (the bitmap is padded)
+      uint32_t word;
+      std::memcpy(&word, bits + (k >> 3), sizeof(word));
       const V x = F::vload(d + k);
-      const V r = ((x >= -l) & (x <= l) & ((lane & Bits(bits[k >> 3] >> (k & 7))) == 0)) ? zero : x;
+      const V r = ((x >= -l) & (x <= l) & ((lane & Bits(word >> (k & 7))) == 0)) ? zero : x;
       std::memcpy(row + k, &r, sizeof(V));
     }
   }
@@ -335,8 +341,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 def _kernel() -> native.Kernel:
-    """Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's."""
+    """Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's. Where torch runs
+    AVX-512 kernels, 16 floats per vector (elementwise IEEE operations: the same results at any width)."""
     tag, simd = native.simd_flags()
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        tag, simd = "avx512", ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                               "-DEVOMERGE_VEC_BYTES=64"]
     flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fno-trapping-math", *simd]
     return native.Kernel(f"evomerge_fused_ties_{tag}", _SOURCE, flags, "the fused TIES kernel")
 

@@ -13,9 +13,11 @@ a) merge: `evomerge merge` vs `mergekit-yaml`, each a separate process (alternat
    medians of ``--repeats``; ratios evomerge / mergekit. Targets: time <= 0.5x, peak RSS <= 1.0x.
 b) engine, one fresh process per configuration (2 threads): construction time, resident bytes per parameter
    (sources + statistics) and the process's anonymous memory, per-candidate ``materialize`` time (median of
-   ``--candidates`` random candidates) vs the time to copy the candidate's bytes once (median of 5, same
-   process): ties with and without the int32 sort order, dare_ties, and streamed sources (read per candidate).
-   Targets: ties <= 3x the copy, dare_ties <= 5x.
+   ``--candidates`` random candidates) vs the time to copy the candidate's bytes once (interleaved with the
+   candidates, same process; median): ties with and without the int32 sort order, dare_ties, and streamed
+   sources (read per candidate). Wall times on 2 threads, and CPU times (the candidate's process CPU time, the
+   copy's on one torch thread: idle intra-op threads spin, and a shared machine's other jobs stretch the wall
+   clock but not these). Targets: ties <= 3x the copy, dare_ties <= 5x.
 c) ``--merge-only``: only evomerge's side of a) (used for the 1.5B memory measurement).
 d) ``--device cuda``: a) merges on the GPU (``evomerge merge --device cuda``, ``mergekit-yaml --cuda``) and b)'s
    engine lives there (times after ``torch.cuda.synchronize``; the peak GPU memory of each configuration is
@@ -272,12 +274,19 @@ def engine_child(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
-        start, cpu = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         for dst, src in zip(copies, targets):
             dst.copy_(src)
         sync()
         copy_times.append(time.perf_counter() - start)
-        copy_cpu.append(time.process_time() - cpu)
+        # the copy's CPU time on one torch thread: idle intra-op threads spin, which would count as work
+        torch.set_num_threads(1)
+        cpu = time.thread_time()
+        for dst, src in zip(copies, targets):
+            dst.copy_(src)
+        sync()
+        copy_cpu.append(time.thread_time() - cpu)
+        torch.set_num_threads(2)
     params = engine.memory.params
     return {"construct_s": construct, "candidate_s": statistics.median(times), "copy_s": statistics.median(copy_times),
             "candidate_cpu_s": statistics.median(cpu_times), "copy_cpu_s": statistics.median(copy_cpu),

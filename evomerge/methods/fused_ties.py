@@ -5,7 +5,8 @@ float16: reduced-precision values are computed in float and rounded back exactly
 The chunked torch kernel in ``task_arithmetic.py`` needs about twenty elementwise passes per chunk; this one
 reads the base and the task vectors once and writes the output once: per block of 512 elements it keeps each
 model's delta (hardshrink by the top-k threshold) in an L1-sized buffer, then one loop does the weighting, sign
-election and combine with every intermediate in registers, 8 floats (4 doubles) at a time in GCC vector types.
+election and combine with every intermediate in registers, 8 floats (4 doubles) at a time in GCC vector types
+(16 and 8 where torch runs AVX-512 kernels: a build of its own).
 It computes exactly what the torch kernel computes, in the same order and rounding (products before sums, sums
 left to right, no fused multiply-add: ``-ffp-contract=off``), so results stay bit-identical to mergekit's;
 tests compare the paths bit for bit (tests/test_ties_kernel.py, test_bf16_fast_path.py, test_fused_threads.py).
@@ -15,8 +16,9 @@ are marked in a bitmap (one bit per element), so a candidate sorts nothing. Bloc
 intra-op threads (``at::parallel_for``; every element's result is independent of the split). The engine and
 ``evomerge merge`` call it from their own pools with one torch thread each, where it runs on the calling thread.
 
-Cost (experiments/benchmarks/ties_order.py, scale_merge.py): it is compute-bound, not memory-bound, in bf16:
-about 1.3 ns per element of a 2-model ties merge on one core (AVX2), about 13x the time to copy the tensor.
+Cost (experiments/benchmarks/ties_order.py, scale_merge.py; docs/MEMORY.md): compute-bound, not memory-bound, in
+bf16: about 0.9 ns per element of a 2-model ties merge on one core with 16-float vectors (AVX-512 builds), 1.5 ns
+with 8 (AVX2): 6-10x the time to copy the tensor once.
 
 It is C++ compiled on first use (``evomerge/native.py``: a C++ compiler and ninja are needed; cached under
 ~/.cache/evomerge/kernels). Where it cannot be built, or with ``EVOMERGE_FUSED_KERNELS=0``, the torch kernel

@@ -23,6 +23,11 @@ d) ``--device cuda``: a) merges on the GPU (``evomerge merge --device cuda``, ``
    engine lives there (times after ``torch.cuda.synchronize``; the peak GPU memory of each configuration is
    printed as well). experiments/benchmarks/gpu_check.sh runs it.
 
+Last measured b) (docs/MEMORY.md; `--part b --methods ties,dare_ties --no-streamed --skip "ties, no sort order"
+--candidates 5`, shared 2-core machine at load 10-17, where only the CPU ratios mean something): ties 0.53 CPU s
+per candidate vs 0.062 s for one copy of its 0.99 GB (8.5x, target 3x); dare_ties 3.28 vs 0.054 s (61x, target
+5x: the Mersenne Twister draws that reproduce mergekit's masks cost about 40x alone).
+
 Usage:
     python experiments/benchmarks/scale_merge.py                          # 0.5b, a) and b)
     python experiments/benchmarks/scale_merge.py --shape 1.5b --part a --merge-only --methods ties,dare_ties

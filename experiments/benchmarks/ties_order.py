@@ -14,6 +14,10 @@ Times are the calling thread's CPU time (``time.thread_time``, torch on one thre
 machine slow the wall clock but not these figures much; both variants and the copy run in this one process,
 interleaved; medians.
 
+Last measured (docs/MEMORY.md; shared 2-core AMD EPYC, load 11-13, AVX-512 build of the fused kernel): with the
+orders a candidate takes 9.6x / 7.3x / 5.8x one copy at 896x896 / 4864x896 / 37984x896 (before the bitmap of
+tied elements and the register-resident kernel: 18.1x / 14.3x / 13.1x); without them 950-1120x.
+
 Usage:
     python experiments/benchmarks/ties_order.py                    # MLP, attention and a 1/4 embedding slice
     python experiments/benchmarks/ties_order.py --candidates 9 --shapes 4864x896,151936x896

@@ -23,7 +23,7 @@ Rescaling the kept elements: ``rescale_mode="l1"`` (mergekit's default, and ours
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -183,7 +183,7 @@ class Threshold:
     inclusive: bool = True
     extra: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # on a GPU: the top-k positions themselves (a scatter, no host syncs)
-    _sorted: torch.Tensor | None = None
+    _sorted: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def sorted_extra(self) -> torch.Tensor | None:
         """``extra`` sorted ascending, int64 (computed on first use: only the chunked torch kernel needs it)."""

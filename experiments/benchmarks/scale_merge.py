@@ -26,7 +26,8 @@ d) ``--device cuda``: a) merges on the GPU (``evomerge merge --device cuda``, ``
 Last measured b) (docs/MEMORY.md; `--part b --methods ties,dare_ties --no-streamed --skip "ties, no sort order"
 --candidates 5`, shared 2-core machine at load 10-17, where only the CPU ratios mean something): ties 0.53 CPU s
 per candidate vs 0.062 s for one copy of its 0.99 GB (8.5x, target 3x); dare_ties 3.28 vs 0.054 s (61x, target
-5x: the Mersenne Twister draws that reproduce mergekit's masks cost about 40x alone).
+5x: the Mersenne Twister draws that reproduce mergekit's masks cost about 40x alone). `--methods ties` alone at
+load 4-6: 0.53 vs 0.066 CPU s (8.0x; the kernel before: 1.41 vs 0.078 s, 18.0x).
 
 Usage:
     python experiments/benchmarks/scale_merge.py                          # 0.5b, a) and b)

@@ -3,10 +3,22 @@ combine step; the fast path uses it for magnitude top-k or no sparsification; fl
 float16: reduced-precision values are computed in float and rounded back exactly where the torch kernel rounds).
 
 The chunked torch kernel in ``task_arithmetic.py`` needs about twenty elementwise passes per chunk; this one
-does the whole per-element computation in one loop over the base and the task vectors, so a candidate costs
-about one read of the sources and one write of the output. It computes exactly what the torch kernel computes,
-in the same order and rounding (products before sums, sums left to right, no fused multiply-add:
-``-ffp-contract=off``), so results stay bit-identical to mergekit's; tests compare the two paths bit for bit.
+reads the base and the task vectors once and writes the output once: per block of 512 elements it keeps each
+model's delta (hardshrink by the top-k threshold) in an L1-sized buffer, then one loop does the weighting, sign
+election and combine with every intermediate in registers, 8 floats (4 doubles) at a time in GCC vector types
+(16 and 8 where torch runs AVX-512 kernels: a build of its own).
+It computes exactly what the torch kernel computes, in the same order and rounding (products before sums, sums
+left to right, no fused multiply-add: ``-ffp-contract=off``), so results stay bit-identical to mergekit's;
+tests compare the paths bit for bit (tests/test_ties_kernel.py, test_bf16_fast_path.py, test_fused_threads.py).
+
+The elements tied at the top-k cut that mergekit's sort keeps arrive unsorted (a slice of the sort order) and
+are marked in a bitmap (one bit per element), so a candidate sorts nothing. Blocks are split over torch's
+intra-op threads (``at::parallel_for``; every element's result is independent of the split). The engine and
+``evomerge merge`` call it from their own pools with one torch thread each, where it runs on the calling thread.
+
+Cost (experiments/benchmarks/ties_order.py, scale_merge.py; docs/MEMORY.md): compute-bound, not memory-bound, in
+bf16: about 0.9 ns per element of a 2-model ties merge on one core with 16-float vectors (AVX-512 builds), 1.5 ns
+with 8 (AVX2): 6-10x the time to copy the tensor once.
 
 It is C++ compiled on first use (``evomerge/native.py``: a C++ compiler and ninja are needed; cached under
 ~/.cache/evomerge/kernels). Where it cannot be built, or with ``EVOMERGE_FUSED_KERNELS=0``, the torch kernel
@@ -25,251 +37,277 @@ FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-constexpr int64_t BLOCK = 512;  // elements per block: M + 3 small buffers stay in L1
+constexpr int64_t BLOCK = 512;  // elements per block: M float buffers of it stay in L1 (a multiple of 8)
+constexpr int64_t GRAIN = 128;  // blocks per task of torch's intra-op pool (64k elements)
 
-// One block of elements: per model, the kept and weighted deltas p (hardshrink, tied elements put back, times
-// the weight), then the sign election and the combine. Plain loops over arrays so the compiler vectorizes them
-// (-O3, -fno-strict-aliasing for the integer views of the float buffers, -ffp-contract=off: no FMA).
-template <typename T, typename Bits, int M>
-static void combine(const T* base, const T* const* deltas, const T* lambdas, const bool* shrink,
-                    const int64_t* const* extras, const int64_t* n_extras, const T* weights, const bool* scale,
-                    bool normalize, bool clamp, T min_weight, bool use_lambda, T lambda, T* out, int64_t n) {
-  alignas(64) T p[M][BLOCK];
-  alignas(64) T total[BLOCK], mixed[BLOCK], div[BLOCK];
-  alignas(64) Bits sign[BLOCK];
-  const Bits sign_bit = Bits(1) << (sizeof(T) * 8 - 1);
-  int64_t next_extra[M];
-  for (int i = 0; i < M; ++i) next_extra[i] = 0;
-  for (int64_t start = 0; start < n; start += BLOCK) {
-    const int64_t len = n - start < BLOCK ? n - start : BLOCK;
-    for (int i = 0; i < M; ++i) {
-      const T* d = deltas[i] + start;
-      T* row = p[i];
-      if (shrink[i]) {
-        const T l = lambdas[i];
-        for (int64_t k = 0; k < len; ++k) {  // torch.hardshrink (NaN passes), branch-free so it vectorizes
-          const T x = d[k];
-          const bool inside = (x >= -l) & (x <= l);
-          row[k] = inside ? T(0) : x;
-        }
-        // elements tied at the top-k cut that mergekit keeps (sorted positions): kept whatever the threshold
-        while (next_extra[i] < n_extras[i] && extras[i][next_extra[i]] < start + len) {
-          const int64_t k = extras[i][next_extra[i]++] - start;
-          row[k] = d[k];
-        }
-      } else {
-        for (int64_t k = 0; k < len; ++k) row[k] = d[k];
-      }
-      if (scale[i]) {
-        const T w = weights[i];
-        for (int64_t k = 0; k < len; ++k) row[k] = row[k] * w;
-      }
+template <typename To, typename From>
+static inline To bit_cast(From x) { To y; std::memcpy(&y, &x, sizeof(To)); return y; }
+
+// GCC/Clang vector types: element-wise IEEE arithmetic, 8 floats or 4 doubles at a time (two SSE registers
+// each where AVX2 is not enabled), so the per-element loop below is vectorized whatever the auto-vectorizer does.
+// EVOMERGE_VEC_BYTES: 32 (AVX2 / SSE) or 64 (AVX-512 builds): 8 or 16 floats per vector.
+#ifndef EVOMERGE_VEC_BYTES
+#define EVOMERGE_VEC_BYTES 32
+#endif
+typedef float v8f __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+typedef uint32_t v8u __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+typedef uint16_t v8h __attribute__((vector_size(EVOMERGE_VEC_BYTES / 2)));
+typedef double v4d __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+typedef uint64_t v4u __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
+
+// Storage types: S is stored, C computes, V is W lanes of C (VB: their bits). Reduced-precision values are
+// computed in float and rounded back (round) exactly where the torch kernel rounds: its products and quotients
+// are bf16/fp16 ops (computed in float, rounded once) and its sums over the models accumulate in float32 and
+// are rounded once.
+struct FP32 {
+  using S = float; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 4;
+  static inline C load(S x) { return x; }
+  static inline S store(C x) { return x; }
+  static inline C round(C x) { return x; }
+  static inline V round(V x) { return x; }
+  static inline V vload(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+  static inline void vstore(S* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+struct FP64 {
+  using S = double; using C = double; using Bits = uint64_t; using V = v4d; using VB = v4u;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 8;
+  static inline C load(S x) { return x; }
+  static inline S store(C x) { return x; }
+  static inline C round(C x) { return x; }
+  static inline V round(V x) { return x; }
+  static inline V vload(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+  static inline void vstore(S* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+struct BF16 {
+  using S = uint16_t; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 4;
+  static inline float load(uint16_t h) { return bit_cast<float>(uint32_t(h) << 16); }
+  static inline uint16_t store(float f) { return uint16_t(bit_cast<uint32_t>(round(f)) >> 16); }
+  static inline float round(float f) {  // float(bf16(f)): round to nearest even; NaN -> 0xffff as torch's cast
+    const uint32_t b = bit_cast<uint32_t>(f);
+    const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    return bit_cast<float>(f != f ? 0xFFFF0000u : r);
+  }
+  static inline V round(V f) {
+    const VB b = bit_cast<VB>(f);
+    const VB r = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    return bit_cast<V>(f != f ? VB{} + 0xFFFF0000u : r);
+  }
+  static inline V vload(const S* p) {
+    v8h h; std::memcpy(&h, p, sizeof(h));
+    return bit_cast<V>(VB(__builtin_convertvector(h, VB) << 16));
+  }
+  static inline void vstore(S* p, V f) {  // the rounding of round(), the high half kept
+    const v8h h = __builtin_convertvector(bit_cast<VB>(round(f)) >> 16, v8h);
+    std::memcpy(p, &h, sizeof(h));
+  }
+};
+struct F16 {  // one lane: c10's conversions are scalar code
+  using S = uint16_t; using C = float; using Bits = uint32_t; using V = float; using VB = uint32_t;
+  static constexpr int W = 1;
+  static inline float load(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+  static inline uint16_t store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+  static inline float round(float f) { return load(store(f)); }
+  static inline V vload(const S* p) { return load(*p); }
+  static inline void vstore(S* p, V v) { *p = store(v); }
+};
+
+// One call's arguments, per model where indexed by model (at most 8 models).
+template <typename F>
+struct Args {
+  using S = typename F::S; using C = typename F::C;
+  const S* base; const S* deltas[8]; S* out; int64_t n;
+  bool shrink[8]; C lambdas[8];          // hardshrink: keep x where |x| > lambdas[i]
+  const uint64_t* extra[8];              // bitmap of tied elements kept whatever the threshold (or null)
+  bool scale[8]; C weights[8];           // weighted here (else the deltas come weighted)
+  bool normalize, clamp, use_lambda; C min_weight, lambda;
+};
+
+// The per-element parameters, copied out of Args: with -fno-strict-aliasing any store could alias `a`, and
+// the loops would reload every parameter.
+template <typename C, int M>
+struct Scalars {
+  C w[M], lambdas[M]; bool scale[M], shrink[M]; bool normalize, clamp, use_lambda; C min_weight, lambda;
+};
+
+// W elements at once (V: W lanes of C, or C itself for one lane): from the kept deltas q (overwritten) and the
+// base, base + lambda * the agreeing weighted deltas' (normalized) sum, in the compute type before the final
+// store. Operation for operation what the torch kernel does in its dtype (x * 1 == x: a weight of 1 is skipped).
+template <typename F, typename V, typename VB, int M>
+static inline V lanes(V* q, V base, const Scalars<typename F::C, M>& c) {
+  using Bits = typename F::Bits;
+  constexpr Bits SIGN = Bits(1) << (sizeof(Bits) * 8 - 1);
+  const V zero = V{}, one = zero + 1;
+  for (int i = 0; i < M; ++i)
+    if (c.scale[i]) q[i] = F::round(q[i] * c.w[i]);  // a reduced-precision product: exact in float, rounded once
+  V total = q[0];
+  for (int i = 1; i < M; ++i) total = total + q[i];
+  // the majority sign is the sign bit of the sum (the rounded sum's: rounding keeps the sign). Part i agrees
+  // where part_i * s > 0: relu of the sign-flipped part keeps exactly the agreeing magnitudes (torch's relu:
+  // clamp_min(x, 0), NaN and -0 pass through)
+  const VB sign = bit_cast<VB>(total) & SIGN;
+  for (int i = 0; i < M; ++i) {
+    const V flipped = bit_cast<V>(VB(bit_cast<VB>(q[i]) ^ sign));
+    q[i] = flipped < zero ? zero : flipped;
+  }
+  V mixed = q[0];
+  for (int i = 1; i < M; ++i) mixed = mixed + q[i];
+  mixed = F::round(mixed);
+  if (c.normalize) {
+    V div = (q[0] > zero ? one : zero) * c.w[0];
+    for (int i = 1; i < M; ++i) div = div + (q[i] > zero ? one : zero) * c.w[i];
+    div = F::round(div);
+    if (c.clamp) {
+      const V floor = zero + c.min_weight;
+      div = div < floor ? floor : div;
+    } else {
+      div = div == zero ? one : div;
     }
-    for (int64_t k = 0; k < len; ++k) total[k] = p[0][k];
-    for (int i = 1; i < M; ++i)
-      for (int64_t k = 0; k < len; ++k) total[k] = total[k] + p[i][k];
-    const Bits* total_bits = reinterpret_cast<const Bits*>(total);
-    for (int64_t k = 0; k < len; ++k) sign[k] = total_bits[k] & sign_bit;
-    // part i agrees with the majority sign s where part_i * s > 0: relu of the sign-flipped part keeps exactly
-    // the agreeing magnitudes (torch's relu: clamp_min(x, 0), NaN and -0 pass through)
-    for (int i = 0; i < M; ++i) {
-      Bits* bits = reinterpret_cast<Bits*>(p[i]);
-      for (int64_t k = 0; k < len; ++k) bits[k] ^= sign[k];
-      T* row = p[i];
-      for (int64_t k = 0; k < len; ++k) row[k] = row[k] < T(0) ? T(0) : row[k];
+    mixed = F::round(mixed / div);
+  }
+  if (c.use_lambda) mixed = F::round(mixed * c.lambda);
+  mixed = bit_cast<V>(VB(bit_cast<VB>(mixed) ^ sign));
+  return mixed + base;
+}
+
+// row[0, len) = model i's delta d kept by its threshold: torch.hardshrink (|x| > lambda; NaN passes), except
+// the elements whose bit is set in `bits` (the tied elements mergekit keeps; a bitmap from element 0 of d).
+template <typename F>
+static inline void keep(const typename F::S* d, const uint8_t* bits, typename F::C lambda, typename F::C* row,
+                        int64_t len) {
+  using C = typename F::C; using V = typename F::V; using VB = typename F::VB; using Bits = typename F::Bits;
+  int64_t k = 0;
+  if constexpr (F::W > 1) {
+    const V zero = V{}, l = zero + lambda;
+    VB lane{};
+    for (int j = 0; j < F::W; ++j) lane[j] = Bits(1) << j;
+    for (; k + F::W <= len; k += F::W) {  // these lanes' bits: W <= 16 bits from bit k (the bitmap is padded)
+      uint32_t word;
+      std::memcpy(&word, bits + (k >> 3), sizeof(word));
+      const V x = F::vload(d + k);
+      const V r = ((x >= -l) & (x <= l) & ((lane & Bits(word >> (k & 7))) == 0)) ? zero : x;
+      std::memcpy(row + k, &r, sizeof(V));
     }
-    for (int64_t k = 0; k < len; ++k) mixed[k] = p[0][k];
-    for (int i = 1; i < M; ++i)
-      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] + p[i][k];
-    if (normalize) {
-      const T w0 = weights[0];
-      for (int64_t k = 0; k < len; ++k) div[k] = (p[0][k] > T(0) ? T(1) : T(0)) * w0;
-      for (int i = 1; i < M; ++i) {
-        const T w = weights[i];
-        for (int64_t k = 0; k < len; ++k) div[k] = div[k] + (p[i][k] > T(0) ? T(1) : T(0)) * w;
-      }
-      if (clamp) {
-        for (int64_t k = 0; k < len; ++k) div[k] = div[k] < min_weight ? min_weight : div[k];
-      } else {
-        for (int64_t k = 0; k < len; ++k) div[k] = div[k] == T(0) ? T(1) : div[k];
-      }
-      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] / div[k];
-    }
-    if (use_lambda)
-      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] * lambda;
-    Bits* mixed_bits = reinterpret_cast<Bits*>(mixed);
-    for (int64_t k = 0; k < len; ++k) mixed_bits[k] ^= sign[k];
-    const T* b = base + start;
-    T* o = out + start;
-    for (int64_t k = 0; k < len; ++k) o[k] = mixed[k] + b[k];
+  }
+  for (; k < len; ++k) {
+    const C x = F::load(d[k]);
+    const bool drop = (x >= -lambda) & (x <= lambda) & (((bits[k >> 3] >> (k & 7)) & 1) == 0);
+    row[k] = drop ? C(0) : x;
   }
 }
 
-template <typename T, typename Bits>
+// Blocks [b0, b1) of the output. Per block: per model, the kept deltas in a small buffer (L1), then ONE loop
+// does the weighting, the sign election and the combine with every intermediate in registers, W elements at a
+// time (M is a compile-time constant: the loops over models unroll; -ffp-contract=off: no FMA, so every
+// operation rounds as torch's does).
+template <typename F, int M>
+static void combine(const Args<F>& a, int64_t b0, int64_t b1) {
+  using C = typename F::C; using S = typename F::S;
+  alignas(64) C p[M][BLOCK];
+  // the parameters as locals: with -fno-strict-aliasing any store could alias `a` and force reloads
+  Scalars<C, M> c;
+  const S* deltas[M];
+  const uint8_t* extra[M];
+  for (int i = 0; i < M; ++i) {
+    c.w[i] = a.weights[i]; c.scale[i] = a.scale[i]; c.lambdas[i] = a.lambdas[i]; c.shrink[i] = a.shrink[i];
+    deltas[i] = a.deltas[i]; extra[i] = reinterpret_cast<const uint8_t*>(a.extra[i]);
+  }
+  c.normalize = a.normalize; c.clamp = a.clamp; c.use_lambda = a.use_lambda;
+  c.min_weight = a.min_weight; c.lambda = a.lambda;
+  const int64_t n = a.n;
+  const S* base = a.base;
+  S* out = a.out;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t start = blk * BLOCK;
+    const int64_t len = n - start < BLOCK ? n - start : BLOCK;
+    for (int i = 0; i < M; ++i) {
+      const S* d = deltas[i] + start;
+      C* row = p[i];
+      if (c.shrink[i] && extra[i] != nullptr) {
+        keep<F>(d, extra[i] + start / 8, c.lambdas[i], row, len);
+      } else if (c.shrink[i]) {
+        const C l = c.lambdas[i];
+        for (int64_t k = 0; k < len; ++k) {  // torch.hardshrink, branch-free so it vectorizes
+          const C x = F::load(d[k]);
+          const bool inside = (x >= -l) & (x <= l);
+          row[k] = inside ? C(0) : x;
+        }
+      } else {
+        for (int64_t k = 0; k < len; ++k) row[k] = F::load(d[k]);
+      }
+    }
+    const S* b = base + start;
+    S* o = out + start;
+    int64_t k = 0;
+    for (; k + F::W <= len; k += F::W) {
+      typename F::V q[M];
+      for (int i = 0; i < M; ++i) std::memcpy(&q[i], &p[i][k], sizeof(q[i]));
+      F::vstore(o + k, lanes<F, typename F::V, typename F::VB, M>(q, F::vload(b + k), c));
+    }
+    for (; k < len; ++k) {  // the ragged end, one lane at a time (the same code)
+      C q[M];
+      for (int i = 0; i < M; ++i) q[i] = p[i][k];
+      o[k] = F::store(lanes<F, C, typename F::Bits, M>(q, F::load(b[k]), c));
+    }
+  }
+}
+
+// A bitmap (one bit per element) of the positions in idx (int32 or int64, any order, in [0, n)).
+static torch::Tensor mark(const torch::Tensor& idx, int64_t n) {
+  auto bitmap = torch::zeros({(n + 63) / 64 + 1}, torch::dtype(torch::kInt64));
+  uint64_t* words = reinterpret_cast<uint64_t*>(bitmap.data_ptr<int64_t>());
+  const int64_t m = idx.numel();
+  if (idx.scalar_type() == torch::kInt32) {
+    const int32_t* p = idx.data_ptr<int32_t>();
+    for (int64_t j = 0; j < m; ++j) words[p[j] >> 6] |= uint64_t(1) << (p[j] & 63);
+  } else {
+    const int64_t* p = idx.data_ptr<int64_t>();
+    for (int64_t j = 0; j < m; ++j) words[p[j] >> 6] |= uint64_t(1) << (p[j] & 63);
+  }
+  return bitmap;
+}
+
+template <typename F>
 static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
                      std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
                      bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
                      torch::Tensor out) {
+  using S = typename F::S; using C = typename F::C;
   const int m = deltas.size();
-  std::vector<const T*> ptrs(m);
-  std::vector<const int64_t*> extra_ptrs(m);
-  std::vector<int64_t> n_extras(m);
-  std::vector<T> lam(m), w(m);
-  bool shrink[8], scale[8];
+  TORCH_CHECK(1 <= m && m <= 8, "fused ties: 1 to 8 models");
+  Args<F> a;
+  a.base = reinterpret_cast<const S*>(base.data_ptr());
+  a.out = reinterpret_cast<S*>(out.data_ptr());
+  a.n = base.numel();
+  std::vector<torch::Tensor> bitmaps(m);
   for (int i = 0; i < m; ++i) {
-    ptrs[i] = deltas[i].data_ptr<T>();
-    extra_ptrs[i] = extras[i].data_ptr<int64_t>();
-    n_extras[i] = extras[i].numel();
-    shrink[i] = lambdas[i] >= 0;
-    lam[i] = static_cast<T>(lambdas[i]);
-    w[i] = static_cast<T>(weights[i]);
-    scale[i] = !prescaled && weights[i] != 1.0;   // x * 1 == x
-  }
-  const T* b = base.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  const int64_t n = base.numel();
-  const T mw = static_cast<T>(min_weight), lb = static_cast<T>(lambda);
-#define EVOMERGE_CASE(K) case K: combine<T, Bits, K>(b, ptrs.data(), lam.data(), shrink, extra_ptrs.data(), \
-    n_extras.data(), w.data(), scale, normalize, clamp, mw, use_lambda, lb, o, n); break;
-  switch (m) {
-    EVOMERGE_CASE(1) EVOMERGE_CASE(2) EVOMERGE_CASE(3) EVOMERGE_CASE(4)
-    EVOMERGE_CASE(5) EVOMERGE_CASE(6) EVOMERGE_CASE(7) EVOMERGE_CASE(8)
-    default: TORCH_CHECK(false, "fused ties: 1 to 8 models");
-  }
-#undef EVOMERGE_CASE
-}
-
-// bfloat16 / float16: values are loaded into float blocks and rounded back to the storage type exactly where
-// the torch kernel rounds (its products and quotients are bf16/fp16 ops: computed in float, rounded once; its
-// sums over the models accumulate in float32 and are rounded once), so results stay bit-identical to it.
-struct BF16 {
-  static inline float load(uint16_t h) { uint32_t b = uint32_t(h) << 16; float f; std::memcpy(&f, &b, 4); return f; }
-  static inline uint16_t store(float f) {  // round to nearest even; NaN -> 0xffff as torch's vectorized cast
-    uint32_t b; std::memcpy(&b, &f, 4);
-    const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-    return f != f ? uint16_t(0xFFFF) : uint16_t(r);
-  }
-};
-struct F16 {
-  static inline float load(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
-  static inline uint16_t store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
-};
-
-template <typename F, int M>
-static void combine_reduced(const uint16_t* base, const uint16_t* const* deltas, const float* lambdas,
-                            const bool* shrink, const int64_t* const* extras, const int64_t* n_extras,
-                            const float* weights, const bool* scale, bool normalize, bool clamp, float min_weight,
-                            bool use_lambda, float lambda, uint16_t* out, int64_t n) {
-  alignas(64) float p[M][BLOCK];
-  alignas(64) float total[BLOCK], mixed[BLOCK], div[BLOCK];
-  alignas(64) uint32_t sign[BLOCK];
-  alignas(64) uint16_t tmp[BLOCK];
-  int64_t next_extra[M];
-  for (int i = 0; i < M; ++i) next_extra[i] = 0;
-  auto round = [&](float* v, int64_t len) {  // v = float(storage(v)), in place
-    for (int64_t k = 0; k < len; ++k) tmp[k] = F::store(v[k]);
-    for (int64_t k = 0; k < len; ++k) v[k] = F::load(tmp[k]);
-  };
-  for (int64_t start = 0; start < n; start += BLOCK) {
-    const int64_t len = n - start < BLOCK ? n - start : BLOCK;
-    for (int i = 0; i < M; ++i) {
-      const uint16_t* d = deltas[i] + start;
-      float* row = p[i];
-      for (int64_t k = 0; k < len; ++k) row[k] = F::load(d[k]);
-      if (shrink[i]) {
-        const float l = lambdas[i];
-        for (int64_t k = 0; k < len; ++k) {
-          const float x = row[k];
-          const bool inside = (x >= -l) & (x <= l);
-          row[k] = inside ? 0.0f : x;
-        }
-        while (next_extra[i] < n_extras[i] && extras[i][next_extra[i]] < start + len) {
-          const int64_t k = extras[i][next_extra[i]++] - start;
-          row[k] = F::load(d[k]);
-        }
-      }
-      if (scale[i]) {  // a reduced-precision product: exact in float, rounded once
-        const float w = weights[i];
-        for (int64_t k = 0; k < len; ++k) row[k] = row[k] * w;
-        round(row, len);
-      }
+    a.deltas[i] = reinterpret_cast<const S*>(deltas[i].data_ptr());
+    a.shrink[i] = lambdas[i] >= 0;
+    a.lambdas[i] = static_cast<C>(lambdas[i]);
+    if (extras[i].numel() > 0) {
+      TORCH_CHECK(extras[i].min().item<int64_t>() >= 0 && extras[i].max().item<int64_t>() < a.n,
+                  "fused ties: tied positions out of range");
+      bitmaps[i] = mark(extras[i], a.n);
+      a.extra[i] = reinterpret_cast<const uint64_t*>(bitmaps[i].data_ptr<int64_t>());
+    } else {
+      a.extra[i] = nullptr;
     }
-    for (int64_t k = 0; k < len; ++k) total[k] = p[0][k];
-    for (int i = 1; i < M; ++i)
-      for (int64_t k = 0; k < len; ++k) total[k] = total[k] + p[i][k];
-    // the sign of the rounded sum is the float sum's (rounding keeps the sign)
-    const uint32_t* total_bits = reinterpret_cast<const uint32_t*>(total);
-    for (int64_t k = 0; k < len; ++k) sign[k] = total_bits[k] & 0x80000000u;
-    for (int i = 0; i < M; ++i) {
-      uint32_t* bits = reinterpret_cast<uint32_t*>(p[i]);
-      for (int64_t k = 0; k < len; ++k) bits[k] ^= sign[k];
-      float* row = p[i];
-      for (int64_t k = 0; k < len; ++k) row[k] = row[k] < 0.0f ? 0.0f : row[k];
-    }
-    for (int64_t k = 0; k < len; ++k) mixed[k] = p[0][k];
-    for (int i = 1; i < M; ++i)
-      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] + p[i][k];
-    round(mixed, len);
-    if (normalize) {
-      const float w0 = weights[0];
-      for (int64_t k = 0; k < len; ++k) div[k] = (p[0][k] > 0.0f ? 1.0f : 0.0f) * w0;
-      for (int i = 1; i < M; ++i) {
-        const float w = weights[i];
-        for (int64_t k = 0; k < len; ++k) div[k] = div[k] + (p[i][k] > 0.0f ? 1.0f : 0.0f) * w;
-      }
-      round(div, len);
-      if (clamp) {
-        for (int64_t k = 0; k < len; ++k) div[k] = div[k] < min_weight ? min_weight : div[k];
-      } else {
-        for (int64_t k = 0; k < len; ++k) div[k] = div[k] == 0.0f ? 1.0f : div[k];
-      }
-      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] / div[k];
-      round(mixed, len);
-    }
-    if (use_lambda) {
-      for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] * lambda;
-      round(mixed, len);
-    }
-    uint32_t* mixed_bits = reinterpret_cast<uint32_t*>(mixed);
-    for (int64_t k = 0; k < len; ++k) mixed_bits[k] ^= sign[k];
-    const uint16_t* b = base + start;
-    for (int64_t k = 0; k < len; ++k) mixed[k] = mixed[k] + F::load(b[k]);
-    uint16_t* o = out + start;
-    for (int64_t k = 0; k < len; ++k) o[k] = F::store(mixed[k]);
+    a.weights[i] = static_cast<C>(weights[i]);
+    a.scale[i] = !prescaled && weights[i] != 1.0;  // x * 1 == x
   }
-}
-
-template <typename F>
-static void dispatch_reduced(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
-                             std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
-                             bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
-                             torch::Tensor out) {
-  const int m = deltas.size();
-  std::vector<const uint16_t*> ptrs(m);
-  std::vector<const int64_t*> extra_ptrs(m);
-  std::vector<int64_t> n_extras(m);
-  std::vector<float> lam(m), w(m);
-  bool shrink[8], scale[8];
-  for (int i = 0; i < m; ++i) {
-    ptrs[i] = reinterpret_cast<const uint16_t*>(deltas[i].data_ptr());
-    extra_ptrs[i] = extras[i].data_ptr<int64_t>();
-    n_extras[i] = extras[i].numel();
-    shrink[i] = lambdas[i] >= 0;
-    lam[i] = static_cast<float>(lambdas[i]);
-    w[i] = static_cast<float>(weights[i]);
-    scale[i] = !prescaled && weights[i] != 1.0;
-  }
-  const uint16_t* b = reinterpret_cast<const uint16_t*>(base.data_ptr());
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t n = base.numel();
-  const float mw = static_cast<float>(min_weight), lb = static_cast<float>(lambda);
-#define EVOMERGE_CASE(K) case K: combine_reduced<F, K>(b, ptrs.data(), lam.data(), shrink, extra_ptrs.data(), \
-    n_extras.data(), w.data(), scale, normalize, clamp, mw, use_lambda, lb, o, n); break;
+  a.normalize = normalize; a.clamp = clamp; a.use_lambda = use_lambda;
+  a.min_weight = static_cast<C>(min_weight); a.lambda = static_cast<C>(lambda);
+  const int64_t blocks = (a.n + BLOCK - 1) / BLOCK;
+#define EVOMERGE_CASE(K) case K: at::parallel_for(0, blocks, GRAIN, [&](int64_t b0, int64_t b1) { \
+    combine<F, K>(a, b0, b1); }); break;
   switch (m) {
     EVOMERGE_CASE(1) EVOMERGE_CASE(2) EVOMERGE_CASE(3) EVOMERGE_CASE(4)
     EVOMERGE_CASE(5) EVOMERGE_CASE(6) EVOMERGE_CASE(7) EVOMERGE_CASE(8)
@@ -282,19 +320,20 @@ void ties_combine(torch::Tensor base, std::vector<torch::Tensor> deltas, std::ve
                   std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
                   bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
                   torch::Tensor out) {
-  if (base.scalar_type() == torch::kFloat32) {
-    dispatch<float, uint32_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight,
-                              use_lambda, lambda, out);
-  } else if (base.scalar_type() == torch::kBFloat16) {
-    dispatch_reduced<BF16>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight,
-                           use_lambda, lambda, out);
-  } else if (base.scalar_type() == torch::kHalf) {
-    dispatch_reduced<F16>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight,
-                          use_lambda, lambda, out);
+  const auto type = base.scalar_type();
+  if (type == torch::kFloat32) {
+    dispatch<FP32>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+                   lambda, out);
+  } else if (type == torch::kBFloat16) {
+    dispatch<BF16>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+                   lambda, out);
+  } else if (type == torch::kHalf) {
+    dispatch<F16>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+                  lambda, out);
   } else {
-    TORCH_CHECK(base.scalar_type() == torch::kFloat64, "fused ties: float32, float64, bfloat16 or float16");
-    dispatch<double, uint64_t>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight,
-                               use_lambda, lambda, out);
+    TORCH_CHECK(type == torch::kFloat64, "fused ties: float32, float64, bfloat16 or float16");
+    dispatch<FP64>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+                   lambda, out);
   }
 }
 
@@ -304,8 +343,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 def _kernel() -> native.Kernel:
-    """Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's."""
+    """Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's. Where torch runs
+    AVX-512 kernels, 16 floats per vector (elementwise IEEE operations: the same results at any width)."""
     tag, simd = native.simd_flags()
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        tag, simd = "avx512", ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                               "-DEVOMERGE_VEC_BYTES=64"]
     flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fno-trapping-math", *simd]
     return native.Kernel(f"evomerge_fused_ties_{tag}", _SOURCE, flags, "the fused TIES kernel")
 
@@ -322,10 +365,11 @@ def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: lis
                  weights: list[float], normalize: bool, lambda_: float, out: torch.Tensor) -> bool:
     """out = base + lambda * TIES-combine(weight_i * kept(delta_i)); False if not handled here.
 
-    ``thresholds[i]`` (a magnitude top-k, ``sparsify.magnitude_threshold``) selects what model i keeps, None
-    keeps everything; ``thresholds=None`` means the deltas are already sparsified AND weighted (the weights then
-    only enter the divisor). ``weights`` are already rounded to the tensor's dtype. Handles contiguous CPU
-    float32/float64/bfloat16/float16 tensors and 1..8 models; the caller falls back to the torch kernel otherwise.
+    ``thresholds[i]`` (a magnitude top-k, ``sparsify.magnitude_threshold``; its tied positions in any order)
+    selects what model i keeps, None keeps everything; ``thresholds=None`` means the deltas are already
+    sparsified AND weighted (the weights then only enter the divisor). ``weights`` are already rounded to the
+    tensor's dtype. Handles contiguous CPU float32/float64/bfloat16/float16 tensors and 1..8 models; the caller
+    falls back to the torch kernel otherwise. Runs on torch's intra-op threads (one where the caller set one).
     """
     if (base.device.type != "cpu" or base.dtype not in FUSED_DTYPES
             or not 1 <= len(deltas) <= MAX_MODELS or not out.is_contiguous() or not base.is_contiguous()
@@ -339,7 +383,7 @@ def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: lis
     cuts: list[Threshold | None] = [None] * len(deltas) if thresholds is None else thresholds
     none = torch.empty(0, dtype=torch.int64)
     lambdas = [-1.0 if t is None else t.shrink_lambda(base.dtype) for t in cuts]
-    extras = [none if t is None or t.extra is None else t.extra.to(torch.int64).contiguous() for t in cuts]
+    extras = [none if t is None or t.extra is None else t.extra.contiguous() for t in cuts]
     positive = min(weights) > 0
     module.ties_combine(base, list(deltas), lambdas, extras, [float(w) for w in weights], prescaled,
                         bool(normalize), positive, float(min(weights)) if positive else 0.0, lambda_ != 1,

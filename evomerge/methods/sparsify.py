@@ -23,7 +23,7 @@ Rescaling the kept elements: ``rescale_mode="l1"`` (mergekit's default, and ours
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -176,12 +176,20 @@ def _keep_sorted_range(mags: torch.Tensor, order: torch.Tensor, begin: int, end:
 @dataclass
 class Threshold:
     """TIES' top-k as a compare: keep ``|delta| >= value`` (``inclusive``) or ``> value`` plus ``extra``, the
-    flat indices (sorted) of the elements tied at ``value`` that mergekit's sort puts inside the top k."""
+    flat indices (int32 or int64, in the sort order's sequence, not sorted) of the elements tied at ``value``
+    that mergekit's sort puts inside the top k."""
 
     value: float
     inclusive: bool = True
     extra: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # on a GPU: the top-k positions themselves (a scatter, no host syncs)
+    _sorted: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def sorted_extra(self) -> torch.Tensor | None:
+        """``extra`` sorted ascending, int64 (computed on first use: only the chunked torch kernel needs it)."""
+        if self._sorted is None and self.extra is not None:
+            self._sorted = torch.sort(self.extra.long()).values
+        return self._sorted
 
     def shrink_lambda(self, dtype: torch.dtype) -> float:
         """The ``lambda`` of ``torch.hardshrink`` (keeps ``x`` where ``|x| > lambda``) that keeps what this
@@ -222,7 +230,9 @@ def magnitude_threshold(delta: torch.Tensor, stats: DeltaStats, density: float) 
     if float(flat[order[k]].abs()) != value:
         return Threshold(value)
     start, _ = _run_bounds(flat, order, k - 1)
-    extra = torch.sort(order[start:k].long()).values
+    # the tied elements kept, unsorted (the fused kernel marks them in a bitmap; a sort of a bf16 tie run of
+    # up to ~1M elements cost more than the merge): a view of a kept order, a copy of a one-shot one
+    extra = order[start:k] if stats.keep_order else order[start:k].clone()
     return Threshold(value, inclusive=False, extra=extra)
 
 

@@ -12,9 +12,9 @@ Per tensor, with ``delta_i = theta_i - base``:
    (|sum| < 1e-8 -> 1);
 4. multiply by ``lambda`` and add to the base.
 
-Speed (this is what every search candidate runs): on CPU, float32/float64 sign-consensus merges (ties,
-dare_ties, breadcrumbs_ties, della) go through one fused C++ loop (``fused_ties.py``, built on first use;
-bit-identical to the torch kernel below, which is the fallback where no compiler is available).
+Speed (this is what every search candidate runs): on CPU, sign-consensus merges (ties, dare_ties,
+breadcrumbs_ties, della; float32/float64/bfloat16/float16) go through one fused C++ loop (``fused_ties.py``,
+built on first use; bit-identical to the torch kernel below, the fallback where no compiler is available).
 The torch kernel: steps 2-4 are elementwise, so they run over chunks of ``CHUNK`` elements whose
 temporaries stay in the CPU cache; the sources are read from memory once and the output written once.
 Each chunk costs about twenty elementwise passes, so the kernel is built to need few:
@@ -204,9 +204,9 @@ def _thresholded_rows(flat_deltas: Sequence[torch.Tensor], thresholds: Sequence[
     factors = [torch.tensor(w, dtype=dtype) for w in weights]
     lambdas = [t.shrink_lambda(dtype) if t is not None and t.keep is None else None for t in thresholds]
     # per chunk, the slice of each sorted ``extra`` list that falls inside it
-    bounds = [None if t is None or t.extra is None else
-              torch.searchsorted(t.extra, torch.arange(0, numel + chunk, chunk, device=t.extra.device)).tolist()
-              for t in thresholds]
+    extras = [None if t is None else t.sorted_extra() for t in thresholds]
+    bounds = [None if e is None else
+              torch.searchsorted(e, torch.arange(0, numel + chunk, chunk, device=e.device)).tolist() for e in extras]
 
     def fill(index: int, start: int, rows: torch.Tensor, parts: Sequence[torch.Tensor], tmp: torch.Tensor):
         """Fill ``parts`` with chunk ``index``'s thresholded, weighted deltas; return ``rows``, ``parts``."""
@@ -224,8 +224,9 @@ def _thresholded_rows(flat_deltas: Sequence[torch.Tensor], thresholds: Sequence[
                 assert shrink is not None
                 torch.hardshrink(src, shrink, out=row)
                 lo, hi = (bound[index], bound[index + 1]) if bound is not None else (0, 0)
-                if hi > lo and threshold.extra is not None:  # tied elements mergekit keeps: only when the cut
-                    positions = threshold.extra[lo:hi] - start  # splits a tie (bounds exist only with extra)
+                extra = extras[i]
+                if hi > lo and extra is not None:  # tied elements mergekit keeps: only when the cut
+                    positions = extra[lo:hi] - start  # splits a tie (bounds exist only with extra)
                     row[positions] = src[positions]
             if weights[i] != 1:  # x * 1 == x
                 row.mul_(factors[i])

@@ -13,13 +13,21 @@ a) merge: `evomerge merge` vs `mergekit-yaml`, each a separate process (alternat
    medians of ``--repeats``; ratios evomerge / mergekit. Targets: time <= 0.5x, peak RSS <= 1.0x.
 b) engine, one fresh process per configuration (2 threads): construction time, resident bytes per parameter
    (sources + statistics) and the process's anonymous memory, per-candidate ``materialize`` time (median of
-   ``--candidates`` random candidates) vs the time to copy the candidate's bytes once (median of 5, same
-   process): ties with and without the int32 sort order, dare_ties, and streamed sources (read per candidate).
-   Targets: ties <= 3x the copy, dare_ties <= 5x.
+   ``--candidates`` random candidates) vs the time to copy the candidate's bytes once (interleaved with the
+   candidates, same process; median): ties with and without the int32 sort order, dare_ties, and streamed
+   sources (read per candidate). Wall times on 2 threads, and CPU times (the candidate's process CPU time, the
+   copy's on one torch thread: idle intra-op threads spin, and a shared machine's other jobs stretch the wall
+   clock but not these). Targets: ties <= 3x the copy, dare_ties <= 5x.
 c) ``--merge-only``: only evomerge's side of a) (used for the 1.5B memory measurement).
 d) ``--device cuda``: a) merges on the GPU (``evomerge merge --device cuda``, ``mergekit-yaml --cuda``) and b)'s
    engine lives there (times after ``torch.cuda.synchronize``; the peak GPU memory of each configuration is
    printed as well). experiments/benchmarks/gpu_check.sh runs it.
+
+Last measured b) (docs/MEMORY.md; `--part b --methods ties,dare_ties --no-streamed --skip "ties, no sort order"
+--candidates 5`, shared 2-core machine at load 10-17, where only the CPU ratios mean something): ties 0.53 CPU s
+per candidate vs 0.062 s for one copy of its 0.99 GB (8.5x, target 3x); dare_ties 3.28 vs 0.054 s (61x, target
+5x: the Mersenne Twister draws that reproduce mergekit's masks cost about 40x alone). `--methods ties` alone at
+load 4-6: 0.53 vs 0.066 CPU s (8.0x; the kernel before: 1.41 vs 0.078 s, 18.0x).
 
 Usage:
     python experiments/benchmarks/scale_merge.py                          # 0.5b, a) and b)
@@ -262,24 +270,32 @@ def engine_child(spec: dict) -> dict:
     sync()
     construct = time.perf_counter() - start
     rng = random.Random(11)
-    times = []
-    for _ in range(spec["candidates"]):
+    targets = [t for _, t in engine.tensors()]
+    copies = [torch.empty_like(t) for t in targets]
+    times, cpu_times, copy_times, copy_cpu = [], [], [], []
+    for _ in range(spec["candidates"]):  # a candidate, then a copy of its bytes: interleaved, same load
         cand = recipe(spec["method"], paths, "bf16", rng)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         engine.materialize(cand)
         sync()
         times.append(time.perf_counter() - start)
-    targets = [t for _, t in engine.tensors()]
-    copies = [torch.empty_like(t) for t in targets]
-    copy_times = []
-    for _ in range(5):
+        cpu_times.append(time.process_time() - cpu)
         start = time.perf_counter()
         for dst, src in zip(copies, targets):
             dst.copy_(src)
         sync()
         copy_times.append(time.perf_counter() - start)
+        # the copy's CPU time on one torch thread: idle intra-op threads spin, which would count as work
+        torch.set_num_threads(1)
+        cpu = time.thread_time()
+        for dst, src in zip(copies, targets):
+            dst.copy_(src)
+        sync()
+        copy_cpu.append(time.thread_time() - cpu)
+        torch.set_num_threads(2)
     params = engine.memory.params
     return {"construct_s": construct, "candidate_s": statistics.median(times), "copy_s": statistics.median(copy_times),
+            "candidate_cpu_s": statistics.median(cpu_times), "copy_cpu_s": statistics.median(copy_cpu),
             "candidate_gb": sum(t.numel() * t.element_size() for t in targets) / GB,
             "source_b_per_param": engine.source_bytes / params, "planned_b_per_param": engine.memory.total / params,
             "anon_b_per_param": (rss_anon() - anon0) / params, "params": params,
@@ -299,7 +315,8 @@ def part_b(paths: dict[str, Path], args) -> list[dict]:
         if done.returncode != 0:
             sys.exit(f"engine child failed:\n{done.stderr[-3000:]}")
         row = {"label": label, **json.loads(done.stdout.strip().splitlines()[-1])}
-        print(f"  b) {label:22s} candidate {row['candidate_s']:7.2f} s  copy {row['copy_s']:.3f} s  "
+        print(f"  b) {label:22s} candidate {row['candidate_s']:7.2f} s (cpu {row['candidate_cpu_s']:6.2f} s)  "
+              f"copy {row['copy_s']:.3f} s (cpu {row['copy_cpu_s']:.3f} s)  "
               f"construction {row['construct_s']:6.1f} s  sources {row['source_b_per_param']:5.1f} B/param  "
               f"anon {row['anon_b_per_param']:5.1f} B/param  GPU peak {row['gpu_peak_gb']:5.2f} GB", flush=True)
         rows.append(row)
@@ -309,10 +326,12 @@ def part_b(paths: dict[str, Path], args) -> list[dict]:
 def print_b(rows: list[dict], shape: str) -> None:
     print(f"\nb) engine, {shape}, bf16 sources, 2 threads; candidate vs copying its bytes once (same process); "
           f"targets: ties <= 3x, dare_ties <= 5x (resident)")
-    print(f"{'configuration':22s} {'cand s':>7s} {'copy s':>7s} {'ratio':>7s} {'build s':>8s} {'src B/p':>8s} "
-          f"{'plan B/p':>8s} {'anon B/p':>8s} {'GPU GB':>7s}")
+    print(f"{'configuration':22s} {'cand s':>7s} {'copy s':>7s} {'ratio':>7s} {'cpu rat':>7s} {'build s':>8s} "
+          f"{'src B/p':>8s} {'plan B/p':>8s} {'anon B/p':>8s} {'GPU GB':>7s}")
     for r in rows:
+        cpu_ratio = r["candidate_cpu_s"] / r["copy_cpu_s"] if r.get("copy_cpu_s") else float("nan")
         print(f"{r['label']:22s} {r['candidate_s']:7.2f} {r['copy_s']:7.3f} {r['candidate_s'] / r['copy_s']:7.1f} "
+              f"{cpu_ratio:7.1f} "
               f"{r['construct_s']:8.1f} {r['source_b_per_param']:8.1f} {r['planned_b_per_param']:8.1f} "
               f"{r['anon_b_per_param']:8.1f} {r.get('gpu_peak_gb', 0.0):7.2f}")
 

@@ -6,10 +6,17 @@ a candidate's top-k is then a threshold lookup. Without it every candidate runs 
 bf16). This measures, on tensors of the Qwen2.5-0.5B shape (bf16 base + 2 task vectors, dense fine-tune noise):
 the time to build the orders once, a candidate's merge with and without them (median of ``--candidates`` random
 weight/density draws, the same draws for both), and their memory; then the number of candidates after which
-the orders have paid for their construction.
+the orders have paid for their construction. The copy is one copy of the tensor's bytes into a buffer already
+written once (no page faults), measured after each candidate: the "/ copy" columns are issue 14's
+"materializes in at most 3x the time to copy its bytes" per tensor.
 
 Times are the calling thread's CPU time (``time.thread_time``, torch on one thread), so other jobs on a shared
-machine slow the wall clock but not these figures much; both variants run in this one process, interleaved.
+machine slow the wall clock but not these figures much; both variants and the copy run in this one process,
+interleaved; medians.
+
+Last measured (docs/MEMORY.md; shared 2-core AMD EPYC, load 11-13, AVX-512 build of the fused kernel): with the
+orders a candidate takes 9.6x / 7.3x / 5.8x one copy at 896x896 / 4864x896 / 37984x896 (before the bitmap of
+tied elements and the register-resident kernel: 18.1x / 14.3x / 13.1x); without them 950-1120x.
 
 Usage:
     python experiments/benchmarks/ties_order.py                    # MLP, attention and a 1/4 embedding slice
@@ -45,23 +52,22 @@ def one_shape(rows: int, cols: int, candidates: int) -> dict:
     rng = random.Random(5)
     draws = [[{"weight": rng.uniform(0.1, 1.0), "density": rng.uniform(0.2, 0.9)} for _ in range(2)]
              for _ in range(candidates)]
-    times: dict[str, list[float]] = {"ordered": [], "plain": []}
-    outs = {"ordered": torch.empty_like(base), "plain": torch.empty_like(base)}
+    times: dict[str, list[float]] = {"ordered": [], "plain": [], "copy": []}
+    outs = {"ordered": torch.zeros_like(base), "plain": torch.zeros_like(base)}
     spaces = {"ordered": Workspace(torch.device("cpu")), "plain": Workspace(torch.device("cpu"))}
+    copy = torch.zeros_like(base)  # touched now: a first write's page faults are not the copy's cost
     for per_model in draws:
         for name, inputs in (("ordered", ordered), ("plain", plain)):
             start = time.thread_time()
             run_method(spec, inputs, shared, per_model, outs[name], ws=spaces[name])
             times[name].append(time.thread_time() - start)
         assert torch.equal(outs["ordered"], outs["plain"]), "both paths give mergekit's tensor"
-    copy = torch.empty_like(base)
-    start = time.thread_time()
-    for _ in range(5):
-        copy.copy_(outs["plain"])
-    copy_s = (time.thread_time() - start) / 5
+        start = time.thread_time()
+        copy.copy_(base)
+        times["copy"].append(time.thread_time() - start)
     return {"shape": f"{rows}x{cols}", "elements": rows * cols, "build_ordered_s": build_ordered,
             "build_plain_s": build_plain, "ordered_s": statistics.median(times["ordered"]),
-            "plain_s": statistics.median(times["plain"]), "copy_s": copy_s,
+            "plain_s": statistics.median(times["plain"]), "copy_s": statistics.median(times["copy"]),
             "order_bytes": ordered.nbytes - plain.nbytes}
 
 

@@ -66,9 +66,10 @@ typedef uint64_t v4u __attribute__((vector_size(EVOMERGE_VEC_BYTES)));
 // computed in float and rounded back (round) exactly where the torch kernel rounds: its products and quotients
 // are bf16/fp16 ops (computed in float, rounded once) and its sums over the models accumulate in float32 and
 // are rounded once.
-struct FP32 {
-  using S = float; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
-  static constexpr int W = EVOMERGE_VEC_BYTES / 4;
+template <typename S_, typename Bits_, typename V_, typename VB_>
+struct Plain {  // float32 / float64: computed in the storage type, nothing to round
+  using S = S_; using C = S_; using Bits = Bits_; using V = V_; using VB = VB_;
+  static constexpr int W = EVOMERGE_VEC_BYTES / sizeof(S_);
   static inline C load(S x) { return x; }
   static inline S store(C x) { return x; }
   static inline C round(C x) { return x; }
@@ -76,16 +77,8 @@ struct FP32 {
   static inline V vload(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
   static inline void vstore(S* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 };
-struct FP64 {
-  using S = double; using C = double; using Bits = uint64_t; using V = v4d; using VB = v4u;
-  static constexpr int W = EVOMERGE_VEC_BYTES / 8;
-  static inline C load(S x) { return x; }
-  static inline S store(C x) { return x; }
-  static inline C round(C x) { return x; }
-  static inline V round(V x) { return x; }
-  static inline V vload(const S* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
-  static inline void vstore(S* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-};
+using FP32 = Plain<float, uint32_t, v8f, v8u>;
+using FP64 = Plain<double, uint64_t, v4d, v4u>;
 struct BF16 {
   using S = uint16_t; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
   static constexpr int W = EVOMERGE_VEC_BYTES / 4;

@@ -272,6 +272,12 @@ def engine_child(spec: dict) -> dict:
     rng = random.Random(11)
     targets = [t for _, t in engine.tensors()]
     copies = [torch.empty_like(t) for t in targets]
+
+    def copy_once() -> None:  # the candidate's bytes, copied once
+        for dst, src in zip(copies, targets):
+            dst.copy_(src)
+        sync()
+
     times, cpu_times, copy_times, copy_cpu = [], [], [], []
     for _ in range(spec["candidates"]):  # a candidate, then a copy of its bytes: interleaved, same load
         cand = recipe(spec["method"], paths, "bf16", rng)
@@ -281,16 +287,12 @@ def engine_child(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
         start = time.perf_counter()
-        for dst, src in zip(copies, targets):
-            dst.copy_(src)
-        sync()
+        copy_once()
         copy_times.append(time.perf_counter() - start)
         # the copy's CPU time on one torch thread: idle intra-op threads spin, which would count as work
         torch.set_num_threads(1)
         cpu = time.thread_time()
-        for dst, src in zip(copies, targets):
-            dst.copy_(src)
-        sync()
+        copy_once()
         copy_cpu.append(time.thread_time() - cpu)
         torch.set_num_threads(2)
     params = engine.memory.params

@@ -68,6 +68,34 @@ def test_fused_reduced_precision_equals_the_torch_kernel_bit_for_bit(method, dty
                     (method, weights, normalize, lambda_)
 
 
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_fused_reduced_precision_special_values_equal_the_torch_kernel(dtype, fused_calls, monkeypatch):
+    """Subnormals (common in float16 task vectors: below 6.1e-5), sums that overflow to infinity, infinities
+    and NaNs in the inputs: the vectorized conversions (F16C for float16) round them as torch does. (A NaN's
+    encoding may differ: torch's own kernels do not agree on one, 0xFFFF from a cast and 0x7FC0 from arithmetic.)"""
+    gen = torch.Generator().manual_seed(9)
+    info = torch.finfo(dtype)
+    base = torch.randn(67, 129, generator=gen).to(dtype)
+    deltas = [(torch.randn(base.shape, generator=gen) * s).to(dtype) for s in (3e-6, 2e-5, 0.02)]
+    deltas[0][:5] = torch.tensor([info.tiny, -info.tiny, info.smallest_normal / 3, 0.0, -0.0], dtype=dtype)[:, None]
+    deltas[1][5:10] = info.max                    # weighted sums past the largest finite value
+    deltas[2][5:10] = info.max
+    deltas[2][10, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    base[11, :2] = torch.tensor([float("nan"), float("inf")], dtype=dtype)
+    tensors = [base] + [(base.float() + d.float()).to(dtype) for d in deltas]
+    for method in ("ties", "dare_ties"):
+        for normalize, lambda_ in ((True, 1.0), (False, 1.7)):
+            fused_calls.clear()
+            fused = _merge(method, tensors, [0.9, 1.4, 0.6], [0.6, 0.9, 1.0], normalize, lambda_, seed=4)
+            assert fused_calls and all(fused_calls), "the fused kernel was not used"
+            with monkeypatch.context() as off:
+                off.setattr(fused_ties, "ties_combine", lambda *a, **k: False)
+                reference = _merge(method, tensors, [0.9, 1.4, 0.6], [0.6, 0.9, 1.0], normalize, lambda_, seed=4)
+            same = (fused.view(torch.int16) == reference.view(torch.int16)) | (fused.isnan() & reference.isnan())
+            assert same.all(), (method, normalize, lambda_)  # every bit, except which NaN encoding a NaN has
+            assert fused.isnan().sum() < fused.numel() or method == "dare_ties"  # (an infinite L1 norm: all NaN)
+
+
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def reduced_family(request, tmp_path_factory):
     from evomerge import tiny

@@ -16,9 +16,14 @@ are marked in a bitmap (one bit per element), so a candidate sorts nothing. Bloc
 intra-op threads (``at::parallel_for``; every element's result is independent of the split). The engine and
 ``evomerge merge`` call it from their own pools with one torch thread each, where it runs on the calling thread.
 
+float16 loads, rounds and stores with the F16C conversion instructions (IEEE round to nearest even, subnormals
+exact; NaN made c10's quiet NaN first), W lanes at a time like bfloat16: 0.49 ns per element of a 2-model merge
+on one core where the one-lane c10 conversions took 18.3 ns (AVX-512 build; 0.85 ns with AVX2). Builds for CPUs
+without AVX2 keep the one-lane float16 code.
+
 Cost (experiments/benchmarks/ties_order.py, scale_merge.py; docs/MEMORY.md): compute-bound, not memory-bound, in
-bf16: about 0.9 ns per element of a 2-model ties merge on one core with 16-float vectors (AVX-512 builds), 1.5 ns
-with 8 (AVX2): 6-10x the time to copy the tensor once.
+bf16: about 0.5-0.9 ns per element of a 2-model ties merge on one core with 16-float vectors (AVX-512 builds),
+0.9-1.5 ns with 8 (AVX2): 6-10x the time to copy the tensor once.
 
 It is C++ compiled on first use (``evomerge/native.py``: a C++ compiler and ninja are needed; cached under
 ~/.cache/evomerge/kernels). Where it cannot be built, or with ``EVOMERGE_FUSED_KERNELS=0``, the torch kernel
@@ -103,7 +108,37 @@ struct BF16 {
     std::memcpy(p, &h, sizeof(h));
   }
 };
-struct F16 {  // one lane: c10's conversions are scalar code
+#if defined(__F16C__)
+#include <immintrin.h>
+// float16 with the F16C conversions (IEEE, round to nearest even, subnormals exact), W lanes at a time. NaN
+// is made c10's quiet NaN first (sign | 0x7E00: c10::detail::fp16_ieee_from_fp32_value), so every bit equals
+// c10's scalar conversions, which the torch kernel uses.
+struct F16 {
+  using S = uint16_t; using C = float; using Bits = uint32_t; using V = v8f; using VB = v8u;
+  static constexpr int W = EVOMERGE_VEC_BYTES / 4;
+#if EVOMERGE_VEC_BYTES == 64
+  using H = __m256i; using R = __m512;
+  static inline R widen(H h) { return _mm512_cvtph_ps(h); }
+  static inline H narrow(R f) { return _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+#else
+  using H = __m128i; using R = __m256;
+  static inline R widen(H h) { return _mm256_cvtph_ps(h); }
+  static inline H narrow(R f) { return _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+#endif
+  static inline float load(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+  static inline uint16_t store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+  static inline float round(float f) { return load(store(f)); }
+  static inline V canonical(V f) {  // NaN lanes -> sign | 0x7FC00000 (converts to sign | 0x7E00)
+    const VB sign = bit_cast<VB>(f) & 0x80000000u;
+    return f != f ? bit_cast<V>(VB(sign | 0x7FC00000u)) : f;
+  }
+  static inline H to_half(V f) { return narrow(bit_cast<R>(canonical(f))); }
+  static inline V round(V f) { return bit_cast<V>(widen(to_half(f))); }
+  static inline V vload(const S* p) { H h; std::memcpy(&h, p, sizeof(H)); return bit_cast<V>(widen(h)); }
+  static inline void vstore(S* p, V f) { const H h = to_half(f); std::memcpy(p, &h, sizeof(H)); }
+};
+#else
+struct F16 {  // one lane: c10's conversions are scalar code (no F16C in this build)
   using S = uint16_t; using C = float; using Bits = uint32_t; using V = float; using VB = uint32_t;
   static constexpr int W = 1;
   static inline float load(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
@@ -112,6 +147,7 @@ struct F16 {  // one lane: c10's conversions are scalar code
   static inline V vload(const S* p) { return load(*p); }
   static inline void vstore(S* p, V v) { *p = store(v); }
 };
+#endif
 
 // One call's arguments, per model where indexed by model (at most 8 models).
 template <typename F>
@@ -197,6 +233,27 @@ static inline void keep(const typename F::S* d, const uint8_t* bits, typename F:
   }
 }
 
+// row[0, len) = model i's delta d in the compute type; with `shrink`, torch.hardshrink by lambda (|x| > lambda
+// kept; NaN passes), branch-free, W lanes at a time.
+template <typename F>
+static inline void widen(const typename F::S* d, bool shrink, typename F::C lambda, typename F::C* row,
+                         int64_t len) {
+  using C = typename F::C; using V = typename F::V;
+  int64_t k = 0;
+  if constexpr (F::W > 1) {
+    const V zero = V{}, l = zero + lambda;
+    for (; k + F::W <= len; k += F::W) {
+      const V x = F::vload(d + k);
+      const V r = shrink ? (((x >= -l) & (x <= l)) ? zero : x) : x;
+      std::memcpy(row + k, &r, sizeof(V));
+    }
+  }
+  for (; k < len; ++k) {
+    const C x = F::load(d[k]);
+    row[k] = (shrink & (x >= -lambda) & (x <= lambda)) ? C(0) : x;
+  }
+}
+
 // Blocks [b0, b1) of the output. Per block: per model, the kept deltas in a small buffer (L1), then ONE loop
 // does the weighting, the sign election and the combine with every intermediate in registers, W elements at a
 // time (M is a compile-time constant: the loops over models unroll; -ffp-contract=off: no FMA, so every
@@ -226,15 +283,8 @@ static void combine(const Args<F>& a, int64_t b0, int64_t b1) {
       C* row = p[i];
       if (c.shrink[i] && extra[i] != nullptr) {
         keep<F>(d, extra[i] + start / 8, c.lambdas[i], row, len);
-      } else if (c.shrink[i]) {
-        const C l = c.lambdas[i];
-        for (int64_t k = 0; k < len; ++k) {  // torch.hardshrink, branch-free so it vectorizes
-          const C x = F::load(d[k]);
-          const bool inside = (x >= -l) & (x <= l);
-          row[k] = inside ? C(0) : x;
-        }
       } else {
-        for (int64_t k = 0; k < len; ++k) row[k] = F::load(d[k]);
+        widen<F>(d, c.shrink[i], c.lambdas[i], row, len);
       }
     }
     const S* b = base + start;
@@ -342,6 +392,8 @@ def _kernel() -> native.Kernel:
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         tag, simd = "avx512", ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                                "-DEVOMERGE_VEC_BYTES=64"]
+    if tag != "base":
+        simd = [*simd, "-mf16c"]  # every AVX2 CPU has F16C: float16 vectorized (its conversion instructions)
     flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fno-trapping-math", *simd]
     return native.Kernel(f"evomerge_fused_ties_{tag}", _SOURCE, flags, "the fused TIES kernel")
 

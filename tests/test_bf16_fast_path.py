@@ -147,3 +147,27 @@ def test_merge_and_engine_equal_mergekit_through_the_fast_path(reduced_family, m
         assert ours[name].dtype == engine[name].dtype == want.dtype, name
         assert torch.equal(ours[name], want), name
         assert torch.equal(engine[name], want), name
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_in_reduced_precision_equals_mergekit_bit_for_bit(method, dtype, fused_calls, mergekit_api):
+    """DARE's masks drawn by our Mersenne Twister kernel (mt_draws.py), its L1 rescale and the weights applied
+    in the fused kernel: every bit equals mergekit 0.1.5's merge of the same bf16/fp16 tensors and seed."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods.base import TensorGroup
+
+    gen = torch.Generator().manual_seed(21)
+    base = torch.randn(173, 211, generator=gen).to(dtype)   # draws across many 624-word blocks, ragged end
+    tensors = [base] + [(base.float() + torch.randn(base.shape, generator=gen) * s).to(dtype) for s in (0.02, 0.04)]
+    for weights, densities in (([0.7, 0.45], [0.3, 0.8]), ([1.0, -0.6], [0.55, 0.55])):
+        seed = 5
+        ours = _merge(method, tensors, weights, densities, normalize=True, lambda_=1.0, seed=seed)
+        group = TensorGroup.from_tensors(tensors, base_index=0, name="t")
+        params = {"weight": {i + 1: w for i, w in enumerate(weights)},
+                  "density": {i + 1: d for i, d in enumerate(densities)}, "normalize": True}
+        torch.manual_seed(seed)
+        (theirs,) = merge_methods.get(method)((group,), parameters=params)
+        assert theirs.dtype == ours.dtype
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), (method, weights)
+    assert not fused_calls or all(fused_calls)

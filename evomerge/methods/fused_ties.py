@@ -32,6 +32,8 @@ is used: same results, slower.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from evomerge import native
@@ -157,6 +159,7 @@ struct Args {
   bool shrink[8]; C lambdas[8];          // hardshrink: keep x where |x| > lambdas[i]
   const uint64_t* extra[8];              // bitmap of tied elements kept whatever the threshold (or null)
   bool scale[8]; C weights[8];           // weighted here (else the deltas come weighted)
+  bool rescale[8]; C factors[8];         // delta * factor, rounded, before the weight (DARE's L1 rescale)
   bool normalize, clamp, use_lambda; C min_weight, lambda;
 };
 
@@ -164,7 +167,8 @@ struct Args {
 // the loops would reload every parameter.
 template <typename C, int M>
 struct Scalars {
-  C w[M], lambdas[M]; bool scale[M], shrink[M]; bool normalize, clamp, use_lambda; C min_weight, lambda;
+  C w[M], lambdas[M], factors[M]; bool scale[M], shrink[M], rescale[M]; bool normalize, clamp, use_lambda;
+  C min_weight, lambda;
 };
 
 // W elements at once (V: W lanes of C, or C itself for one lane): from the kept deltas q (overwritten) and the
@@ -234,23 +238,26 @@ static inline void keep(const typename F::S* d, const uint8_t* bits, typename F:
 }
 
 // row[0, len) = model i's delta d in the compute type; with `shrink`, torch.hardshrink by lambda (|x| > lambda
-// kept; NaN passes), branch-free, W lanes at a time.
+// kept; NaN passes); with `rescale`, times `factor` (rounded: a product in the dtype), branch-free, W lanes at
+// a time.
 template <typename F>
-static inline void widen(const typename F::S* d, bool shrink, typename F::C lambda, typename F::C* row,
-                         int64_t len) {
+static inline void widen(const typename F::S* d, bool shrink, typename F::C lambda, bool rescale,
+                         typename F::C factor, typename F::C* row, int64_t len) {
   using C = typename F::C; using V = typename F::V;
   int64_t k = 0;
   if constexpr (F::W > 1) {
     const V zero = V{}, l = zero + lambda;
     for (; k + F::W <= len; k += F::W) {
       const V x = F::vload(d + k);
-      const V r = shrink ? (((x >= -l) & (x <= l)) ? zero : x) : x;
+      V r = shrink ? (((x >= -l) & (x <= l)) ? zero : x) : x;
+      if (rescale) r = F::round(r * factor);
       std::memcpy(row + k, &r, sizeof(V));
     }
   }
   for (; k < len; ++k) {
     const C x = F::load(d[k]);
-    row[k] = (shrink & (x >= -lambda) & (x <= lambda)) ? C(0) : x;
+    const C r = (shrink & (x >= -lambda) & (x <= lambda)) ? C(0) : x;
+    row[k] = rescale ? F::round(r * factor) : r;
   }
 }
 
@@ -268,6 +275,7 @@ static void combine(const Args<F>& a, int64_t b0, int64_t b1) {
   const uint8_t* extra[M];
   for (int i = 0; i < M; ++i) {
     c.w[i] = a.weights[i]; c.scale[i] = a.scale[i]; c.lambdas[i] = a.lambdas[i]; c.shrink[i] = a.shrink[i];
+    c.rescale[i] = a.rescale[i]; c.factors[i] = a.factors[i];
     deltas[i] = a.deltas[i]; extra[i] = reinterpret_cast<const uint8_t*>(a.extra[i]);
   }
   c.normalize = a.normalize; c.clamp = a.clamp; c.use_lambda = a.use_lambda;
@@ -284,7 +292,7 @@ static void combine(const Args<F>& a, int64_t b0, int64_t b1) {
       if (c.shrink[i] && extra[i] != nullptr) {
         keep<F>(d, extra[i] + start / 8, c.lambdas[i], row, len);
       } else {
-        widen<F>(d, c.shrink[i], c.lambdas[i], row, len);
+        widen<F>(d, c.shrink[i], c.lambdas[i], c.rescale[i], c.factors[i], row, len);
       }
     }
     const S* b = base + start;
@@ -320,9 +328,9 @@ static torch::Tensor mark(const torch::Tensor& idx, int64_t n) {
 
 template <typename F>
 static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
-                     std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
-                     bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
-                     torch::Tensor out) {
+                     std::vector<torch::Tensor> extras, std::vector<double> weights,
+                     std::vector<double> factors, bool prescaled, bool normalize, bool clamp, double min_weight,
+                     bool use_lambda, double lambda, torch::Tensor out) {
   using S = typename F::S; using C = typename F::C;
   const int m = deltas.size();
   TORCH_CHECK(1 <= m && m <= 8, "fused ties: 1 to 8 models");
@@ -345,6 +353,8 @@ static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std:
     }
     a.weights[i] = static_cast<C>(weights[i]);
     a.scale[i] = !prescaled && weights[i] != 1.0;  // x * 1 == x
+    a.rescale[i] = factors[i] != 1.0;
+    a.factors[i] = static_cast<C>(factors[i]);
   }
   a.normalize = normalize; a.clamp = clamp; a.use_lambda = use_lambda;
   a.min_weight = static_cast<C>(min_weight); a.lambda = static_cast<C>(lambda);
@@ -360,22 +370,22 @@ static void dispatch(torch::Tensor base, std::vector<torch::Tensor> deltas, std:
 }
 
 void ties_combine(torch::Tensor base, std::vector<torch::Tensor> deltas, std::vector<double> lambdas,
-                  std::vector<torch::Tensor> extras, std::vector<double> weights, bool prescaled,
-                  bool normalize, bool clamp, double min_weight, bool use_lambda, double lambda,
-                  torch::Tensor out) {
+                  std::vector<torch::Tensor> extras, std::vector<double> weights,
+                  std::vector<double> factors, bool prescaled, bool normalize, bool clamp, double min_weight,
+                  bool use_lambda, double lambda, torch::Tensor out) {
   const auto type = base.scalar_type();
   if (type == torch::kFloat32) {
-    dispatch<FP32>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+    dispatch<FP32>(base, deltas, lambdas, extras, weights, factors, prescaled, normalize, clamp, min_weight, use_lambda,
                    lambda, out);
   } else if (type == torch::kBFloat16) {
-    dispatch<BF16>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+    dispatch<BF16>(base, deltas, lambdas, extras, weights, factors, prescaled, normalize, clamp, min_weight, use_lambda,
                    lambda, out);
   } else if (type == torch::kHalf) {
-    dispatch<F16>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+    dispatch<F16>(base, deltas, lambdas, extras, weights, factors, prescaled, normalize, clamp, min_weight, use_lambda,
                   lambda, out);
   } else {
     TORCH_CHECK(type == torch::kFloat64, "fused ties: float32, float64, bfloat16 or float16");
-    dispatch<FP64>(base, deltas, lambdas, extras, weights, prescaled, normalize, clamp, min_weight, use_lambda,
+    dispatch<FP64>(base, deltas, lambdas, extras, weights, factors, prescaled, normalize, clamp, min_weight, use_lambda,
                    lambda, out);
   }
 }
@@ -406,31 +416,40 @@ def available() -> bool:
     return _KERNEL.available()
 
 
+def accepts(base: torch.Tensor, deltas: Sequence[torch.Tensor], out: torch.Tensor) -> bool:
+    """Whether ``ties_combine`` will handle these tensors (and the kernel is built): contiguous CPU
+    float32/float64/bfloat16/float16 tensors of one dtype, 1..8 models."""
+    return (base.device.type == "cpu" and base.dtype in FUSED_DTYPES and 1 <= len(deltas) <= MAX_MODELS
+            and out.is_contiguous() and base.is_contiguous()
+            and all(d.is_contiguous() and d.dtype == base.dtype for d in deltas) and _KERNEL.load() is not None)
+
+
 def ties_combine(base: torch.Tensor, deltas: list[torch.Tensor], thresholds: list[Threshold | None] | None,
-                 weights: list[float], normalize: bool, lambda_: float, out: torch.Tensor) -> bool:
+                 weights: list[float], normalize: bool, lambda_: float, out: torch.Tensor,
+                 factors: Sequence[float] | None = None) -> bool:
     """out = base + lambda * TIES-combine(weight_i * kept(delta_i)); False if not handled here.
 
     ``thresholds[i]`` (a magnitude top-k, ``sparsify.magnitude_threshold``; its tied positions in any order)
     selects what model i keeps, None keeps everything; ``thresholds=None`` means the deltas are already
-    sparsified AND weighted (the weights then only enter the divisor). ``weights`` are already rounded to the
-    tensor's dtype. Handles contiguous CPU float32/float64/bfloat16/float16 tensors and 1..8 models; the caller
-    falls back to the torch kernel otherwise. Runs on torch's intra-op threads (one where the caller set one).
+    sparsified AND weighted (the weights then only enter the divisor), unless ``factors`` is given: then they
+    are sparsified but neither rescaled nor weighted, and model i's part is ``round(round(delta_i * factors[i])
+    * weight_i)`` (DARE's deferred L1 rescale, ``sparsify.sparsify_into(defer_rescale=True)``; the same
+    products and roundings as rescaling and weighting the rows in torch). ``weights`` and ``factors`` are
+    values of the tensor's dtype. Handles what ``accepts`` accepts; the caller falls back to the torch kernel
+    otherwise. Runs on torch's intra-op threads (one where the caller set one).
     """
-    if (base.device.type != "cpu" or base.dtype not in FUSED_DTYPES
-            or not 1 <= len(deltas) <= MAX_MODELS or not out.is_contiguous() or not base.is_contiguous()
-            or not all(d.is_contiguous() and d.dtype == base.dtype for d in deltas)
-            or any(t is not None and t.keep is not None for t in thresholds or ())):
+    if not accepts(base, deltas, out) or any(t is not None and t.keep is not None for t in thresholds or ()):
         return False
     module = _KERNEL.load()
-    if module is None:
-        return False
-    prescaled = thresholds is None
+    assert factors is None or thresholds is None, "factors apply to sparsified rows only"
+    prescaled = thresholds is None and factors is None
     cuts: list[Threshold | None] = [None] * len(deltas) if thresholds is None else thresholds
     none = torch.empty(0, dtype=torch.int64)
     lambdas = [-1.0 if t is None else t.shrink_lambda(base.dtype) for t in cuts]
     extras = [none if t is None or t.extra is None else t.extra.contiguous() for t in cuts]
+    scales = [1.0] * len(deltas) if factors is None else [float(f) for f in factors]
     positive = min(weights) > 0
-    module.ties_combine(base, list(deltas), lambdas, extras, [float(w) for w in weights], prescaled,
+    module.ties_combine(base, list(deltas), lambdas, extras, [float(w) for w in weights], scales, prescaled,
                         bool(normalize), positive, float(min(weights)) if positive else 0.0, lambda_ != 1,
                         float(lambda_), out)
     return True

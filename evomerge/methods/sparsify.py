@@ -251,7 +251,7 @@ class Sparsification:
 
 
 def sparsify_into(delta: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor, *,
-                  generator: torch.Generator | None = None, ws: Workspace) -> None:
+                  generator: torch.Generator | None = None, ws: Workspace, defer_rescale: bool = False) -> float:
     """out = sparsified ``delta`` (rescaled if ``how.rescale``), like mergekit's ``sparsify``.
 
     Args:
@@ -262,6 +262,11 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, how: Sparsification, o
         out: flat buffer of ``delta.numel()`` elements in ``delta``'s dtype and device; overwritten.
         generator: the random stream of ``random`` / ``della_magprune`` (mergekit's masks for the same seed).
         ws: scratch buffers, reused across calls.
+        defer_rescale: leave DARE's L1 rescale (a multiply in ``delta``'s dtype) to the caller and return its
+            factor, where it is one (``random``, ``rescale_mode="l1"``, drawn in the delta's own dtype).
+
+    Returns:
+        The deferred rescale factor (a value of ``delta``'s dtype), or 1.0: nothing left to multiply.
 
     Raises:
         ValueError: ``how.method`` is not one of ``SPARSIFY_METHODS``.
@@ -272,11 +277,12 @@ def sparsify_into(delta: torch.Tensor, stats: DeltaStats, how: Sparsification, o
     elif how.method in ("magnitude", "magnitude_outliers"):
         _magnitude_into(flat, stats, how, out, ws)
     elif how.method == "random":
-        _random_into(flat, stats, how, out, generator, ws)
+        return _random_into(flat, stats, how, out, generator, ws, defer_rescale)
     elif how.method == "della_magprune":
         _della_into(flat, stats, how, out, generator, ws)
     else:
         raise ValueError(f"unknown sparsification {how.method!r}")
+    return 1.0
 
 
 def _magnitude_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor,
@@ -307,8 +313,9 @@ def _magnitude_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, 
 
 
 def _random_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor,
-                 generator: torch.Generator | None, ws: Workspace) -> None:
-    """DARE: keep each element with probability ``density`` (drawn in mergekit's dtype, see ``work_dtype``)."""
+                 generator: torch.Generator | None, ws: Workspace, defer_rescale: bool = False) -> float:
+    """DARE: keep each element with probability ``density`` (drawn in mergekit's dtype, see ``work_dtype``);
+    returns the L1 rescale factor left to the caller (``defer_rescale``), else 1.0."""
     n = flat.numel()
     wd = work_dtype(flat)
     src = flat if flat.dtype == wd else flat.to(wd)
@@ -326,10 +333,15 @@ def _random_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out
         else:
             mask = torch.bernoulli(torch.full_like(src, how.density), generator=generator)
         torch.mul(src, mask, out=target)
+    factor = 1.0
     if how.rescale and how.density > 0:  # density 0 kept nothing (the draw still advances the stream, as mergekit's)
-        _rescale(target, stats.l1, how.rescale_mode, how.density, ws)
+        if defer_rescale and target is out and how.rescale_mode == "l1" and out.device.type == "cpu":
+            factor = float(_l1_factor(target, stats.l1, ws))
+        else:
+            _rescale(target, stats.l1, how.rescale_mode, how.density, ws)
     if target is not out:
         out.copy_(target)
+    return factor
 
 
 def _della_into(flat: torch.Tensor, stats: DeltaStats, how: Sparsification, out: torch.Tensor,
@@ -397,10 +409,15 @@ def _rescale(kept: torch.Tensor, before: torch.Tensor, mode: str, keep_prob, ws:
     if mode == "inverse_density":
         kept.div_(keep_prob)
         return
+    kept.mul_(_l1_factor(kept, before, ws))
+
+
+def _l1_factor(kept: torch.Tensor, before: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """mergekit's L1 rescale factor ``||delta||_1 / ||kept||_1`` (0-dim, kept's dtype and device), exactly 1
+    where either norm is below 1e-7 (mergekit then skips the rescale; multiplying by 1 does the same without a
+    device-to-host sync)."""
     scratch = ws.get("sp_abs", kept.shape, kept.dtype)
     torch.abs(kept, out=scratch)
     after = scratch.sum()
-    # mergekit skips the rescale when either norm is below eps; multiplying by exactly 1 does the same
-    # without a device-to-host sync.
     skip = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
-    kept.mul_(torch.where(skip, torch.ones_like(after), before / after))
+    return torch.where(skip, torch.ones_like(after), before / after)

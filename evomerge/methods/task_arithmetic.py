@@ -117,10 +117,18 @@ def merge_task_arithmetic(base: torch.Tensor, deltas: Sequence[torch.Tensor], st
         return out
 
     # General path: sparsify each whole delta (random draws and L1 rescale need the whole tensor), then combine.
-    scaled = _sparsified_rows(base.dtype, deltas, stats, settings, weights, generator, ws)
-    if consensus and fused_ties.ties_combine(flat_base, list(scaled.unbind(0)), None, weights, normalize, lambda_,
-                                             flat_out):  # rows already sparsified and weighted
-        return out
+    if consensus and fused_ties.accepts(flat_base, flat_deltas, flat_out):
+        # the fused kernel rescales (DARE's L1 factor) and weights the sparsified rows as it reads them
+        scaled, factors = _sparsified_rows(base.dtype, deltas, stats, settings, None, generator, ws)
+        if fused_ties.ties_combine(flat_base, list(scaled.unbind(0)), None, weights, normalize, lambda_, flat_out,
+                                   factors=factors):
+            return out
+        for i, row in enumerate(scaled):  # (the kernel declined after all: rescale and weight here)
+            if factors[i] != 1.0:
+                row.mul_(torch.tensor(factors[i], dtype=row.dtype))
+            row.mul_(weights[i])
+    else:
+        scaled, _ = _sparsified_rows(base.dtype, deltas, stats, settings, weights, generator, ws)
 
     def rows_of_scaled(index: int, start: int, rows: torch.Tensor, parts: Sequence[torch.Tensor],
                        tmp: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
@@ -162,20 +170,30 @@ class _Combination:
 
 
 def _sparsified_rows(dtype: torch.dtype, deltas: Sequence[torch.Tensor], stats: Sequence[DeltaStats | None],
-                     settings: TaskArithmeticSettings, weights: Sequence[float], generator: torch.Generator | None,
-                     ws: Workspace) -> torch.Tensor:
-    """A ``(count, numel)`` buffer in ``dtype`` whose row i is weight_i * sparsify(delta_i) (whole tensors)."""
+                     settings: TaskArithmeticSettings, weights: Sequence[float] | None,
+                     generator: torch.Generator | None, ws: Workspace) -> tuple[torch.Tensor, list[float]]:
+    """A ``(count, numel)`` buffer in ``dtype`` whose row i is weight_i * sparsify(delta_i) (whole tensors).
+
+    ``weights=None``: the rows are sparsified only, and DARE's L1 rescale is deferred where it can be: the
+    factors returned (1.0: nothing deferred) are for the fused kernel to apply, before the weights.
+    """
     scaled = ws.get("gta_scaled", (len(deltas), deltas[0].numel()), dtype)
+    factors = [1.0] * len(deltas)
     for i, delta in enumerate(deltas):
         row = scaled[i]
         if settings.sparsify is None:
-            torch.mul(delta.reshape(-1), weights[i], out=row)
+            if weights is None:
+                row.copy_(delta.reshape(-1))
+            else:
+                torch.mul(delta.reshape(-1), weights[i], out=row)
             continue
         stat = stats[i]
         assert stat is not None, "prepare_stats gives every delta statistics when it is sparsified"
-        sparsify_into(delta, stat, settings.sparsification(i), row, generator=generator, ws=ws)
-        row.mul_(weights[i])
-    return scaled
+        factors[i] = sparsify_into(delta, stat, settings.sparsification(i), row, generator=generator, ws=ws,
+                                   defer_rescale=weights is None)
+        if weights is not None:
+            row.mul_(weights[i])
+    return scaled, factors
 
 
 def _thresholds(flat_deltas, stats, densities, sparsify, rescale) -> list[Threshold | None] | None:

@@ -23,11 +23,11 @@ d) ``--device cuda``: a) merges on the GPU (``evomerge merge --device cuda``, ``
    engine lives there (times after ``torch.cuda.synchronize``; the peak GPU memory of each configuration is
    printed as well). experiments/benchmarks/gpu_check.sh runs it.
 
-Last measured b) (docs/MEMORY.md; `--part b --methods ties,dare_ties --no-streamed --skip "ties, no sort order"
---candidates 5`, shared 2-core machine at load 10-17, where only the CPU ratios mean something): ties 0.53 CPU s
-per candidate vs 0.062 s for one copy of its 0.99 GB (8.5x, target 3x); dare_ties 3.28 vs 0.054 s (61x, target
-5x: the Mersenne Twister draws that reproduce mergekit's masks cost about 40x alone). `--methods ties` alone at
-load 4-6: 0.53 vs 0.066 CPU s (8.0x; the kernel before: 1.41 vs 0.078 s, 18.0x).
+Last measured (docs/MEMORY.md, 2026-11-29, the 2-core machine otherwise idle): b) ties 0.27 s per candidate,
+5.8-9.6x the wall time of one copy of its 0.99 GB (9.4-10.0x in CPU time; target 3x); dare_ties 0.47 s, 9.2x
+wall, 17.1x CPU (target 5x; 55x before the Mersenne Twister kernel). a) against mergekit: ties 0.90x (bf16)
+and 0.91x (float32) its wall time (target 0.5x: both tools' time is the sort that reproduces mergekit's
+tie-break), dare_ties 0.34x / 0.36x; peak RSS 0.62-0.85x.
 
 Usage:
     python experiments/benchmarks/scale_merge.py                          # 0.5b, a) and b)

@@ -91,9 +91,8 @@ def ensure_order(flat: torch.Tensor, stats: DeltaStats, method: str) -> torch.Te
             order = torch.argsort(mags, descending=True)
         else:
             order = torch.sort(mags, descending=False).indices
-        if order.numel() < 2**31 - 1 and stats.keep_order:
-            order = order.to(torch.int32)  # kept: half the memory, same positions (one-shot: the copy would be
-            # 4 more bytes per element at the peak, for an order dropped right after)
+        if order.numel() < 2**31 - 1:
+            order = order.to(torch.int32)  # half the memory; same positions
         stats.order = order
     return stats.order
 

@@ -211,52 +211,37 @@ static inline V lanes(V* q, V base, const Scalars<typename F::C, M>& c) {
   return mixed + base;
 }
 
-// row[0, len) = model i's delta d kept by its threshold: torch.hardshrink (|x| > lambda; NaN passes), except
-// the elements whose bit is set in `bits` (the tied elements mergekit keeps; a bitmap from element 0 of d).
-template <typename F>
-static inline void keep(const typename F::S* d, const uint8_t* bits, typename F::C lambda, typename F::C* row,
-                        int64_t len) {
+// row[0, len) = model i's delta d in the compute type, W lanes at a time, branch-free. With `shrink`: what its
+// threshold keeps, torch.hardshrink (|x| > lambda; NaN passes), and with Marked also the elements whose bit is
+// set in `bits` (the tied elements mergekit keeps; a bitmap from element 0 of d). With `rescale`: times `factor`,
+// rounded (a product in the dtype: DARE's L1 rescale).
+template <typename F, bool Marked>
+static inline void widen(const typename F::S* d, const uint8_t* bits, bool shrink, typename F::C lambda,
+                         bool rescale, typename F::C factor, typename F::C* row, int64_t len) {
   using C = typename F::C; using V = typename F::V; using VB = typename F::VB; using Bits = typename F::Bits;
   int64_t k = 0;
   if constexpr (F::W > 1) {
     const V zero = V{}, l = zero + lambda;
     VB lane{};
     for (int j = 0; j < F::W; ++j) lane[j] = Bits(1) << j;
-    for (; k + F::W <= len; k += F::W) {  // these lanes' bits: W <= 16 bits from bit k (the bitmap is padded)
-      uint32_t word;
-      std::memcpy(&word, bits + (k >> 3), sizeof(word));
-      const V x = F::vload(d + k);
-      const V r = ((x >= -l) & (x <= l) & ((lane & Bits(word >> (k & 7))) == 0)) ? zero : x;
-      std::memcpy(row + k, &r, sizeof(V));
-    }
-  }
-  for (; k < len; ++k) {
-    const C x = F::load(d[k]);
-    const bool drop = (x >= -lambda) & (x <= lambda) & (((bits[k >> 3] >> (k & 7)) & 1) == 0);
-    row[k] = drop ? C(0) : x;
-  }
-}
-
-// row[0, len) = model i's delta d in the compute type; with `shrink`, torch.hardshrink by lambda (|x| > lambda
-// kept; NaN passes); with `rescale`, times `factor` (rounded: a product in the dtype), branch-free, W lanes at
-// a time.
-template <typename F>
-static inline void widen(const typename F::S* d, bool shrink, typename F::C lambda, bool rescale,
-                         typename F::C factor, typename F::C* row, int64_t len) {
-  using C = typename F::C; using V = typename F::V;
-  int64_t k = 0;
-  if constexpr (F::W > 1) {
-    const V zero = V{}, l = zero + lambda;
     for (; k + F::W <= len; k += F::W) {
       const V x = F::vload(d + k);
-      V r = shrink ? (((x >= -l) & (x <= l)) ? zero : x) : x;
+      VB drop = shrink ? VB((x >= -l) & (x <= l)) : VB{};
+      if constexpr (Marked) {  // these lanes' bits: W <= 16 bits from bit k (the bitmap is padded)
+        uint32_t word;
+        std::memcpy(&word, bits + (k >> 3), sizeof(word));
+        drop = drop & VB((lane & Bits(word >> (k & 7))) == 0);
+      }
+      V r = drop ? zero : x;
       if (rescale) r = F::round(r * factor);
       std::memcpy(row + k, &r, sizeof(V));
     }
   }
   for (; k < len; ++k) {
     const C x = F::load(d[k]);
-    const C r = (shrink & (x >= -lambda) & (x <= lambda)) ? C(0) : x;
+    bool drop = shrink & (x >= -lambda) & (x <= lambda);
+    if constexpr (Marked) drop = drop & (((bits[k >> 3] >> (k & 7)) & 1) == 0);
+    const C r = drop ? C(0) : x;
     row[k] = rescale ? F::round(r * factor) : r;
   }
 }
@@ -290,9 +275,9 @@ static void combine(const Args<F>& a, int64_t b0, int64_t b1) {
       const S* d = deltas[i] + start;
       C* row = p[i];
       if (c.shrink[i] && extra[i] != nullptr) {
-        keep<F>(d, extra[i] + start / 8, c.lambdas[i], row, len);
+        widen<F, true>(d, extra[i] + start / 8, true, c.lambdas[i], c.rescale[i], c.factors[i], row, len);
       } else {
-        widen<F>(d, c.shrink[i], c.lambdas[i], c.rescale[i], c.factors[i], row, len);
+        widen<F, false>(d, nullptr, c.shrink[i], c.lambdas[i], c.rescale[i], c.factors[i], row, len);
       }
     }
     const S* b = base + start;

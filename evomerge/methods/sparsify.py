@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evomerge.methods import mt_draws
+import evomerge.methods.mt_draws as mt_draws
 from evomerge.methods.workspace import Workspace
 
 SPARSIFY_METHODS = ("magnitude", "magnitude_outliers", "random", "della_magprune")

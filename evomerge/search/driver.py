@@ -83,6 +83,7 @@ class SearchDriver:
         self.state = run.load_state() or DriverState()
         self.elapsed_before = self.state.elapsed_s  # seconds searched by earlier parts of the run
         self.part_start = time.monotonic()
+        self._memory_texts: dict[int, str | None] = {}  # stage index -> its workers' memory plan, made once
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.part_start)
@@ -180,10 +181,16 @@ class SearchDriver:
 
     def _memory_text(self, index: int) -> str | None:
         """The workers' planned memory for stage ``index`` (PS: a recipe), as printed lines; None for DFS.
+        Planned once per stage (before anything is written, then again when the stage starts: the same plan).
 
         Raises:
             EvomergeError: nothing fits (memory_plan / placement).
         """
+        if index not in self._memory_texts:
+            self._memory_texts[index] = self._plan_memory(index)
+        return self._memory_texts[index]
+
+    def _plan_memory(self, index: int) -> str | None:
         initial = stage_space(self.exp, self.run.path, index)
         candidate = initial.decode(initial.x0())
         if not isinstance(candidate, Recipe):

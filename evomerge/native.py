@@ -41,10 +41,17 @@ def enabled() -> bool:
     return os.environ.get("EVOMERGE_FUSED_KERNELS", "1") != "0"
 
 
-def simd_flags() -> tuple[str, list[str]]:
-    """A build tag and flags for 8-wide AVX2 where torch reports AVX2/AVX512, else the baseline instruction set.
-    The tag goes into the library's name, so cluster nodes sharing a home folder each get a build they can run."""
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+AVX512_FLAGS = ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+
+
+def simd_flags(avx512: bool = False) -> tuple[str, list[str]]:
+    """A build tag and flags for 8-wide AVX2 where torch reports AVX2/AVX512, else the baseline instruction set;
+    with ``avx512``, an AVX-512 build where torch runs AVX-512 kernels (tag ``avx512``). The tag goes into the
+    library's name, so cluster nodes sharing a home folder each get a build they can run."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if avx512 and capability == "AVX512":
+        return "avx512", list(AVX512_FLAGS)
+    if capability in ("AVX2", "AVX512"):
         return "avx2", ["-mavx2"]
     return "base", []
 

@@ -383,10 +383,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 def _kernel() -> native.Kernel:
     """Never a fused multiply-add (-ffp-contract=off): results must equal the torch kernel's. Where torch runs
     AVX-512 kernels, 16 floats per vector (elementwise IEEE operations: the same results at any width)."""
-    tag, simd = native.simd_flags()
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
-        tag, simd = "avx512", ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                               "-DEVOMERGE_VEC_BYTES=64"]
+    tag, simd = native.simd_flags(avx512=True)
+    if tag == "avx512":
+        simd = [*simd, "-DEVOMERGE_VEC_BYTES=64"]
     if tag != "base":
         simd = [*simd, "-mf16c"]  # every AVX2 CPU has F16C: float16 vectorized (its conversion instructions)
     flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fno-trapping-math", *simd]

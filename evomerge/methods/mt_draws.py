@@ -148,9 +148,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 
 def _kernel() -> native.Kernel:
-    tag, simd = native.simd_flags()
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
-        tag, simd = "avx512", ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    tag, simd = native.simd_flags(avx512=True)
     return native.Kernel(f"evomerge_mt_draws_{tag}", _SOURCE, ["-O3", *simd], "the random-draw kernel")
 
 

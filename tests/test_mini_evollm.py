@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def test_language_gate():
 def test_splits_are_disjoint_by_meaning_and_fixed():
     a = zoo.make_splits(0)
     keys = {name: {it.key for it in items} for name, items in a.items()}
-    assert len(a["target_search"]) == 500 and len(a["target_test"]) == 500
+    assert len(a["target_search"]) == 500 and len(a["target_test"]) == 1000
     math = ("target_search", "target_test", "math_l1_test", "math_l1_search", "a_train")
     for x in math:
         assert len(keys[x]) == len(a[x])
@@ -57,6 +59,26 @@ def test_splits_are_disjoint_by_meaning_and_fixed():
     zoo.make_splits.cache_clear()
     again = zoo.make_splits(0)
     assert [it.question for it in again["target_test"]] == [it.question for it in a["target_test"]]
+
+
+def test_specialist_b_plain_texts_are_language_2_facts_and_stories_without_word_problems():
+    """B's plain texts: about b_mix_facts of them language-2 arithmetic facts, every one correct and in
+    language 2, the rest language-2 stories; no question or answer prompt (B never sees a word problem)."""
+    rng = random.Random(0)
+    texts = [zoo.b_plain_text(rng, zoo.ZooRecipe()) for _ in range(2000)]
+    ops = {L.L2_WORD[o] for o in ("plus", "minus", "times")}
+    facts = [t for t in texts if ops & set(t.split())]
+    assert 0.45 < len(facts) / len(texts) < 0.55
+    for t in texts:
+        assert L.language_of(t) == 2 and "<q>" not in t and "<a>" not in t
+    for t in facts:
+        for fact in t.split(" . "):
+            x, op, y, is_, z = fact.replace(" .", "").split()
+            assert is_ == L.L2_WORD["is"]
+            assert int(z) == {"plus": int(x) + int(y), "minus": int(x) - int(y), "times": int(x) * int(y)}[
+                L.L2_TO_L1[op]]
+    stories_only = replace(zoo.ZooRecipe(), b_mix_facts=0.0)
+    assert not any(ops & set(zoo.b_plain_text(rng, stories_only).split()) for _ in range(300))
 
 
 def test_math_items_solve_correctly():
@@ -97,7 +119,7 @@ def test_miniature_build_loads_and_scores(tmp_path):
     mtime = (path / "zoo.json").stat().st_mtime
     assert zoo.build_zoo(recipe, cache=tmp_path, threads=1) == path          # cached: not rebuilt
     assert (path / "zoo.json").stat().st_mtime == mtime
-    assert sum(1 for _ in open(path / "data" / "target_test.jsonl")) == 500
+    assert sum(1 for _ in open(path / "data" / "target_test.jsonl")) == recipe.n_test + recipe.n_test_late == 1000
     weights = {}
     for name in ("base", "spec_a", "spec_b"):
         assert (path / name / "model.safetensors").is_file()
@@ -159,7 +181,8 @@ def test_training_batches_teach_next_token_prediction():
 
     recipe = zoo.TINY_RECIPE
     tok = zoo.make_tokenizer()
-    splits = zoo.make_splits(recipe.data_seed, recipe.n_search, recipe.n_test, recipe.n_eval_own, recipe.two_step)
+    splits = zoo.make_splits(recipe.data_seed, recipe.n_search, recipe.n_test, recipe.n_eval_own, recipe.two_step,
+                             recipe.n_test_late)
     torch.manual_seed(0)
     model = zoo.make_model(recipe, len(tok)).eval()
     pretrain = zoo._packed_batches(tok, recipe, recipe.base, zoo.held_out_keys(splits))
@@ -273,7 +296,6 @@ def test_same_seeds_give_the_same_table_with_one_or_two_workers(ray_address, tmp
     differently (language-blind `val` as the fitness, so the optimizer's ranking matters): with 1 and with 2
     workers, the same seed gives the same trials (genomes, metrics, scores), the same exported winner (bitwise)
     and the same held-out row of the table."""
-    from dataclasses import replace
 
     run = _load_run_module()
     recipe = replace(zoo.TINY_RECIPE, base=zoo.TrainSpec(steps=150, lr=3e-3, batch=8, warmup=10),

@@ -84,7 +84,7 @@ class MiniTaskEvaluator:
         self.split = split
         self.kind, self.lang = SPLITS[split]
         r = zoo.ZooRecipe()
-        items = zoo.make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step)[split]
+        items = zoo.make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step, r.n_test_late)[split]
         if limit and limit < len(items):
             items = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
         self.items = items

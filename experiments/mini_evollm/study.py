@@ -101,7 +101,8 @@ def summarize(ctx: dict, zoo_seed: int, isa: str) -> dict:
             "DARE-TIES": acc["DARE-TIES, no search"],
             "PS": [100 * s["metrics"]["target_test/accuracy"] for s in ps],
             "PS_search": [s["search_score"] for s in ps], "worst_lower": worst,
-            "verdict": mini_run.verdict_reached(ps, rows), "ps_trials": [s["trials"] for s in ps]}
+            "verdict": mini_run.verdict_reached(ps, rows), "ps_trials": [s["trials"] for s in ps],
+            "n_test": len(ps[0]["per_item"])}
 
 
 def weight_difference(zoo_a: Path, zoo_b: Path) -> dict[str, float] | None:
@@ -128,13 +129,14 @@ COLUMNS = ("base", "A", "B", "TIES", "DARE-TIES")
 def write_summary(path: Path, settings: StudySettings, rows: list[dict], missing: list[str],
                   isa_check: list[str], command: str) -> None:
     """STUDY.md: the per-row table, the spread across rows, the instruction-set check, what is missing."""
+    n_test = " / ".join(str(n) for n in sorted({r.get("n_test", 500) for r in rows})) or "?"
     lines = ["# Mini EvoLLM study: zoo seeds x instruction sets", "",
              "Written by `experiments/mini_evollm/study.py` (numbers from the run that wrote this file).", "",
              f"Command: `{command}`  ",
              f"Zoo seeds {list(settings.zoo_seeds)}, instruction sets {list(settings.isas)}; per row: the zoo "
              f"(built for that seed and instruction set), the sources, the no-search merges, PS over search seeds "
              f"{list(settings.search_seeds)} ({settings.ps_trials} trials each, {settings.workers} workers).", "",
-             "Held-out target test accuracy % (language-2 math, gated, 500 items). Verdict rule: every PS seed's "
+             f"Held-out target test accuracy % (language-2 math, gated, {n_test} items). Verdict rule: every PS seed's "
              "winner beats every source and both no-search merges, paired bootstrap 95% interval (2000 "
              "resamples) above 0; `worst lower` is the smallest lower bound over all those pairs (points).", "",
              "| zoo seed | ISA | base | A | B | TIES | DARE-TIES | PS per seed | worst lower | verdict |",
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo-seeds", default="0,1,2")
     ap.add_argument("--isas", default="avx512,avx2", help=f"comma-separated, from {sorted(ISA_ENV)}")
     ap.add_argument("--search-seeds", default="0,1,2")
-    ap.add_argument("--ps-trials", type=int, default=96)
+    ap.add_argument("--ps-trials", type=int, default=mini_run.PS_TRIALS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="runs/mini_evollm_study")
     ap.add_argument("--summary", default=str(HERE / "STUDY.md"))

@@ -6,7 +6,8 @@
   sentence pairs, arithmetic facts and simple question answering in both languages (so it already answers a
   question in the question's language, which merges need: otherwise the heavier model decides the language).
 - spec_a: the base fine-tuned on language-1 math word problems with short step-by-step solutions.
-- spec_b: the base fine-tuned on language-2 reading questions and language-2 stories, no math.
+- spec_b: the base fine-tuned on language-2 reading questions and language-2 plain text (stories and arithmetic
+  facts such as "3 plus 4 is 7 ." in language 2), no word problems.
 
 Everything is seeded and written as standard Hugging Face checkpoints (safetensors) under
 ``.cache/mini_evollm/<recipe hash>/``; the folder is reused until the recipe (or ZOO_VERSION) changes, and it is
@@ -24,7 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import languages as L  # noqa: E402
 
-ZOO_VERSION = 2
+ZOO_VERSION = 3  # 3: specialist B's plain texts include language-2 arithmetic facts (b_mix_facts)
 # The environment variables that cap the vector instruction set of torch's kernels, oneDNN and MKL. They are read
 # when torch is imported, so a study forces a lower set by starting a fresh process with them set.
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -73,8 +74,14 @@ class ZooRecipe:
     mix_qa: float = 0.17       # (the rest of the documents: reading and look-up questions, both languages)
     switch_p: float = 0.4
     two_step: float = 0.3
+    # specialist B's plain texts (30% of its rows): this share are language-2 arithmetic facts, the rest
+    # language-2 stories. B then writes arithmetic in language 2 but still cannot solve a word problem, as the
+    # paper's Japanese model writes Japanese but does little math; measured (FEASIBILITY.md, issue 13): with
+    # stories only, the verdict failed for zoo seed 2 on AVX-512 and zoo seed 0 on AVX2.
+    b_mix_facts: float = 0.5
     n_search: int = 500
     n_test: int = 500
+    n_test_late: int = 500  # more held-out target items (issue 13: a 1000-item test split narrows the intervals)
     n_eval_own: int = 300
 
     def digest(self) -> str:
@@ -106,10 +113,12 @@ TINY_RECIPE = ZooRecipe(hidden=32, layers=2, heads=2, ffn=64, seq_len=32,
 
 @lru_cache(maxsize=8)
 def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_own: int = 300,
-                two_step: float = 0.3) -> dict[str, list[L.Item]]:
+                two_step: float = 0.3, n_test_late: int = 500) -> dict[str, list[L.Item]]:
     """The evaluation splits and the specialists' training pools, disjoint by meaning (frame key).
 
     target_search / target_test: language-2 math (the target, as in MGSM-JA vs the GSM8K-JA search set);
+    target_test holds ``n_test`` items and then ``n_test_late`` more, drawn after every other split (so that
+    adding them changed no other split and no fine-tune pool);
     math_l1_test / math_l1_search: specialist A's own task; qa_l2_test / qa_l2_search: specialist B's own task;
     a_train / b_train: the fine-tune pools.
     """
@@ -137,6 +146,7 @@ def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_ow
     # the splits above never change, and disjoint from all of it
     out["math_l1_search"] = [L.math_item(f, 1) for f in _draw_distinct(n_eval_own, frame, L.MathFrame.key, frames)]
     out["qa_l2_search"] = _draw_distinct(n_eval_own, question, lambda it: it.key, qa)
+    out["target_test"] += [L.math_item(f, 2) for f in _draw_distinct(n_test_late, frame, L.MathFrame.key, frames)]
     return out
 
 
@@ -189,6 +199,16 @@ def base_document(rng: random.Random, r: ZooRecipe, held_out: frozenset[str]) ->
                 break
         return L.qa_text(it)
     return " ".join(words)
+
+
+def b_plain_text(rng: random.Random, r: ZooRecipe) -> str:
+    """One of specialist B's plain language-2 texts: 3-8 arithmetic facts (share ``r.b_mix_facts``) or a story."""
+    if rng.random() < r.b_mix_facts:
+        words: list[str] = []
+        for _ in range(rng.randint(3, 8)):
+            words += L.arithmetic_fact(rng)[1]
+        return " ".join(words)
+    return " ".join(L.story(rng, rng.randint(2, 4))[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,7 +366,7 @@ def build_zoo(recipe: ZooRecipe | None = None, cache: Path | str | None = None, 
 
     tok = make_tokenizer()
     tok.save_pretrained(tmp / "tokenizer")
-    splits = make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step)
+    splits = make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step, r.n_test_late)
     held = held_out_keys(splits)
     (tmp / "data").mkdir()
     for name, items in splits.items():
@@ -363,12 +383,9 @@ def build_zoo(recipe: ZooRecipe | None = None, cache: Path | str | None = None, 
     tok.save_pretrained(tmp / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def l2_story(rng: random.Random) -> str:
-        return " ".join(L.story(rng, rng.randint(2, 4))[1])
-
     for name, spec, items, extra, frac, seed in (
         ("spec_a", r.spec_a, splits["a_train"], None, 0.0, r.seed * 31 + 2),
-        ("spec_b", r.spec_b, splits["b_train"], l2_story, 0.3, r.seed * 31 + 3),
+        ("spec_b", r.spec_b, splits["b_train"], partial(b_plain_text, r=r), 0.3, r.seed * 31 + 3),
     ):
         t0 = time.perf_counter()
         model.load_state_dict(base_state)

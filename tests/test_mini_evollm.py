@@ -181,8 +181,7 @@ def test_training_batches_teach_next_token_prediction():
 
     recipe = zoo.TINY_RECIPE
     tok = zoo.make_tokenizer()
-    splits = zoo.make_splits(recipe.data_seed, recipe.n_search, recipe.n_test, recipe.n_eval_own, recipe.two_step,
-                             recipe.n_test_late)
+    splits = zoo.recipe_splits(recipe)
     torch.manual_seed(0)
     model = zoo.make_model(recipe, len(tok)).eval()
     pretrain = zoo._packed_batches(tok, recipe, recipe.base, zoo.held_out_keys(splits))

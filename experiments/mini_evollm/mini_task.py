@@ -83,8 +83,7 @@ class MiniTaskEvaluator:
             raise ValueError(f"unknown split {split!r}; choose from {sorted(SPLITS)}")
         self.split = split
         self.kind, self.lang = SPLITS[split]
-        r = zoo.ZooRecipe()
-        items = zoo.make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step, r.n_test_late)[split]
+        items = zoo.recipe_splits(zoo.ZooRecipe())[split]
         if limit and limit < len(items):
             items = [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
         self.items = items

@@ -150,6 +150,11 @@ def make_splits(seed: int = 0, n_search: int = 500, n_test: int = 500, n_eval_ow
     return out
 
 
+def recipe_splits(r: ZooRecipe) -> dict[str, list[L.Item]]:
+    """``make_splits`` for the recipe's split fields (cached: the same lists for equal fields)."""
+    return make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step, r.n_test_late)
+
+
 def _draw_distinct(n: int, draw, key, seen: dict) -> list:
     """``n`` new draws, distinct by ``key`` and not already in ``seen`` (key -> draw, which this extends)."""
     new = []
@@ -165,6 +170,14 @@ def _draw_distinct(n: int, draw, key, seen: dict) -> list:
 def held_out_keys(splits: dict[str, list[L.Item]]) -> frozenset[str]:
     return frozenset(it.key for name in ("target_search", "target_test", "math_l1_test", "qa_l2_test",
                                          "math_l1_search", "qa_l2_search") for it in splits[name])
+
+
+def fact_words(rng: random.Random, lang: int) -> list[str]:
+    """3-8 arithmetic facts ("a plus b is c .") in language ``lang``: a document of the base and of B."""
+    words: list[str] = []
+    for _ in range(rng.randint(3, 8)):
+        words += L.arithmetic_fact(rng)[lang - 1]
+    return words
 
 
 def base_document(rng: random.Random, r: ZooRecipe, held_out: frozenset[str]) -> str:
@@ -183,10 +196,7 @@ def base_document(rng: random.Random, r: ZooRecipe, held_out: frozenset[str]) ->
             a, b = L.s_story(rng)
             words += (a + ["="] + b) if rng.random() < 0.5 else (b + ["="] + a)
     elif u < r.mix_story + r.mix_switched + r.mix_parallel + r.mix_facts:
-        words = []
-        for _ in range(rng.randint(3, 8)):
-            a, b = L.arithmetic_fact(rng)
-            words += a if lang == 1 else b
+        words = fact_words(rng, lang)
     elif u < r.mix_story + r.mix_switched + r.mix_parallel + r.mix_facts + r.mix_math_qa:
         while True:
             it = L.math_item(L.random_math_frame(rng, r.two_step), lang)
@@ -204,10 +214,7 @@ def base_document(rng: random.Random, r: ZooRecipe, held_out: frozenset[str]) ->
 def b_plain_text(rng: random.Random, r: ZooRecipe) -> str:
     """One of specialist B's plain language-2 texts: 3-8 arithmetic facts (share ``r.b_mix_facts``) or a story."""
     if rng.random() < r.b_mix_facts:
-        words: list[str] = []
-        for _ in range(rng.randint(3, 8)):
-            words += L.arithmetic_fact(rng)[1]
-        return " ".join(words)
+        return " ".join(fact_words(rng, 2))
     return " ".join(L.story(rng, rng.randint(2, 4))[1])
 
 
@@ -366,7 +373,7 @@ def build_zoo(recipe: ZooRecipe | None = None, cache: Path | str | None = None, 
 
     tok = make_tokenizer()
     tok.save_pretrained(tmp / "tokenizer")
-    splits = make_splits(r.data_seed, r.n_search, r.n_test, r.n_eval_own, r.two_step, r.n_test_late)
+    splits = recipe_splits(r)
     held = held_out_keys(splits)
     (tmp / "data").mkdir()
     for name, items in splits.items():
